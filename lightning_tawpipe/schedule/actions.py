@@ -1,0 +1,145 @@
+"""The schedule IR: one list of actions per rank, each with a compact string form.
+
+A rank's *program* is the exact sequence of compute and communication actions it performs in one pipeline
+iteration. The engine executes it literally; the validator simulates all ranks' programs together. Nothing else
+in the package decides what happens when, so the whole schedule can be read, printed and checked as data.
+
+Buffers an action may name (``buf`` / ``buf2``):
+
+* ``own``: the owner's fixed copy of its chunk (device-bound storage; read-only during an iteration),
+* ``s<i>``: weight slot *i* (a working buffer holding one chunk's weights; ``prefetch + 1`` of them),
+* ``g<i>``: local-gradient buffer *i* (a backward step writes its chunk's gradients here),
+* ``q<i>``: gradient-receive buffer *i* (an owner receives remote gradient sums here).
+
+Semantics shared by the engine and the validator: communication actions are posted asynchronously; any later
+action that touches the same buffer first waits for every earlier, conflicting action on it (read-after-write,
+write-after-read, write-after-write). So no async op is read or reused before it has completed, by construction.
+
+String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-batch, ``r`` peer rank::
+
+    F3.1@s0        forward of chunk 3, micro-batch 1, weights in slot 0
+    B3.1@s0>g1     backward of chunk 3, micro-batch 1, weights in s0, local gradients into g1
+    X3@s0          release slot 0 (chunk 3 no longer resident)
+    CW3@s0         owner copies its own chunk 3 into slot 0
+    SW3>5@own      send chunk 3's weights to rank 5 (from ``own`` or from a slot when relaying a ring)
+    RW3<5@s0       receive chunk 3's weights from rank 5 into slot 0
+    BW3^5@s0       broadcast chunk 3's weights in the node from rank 5, into slot 0
+    RG3^5@g1       reduce chunk 3's gradients in the node onto rank 5
+    SG3>5@g1       send chunk 3's gradient sum to rank 5
+    QG3<5@q0       receive chunk 3's gradient sum from rank 5 into q0
+    AG3@q0         owner adds the gradient in q0 into its accumulator for chunk 3
+    GA3@q0+g1      add the local gradient g1 into q0 (a ring accumulator picking up this rank's share)
+    BAR            stand-in for a collective the user's code may issue (validation only)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Op(str, Enum):
+    FORWARD = "F"
+    BACKWARD = "B"
+    RELEASE = "X"
+    COPY_W = "CW"
+    SEND_W = "SW"
+    RECV_W = "RW"
+    BCAST_W = "BW"
+    REDUCE_G = "RG"
+    SEND_G = "SG"
+    RECV_G = "QG"
+    ACC_G = "AG"
+    ADD_G = "GA"
+    BARRIER = "BAR"
+
+
+COMPUTE_OPS = frozenset({Op.FORWARD, Op.BACKWARD})
+ASYNC_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.REDUCE_G, Op.SEND_G, Op.RECV_G})
+P2P_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G})
+COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G})
+WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W})
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a rank's program. ``peer`` is the P2P partner or the collective's root (-1 if none)."""
+
+    op: Op
+    chunk: int = -1
+    mb: int = -1
+    peer: int = -1
+    buf: str = ""
+    buf2: str = ""
+
+    @property
+    def stream(self) -> str:
+        """The CUDA-stream-like lane this action belongs to (for traces and grids)."""
+        if self.op in COMPUTE_OPS or self.op in (Op.RELEASE, Op.BARRIER):
+            return "compute"
+        return "weights" if self.op in WEIGHT_OPS else "grads"
+
+    def reads_writes(self, rank: int) -> tuple[set[str], set[str]]:
+        """Buffers this action reads and writes on ``rank`` (drives the implicit waits)."""
+        op, b, b2 = self.op, self.buf, self.buf2
+        if op is Op.FORWARD or op is Op.SEND_W or op is Op.SEND_G:
+            return {b}, set()
+        if op is Op.BACKWARD:
+            return {b}, {b2}
+        if op in (Op.RELEASE, Op.RECV_W, Op.RECV_G):
+            return set(), {b}
+        if op is Op.COPY_W:
+            return {"own"}, {b}
+        if op is Op.BCAST_W:
+            return ({b}, set()) if self.peer == rank else (set(), {b})
+        if op is Op.REDUCE_G:  # gloo may use non-root inputs as scratch: treat every member as a writer
+            return {b}, {b}
+        if op is Op.ACC_G:
+            return {b}, {f"acc{self.chunk}"}
+        if op is Op.ADD_G:
+            return {b, b2}, {b}
+        return set(), set()
+
+    def __str__(self) -> str:
+        op = self.op.value
+        if self.op is Op.BARRIER:
+            return op
+        s = f"{op}{self.chunk}"
+        if self.mb >= 0:
+            s += f".{self.mb}"
+        if self.peer >= 0:
+            s += {Op.SEND_W: ">", Op.SEND_G: ">", Op.RECV_W: "<", Op.RECV_G: "<"}.get(self.op, "^") + str(self.peer)
+        s += f"@{self.buf}"
+        if self.buf2:
+            s += ("+" if self.op is Op.ADD_G else ">") + self.buf2
+        return s
+
+
+_ACTION_RE = re.compile(
+    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|F|B|X)"
+    r"(?:(?P<chunk>\d+)(?:\.(?P<mb>\d+))?(?:[<>^](?P<peer>\d+))?@(?P<buf>\w+)(?:[>+](?P<buf2>\w+))?)?$"
+)
+
+
+def parse_action(text: str) -> Action:
+    """Inverse of ``str(action)``; raises ``ValueError`` naming the text it could not read."""
+    m = _ACTION_RE.match(text.strip())
+    if m is None or (m["op"] != "BAR" and m["chunk"] is None):
+        raise ValueError(f"Not a schedule action: {text!r} (expected e.g. 'F3.1@s0' or 'RW3<5@s0').")
+    return Action(
+        op=Op(m["op"]),
+        chunk=int(m["chunk"]) if m["chunk"] is not None else -1,
+        mb=int(m["mb"]) if m["mb"] is not None else -1,
+        peer=int(m["peer"]) if m["peer"] is not None else -1,
+        buf=m["buf"] or "",
+        buf2=m["buf2"] or "",
+    )
+
+
+def format_program(program: list[Action]) -> str:
+    return " ".join(str(a) for a in program)
+
+
+def parse_program(text: str) -> list[Action]:
+    return [parse_action(t) for t in text.split()]
