@@ -1,0 +1,128 @@
+"""Process groups for the two traffic lanes, async send/recv/broadcast/reduce, and byte accounting.
+
+Weights and gradients travel on separate communicators ("lanes"): collectives on one communicator must be issued in
+the same order on every member, and keeping the lanes apart means a gradient reduce never has to queue behind a
+weight broadcast. Each lane has a ``("node", "local")`` :class:`DeviceMesh`: its ``"local"`` axis is the intra-node
+group (broadcast, reduce) and its ``"node"`` axis is the rail of same-local-index ranks across nodes, which carries
+every TawPipe point-to-point transfer. Schedules whose peers are not on one rail (the WeiPipe ring) also get a
+world-wide group per lane.
+
+Accounting counts the bytes this rank *sends* (a broadcast root sends one copy to each other member, a reduce
+member other than the root sends its buffer once) split into intra-node and inter-node, and the seconds spent
+blocked waiting for communication.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lightning_tawpipe.topology import Topology, build_device_mesh
+
+LANES = ("weights", "grads")
+
+
+@dataclass
+class CommStats:
+    """What this rank sent and how long it waited, since the last :meth:`reset`."""
+
+    intra_node_bytes: int = 0
+    inter_node_bytes: int = 0
+    comm_wait_s: float = 0.0
+    messages: int = 0
+
+    def reset(self) -> None:
+        self.intra_node_bytes = self.inter_node_bytes = self.messages = 0
+        self.comm_wait_s = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "intra_node_bytes": float(self.intra_node_bytes),
+            "inter_node_bytes": float(self.inter_node_bytes),
+            "comm_wait_s": self.comm_wait_s,
+        }
+
+
+@dataclass
+class _Lane:
+    mesh: object
+    node_group: object  # intra-node ("local" axis)
+    rail_group: object  # same local index across nodes ("node" axis)
+    world_group: object | None = None
+
+
+@dataclass
+class Comm:
+    """Async communication for one rank, over the lanes built by :meth:`build`."""
+
+    topo: Topology
+    rank: int
+    lanes: dict[str, _Lane]
+    stats: CommStats = field(default_factory=CommStats)
+
+    @classmethod
+    def build(cls, topo: Topology, device_type: str, ring_peers: bool) -> Comm:
+        """Create every group this rank needs; a collective call, every rank must make it in the same order."""
+        if dist.get_world_size() != topo.world_size:
+            raise RuntimeError(
+                f"The process group has {dist.get_world_size()} ranks but the topology {topo.n_groups}x"
+                f"{topo.group_size} needs {topo.world_size}."
+            )
+        lanes = {}
+        for name in LANES:
+            mesh = build_device_mesh(topo, device_type)
+            world = dist.new_group(list(range(topo.world_size))) if ring_peers else None
+            lanes[name] = _Lane(mesh, mesh.get_group("local"), mesh.get_group("node"), world)
+        return cls(topo, dist.get_rank(), lanes)
+
+    @property
+    def mesh(self):
+        """The weights lane's ``("node", "local")`` mesh, exposed to users like ``ModelParallelStrategy`` does."""
+        return self.lanes["weights"].mesh
+
+    # -- point to point -------------------------------------------------------------------------------------------
+    def _p2p_target(self, lane: str, peer: int) -> tuple[object, dict]:
+        ln = self.lanes[lane]
+        if self.topo.local_index(peer) == self.topo.local_index(self.rank):
+            return ln.rail_group, {"group_peer": self.topo.group_of(peer)}
+        if ln.world_group is None:
+            raise RuntimeError(f"rank {self.rank} has no group to reach rank {peer} on the {lane} lane")
+        return ln.world_group, {"group_peer": peer}
+
+    def isend(self, tensor: torch.Tensor, peer: int, lane: str):
+        group, kw = self._p2p_target(lane, peer)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.topo.same_group(peer, self.rank):
+            self.stats.intra_node_bytes += nbytes
+        else:
+            self.stats.inter_node_bytes += nbytes
+        self.stats.messages += 1
+        return dist.isend(tensor, group=group, group_dst=kw["group_peer"])
+
+    def irecv(self, tensor: torch.Tensor, peer: int, lane: str):
+        group, kw = self._p2p_target(lane, peer)
+        return dist.irecv(tensor, group=group, group_src=kw["group_peer"])
+
+    # -- intra-node collectives -----------------------------------------------------------------------------------
+    def broadcast(self, tensor: torch.Tensor, root: int, lane: str):
+        if root == self.rank:
+            self.stats.intra_node_bytes += tensor.numel() * tensor.element_size() * (self.topo.group_size - 1)
+            self.stats.messages += 1
+        group = self.lanes[lane].node_group
+        return dist.broadcast(tensor, group=group, group_src=self.topo.local_index(root), async_op=True)
+
+    def reduce(self, tensor: torch.Tensor, root: int, lane: str):
+        if root != self.rank:
+            self.stats.intra_node_bytes += tensor.numel() * tensor.element_size()
+            self.stats.messages += 1
+        group = self.lanes[lane].node_group
+        return dist.reduce(tensor, group=group, group_dst=self.topo.local_index(root), op=dist.ReduceOp.SUM, async_op=True)
+
+    def wait(self, work) -> None:
+        """Block until ``work`` is done, counting the time as communication wait."""
+        start = time.perf_counter()
+        work.wait()
+        self.stats.comm_wait_s += time.perf_counter() - start

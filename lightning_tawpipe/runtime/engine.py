@@ -1,0 +1,210 @@
+"""Execute one rank's program, driven by the model's own forward and backward.
+
+The engine holds no schedule logic: it walks the program the schedule builder made for this rank. Compute actions
+are not run by the engine; they are *requested* by the pipelined unit wrappers (``enter(F, chunk)`` from a unit's
+forward, ``enter(B, chunk)`` from its backward). A request executes every communication action up to the next
+compute action, checks that it is the one requested, waits until its weights are resident and binds the chunk's
+parameters to them. So whatever the user's ``training_step`` does around ``model(x)`` and ``loss.backward()``,
+the pipeline runs exactly the validated program.
+
+Waiting follows one rule (the same the validator simulates): before an action touches a buffer, wait for every
+earlier posted communication that conflicts with it on that buffer. No async op is read or reused before it is
+waited on, and nothing waits earlier than it must.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lightning_tawpipe.runtime.comm import Comm
+from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
+from lightning_tawpipe.schedule.actions import COMPUTE_OPS, Action, Op
+from lightning_tawpipe.schedule.program import Schedule
+
+
+@dataclass
+class _Pending:
+    action: Action
+    work: object
+    reads: set[str]
+    writes: set[str]
+
+
+class Engine:
+    """Runs TawPipe/WeiPipe programs for this rank over ``comm``."""
+
+    def __init__(
+        self,
+        comm: Comm,
+        layout: ChunkLayout,
+        shard: OwnedShard,
+        build_schedule: Callable[[bool, int], Schedule],
+        compute_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.comm, self.layout, self.shard = comm, layout, shard
+        self.rank = comm.rank
+        self._build_schedule = build_schedule
+        self._schedules: dict[tuple[bool, int], Schedule] = {}
+        self.compute_dtype, self.device = compute_dtype, device
+        self.token = torch.zeros((), device=device, requires_grad=True)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._program: tuple[Action, ...] | None = None
+        self._pc = 0
+        self._current: Action | None = None
+        self._pending: list[_Pending] = []
+        self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
+        self._grad_views: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    # -- public API -----------------------------------------------------------------------------------------------
+    def schedule(self, train: bool, n_microbatches: int) -> Schedule:
+        key = (train, n_microbatches)
+        if key not in self._schedules:
+            self._schedules[key] = self._build_schedule(train, n_microbatches)
+        return self._schedules[key]
+
+    @property
+    def active(self) -> bool:
+        return self._program is not None
+
+    def begin(self, train: bool, n_microbatches: int) -> None:
+        """Start an iteration: ``n_microbatches`` forward (and, if ``train``, backward) passes will follow."""
+        if self._program is not None:
+            raise RuntimeError("A TawPipe iteration is already running; each step must finish before the next.")
+        schedule = self.schedule(train, n_microbatches)
+        self._ensure_buffers(schedule)
+        self._program, self._pc, self._current = schedule.program(self.rank), 0, None
+        self._train = train
+
+    def enter(self, op: Op, chunk: int) -> None:
+        """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current)."""
+        cur = self._current
+        if cur is not None and cur.op is op and cur.chunk == chunk:
+            return
+        if self._program is None:
+            raise RuntimeError(
+                "The pipelined model was called outside a TawPipe step. Its weights are sharded across ranks, so "
+                "every rank must run the model together inside training_step/validation_step/test_step/"
+                "predict_step (or gather a full copy first with `strategy.full_state_dict()`)."
+            )
+        action = self._run_until_compute()
+        if action is None or action.op is not op or action.chunk != chunk:
+            expected = "the end of the iteration" if action is None else str(action)
+            raise RuntimeError(
+                f"TawPipe schedule mismatch on rank {self.rank}: the model asked for {op.value}{chunk} but the "
+                f"schedule expects {expected}. Each micro-batch must run the model forward exactly once (and "
+                f"backward once when training), through every unit in order."
+            )
+        self._start_compute(action)
+
+    def add_param_grads(self, chunk: int, params: list, grads: list) -> None:
+        """Accumulate a unit's parameter gradients into the current backward step's gradient buffer."""
+        cur = self._current
+        if cur is None or cur.op is not Op.BACKWARD or cur.chunk != chunk:
+            raise RuntimeError(f"gradients for chunk {chunk} arrived outside its backward step ({cur})")
+        for p, g in zip(params, grads):
+            if g is not None:
+                self._grad_views[p].add_(g)
+
+    def end(self) -> None:
+        """Finish the iteration: run the remaining actions and wait for all communication."""
+        if self._program is None:
+            return
+        self._current = None
+        while self._pc < len(self._program):
+            action = self._program[self._pc]
+            self._pc += 1
+            if action.op in COMPUTE_OPS:
+                if self._train:
+                    self._program = None
+                    raise RuntimeError(
+                        f"TawPipe step ended before the schedule's {action} on rank {self.rank}: every micro-batch "
+                        "must run forward and backward through the whole model."
+                    )
+                continue  # eval: a step that did not call the model still serves and relays weights
+            self._execute(action)
+        for pending in self._pending:
+            self.comm.wait(pending.work)
+        self._pending.clear()
+        self._program = None
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _ensure_buffers(self, schedule: Schedule) -> None:
+        n = self.layout.max_numel
+        wanted = {f"s{i}": self.compute_dtype for i in range(schedule.n_slots)}
+        wanted.update({f"g{i}": torch.float32 for i in range(schedule.n_grad_buffers if schedule.train else 0)})
+        wanted.update({f"q{i}": torch.float32 for i in range(schedule.n_recv_buffers if schedule.train else 0)})
+        for name, dtype in wanted.items():
+            if name not in self._buffers:
+                self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
+
+    def _view(self, buf: str, chunk: int) -> torch.Tensor:
+        if buf == "own":
+            return self.shard.weights
+        return self._buffers[buf][: self.layout.numel[chunk]]
+
+    def _run_until_compute(self) -> Action | None:
+        program = self._program
+        while self._pc < len(program):
+            action = program[self._pc]
+            self._pc += 1
+            if action.op in COMPUTE_OPS:
+                return action
+            self._execute(action)
+        return None
+
+    def _start_compute(self, action: Action) -> None:
+        reads, writes = action.reads_writes(self.rank)
+        self._wait_conflicts(reads, writes)
+        if self._bound.get(action.buf) != action.chunk:
+            self.layout.bind(action.chunk, self._view(action.buf, action.chunk))
+            self._bound[action.buf] = action.chunk
+        if action.op is Op.BACKWARD:
+            grad = self._view(action.buf2, action.chunk).zero_()
+            entries = self.layout.entries[action.chunk]
+            self._grad_views = dict(zip((e.param for e in entries), self.layout.views(action.chunk, grad)))
+        self._current = action
+
+    def _wait_conflicts(self, reads: set[str], writes: set[str]) -> None:
+        keep = []
+        for p in self._pending:
+            if (p.writes & (reads | writes)) or (p.reads & writes):
+                self.comm.wait(p.work)
+            else:
+                keep.append(p)
+        self._pending = keep
+
+    def _execute(self, a: Action) -> None:
+        reads, writes = a.reads_writes(self.rank)
+        self._wait_conflicts(reads, writes)
+        comm, op = self.comm, a.op
+        work = None
+        if op is Op.RELEASE:
+            if self._bound.get(a.buf) == a.chunk:
+                self.layout.unbind(a.chunk)
+                del self._bound[a.buf]
+        elif op is Op.COPY_W:
+            self._view(a.buf, a.chunk).copy_(self.shard.weights)
+        elif op is Op.SEND_W:
+            work = comm.isend(self._view(a.buf, a.chunk), a.peer, "weights")
+        elif op is Op.RECV_W:
+            work = comm.irecv(self._view(a.buf, a.chunk), a.peer, "weights")
+        elif op is Op.BCAST_W:
+            work = comm.broadcast(self._view(a.buf, a.chunk), a.peer, "weights")
+        elif op is Op.REDUCE_G:
+            work = comm.reduce(self._view(a.buf, a.chunk), a.peer, "grads")
+        elif op is Op.SEND_G:
+            work = comm.isend(self._view(a.buf, a.chunk), a.peer, "grads")
+        elif op is Op.RECV_G:
+            work = comm.irecv(self._view(a.buf, a.chunk), a.peer, "grads")
+        elif op is Op.ACC_G:
+            self.shard.grad_acc.add_(self._view(a.buf, a.chunk))
+        elif op is Op.ADD_G:
+            self._view(a.buf, a.chunk).add_(self._view(a.buf2, a.chunk))
+        else:
+            raise RuntimeError(f"the engine cannot execute {a}")
+        if work is not None:
+            self._pending.append(_Pending(a, work, reads, writes))

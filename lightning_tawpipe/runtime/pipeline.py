@@ -1,0 +1,191 @@
+"""Turn a model into a TawPipe pipeline on this rank: partition, shard, wire the engine, and gather back.
+
+This is everything the Lightning strategy (and, later, a Fabric strategy) needs, with no Lightning in it:
+
+1. find the model's pipeline units and cut them into one chunk per rank (``partition.py``);
+2. give every rank the chunk it owns under the schedule's placement, with rank 0's initial values (the same
+   starting point ``ddp`` gives by broadcasting rank 0's module), then free every module parameter's storage;
+3. build the engine and route the units' forward/backward through it;
+4. keep parameters that are in no unit as replicated, averaged across ranks like DDP;
+5. gather a full state dict back to one rank when someone asks (export, checks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_tawpipe.partition import partition_units
+from lightning_tawpipe.runtime import units as unit_hooks
+from lightning_tawpipe.runtime.comm import Comm
+from lightning_tawpipe.runtime.engine import Engine
+from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
+from lightning_tawpipe.schedule import build_tawpipe, validate
+from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
+
+SCHEDULES = ("tawpipe", "weipipe")
+
+
+class Pipeline:
+    """The sharded, pipelined view of ``root`` on this rank."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        topo: Topology,
+        *,
+        schedule: str = "tawpipe",
+        prefetch: int = 1,
+        partition: str = "parameters",
+        device: torch.device,
+        compute_dtype: torch.dtype = torch.float32,
+        validate_schedules: bool = True,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
+        self.topo, self.schedule_name, self.prefetch = topo, schedule, prefetch
+        self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"))
+        self.rank = self.comm.rank
+        self.units = unit_hooks.find_units(root)
+        ranges = partition_units([u.numel() for u in self.units], topo.world_size, partition)
+        self.chunk_units = ranges
+        self.chunk_of_unit = [c for c, r in enumerate(ranges) for _ in r]
+        self.layout = ChunkLayout([[np for u in r for np in self.units[u].named_parameters()] for r in ranges])
+        self.owners = [self._owner(c) for c in range(topo.world_size)]
+        self.owned_chunk = self.owners.index(self.rank)
+        self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights())
+        for c in range(self.layout.n_chunks):
+            self.layout.unbind(c)
+        in_units = set(self.layout.chunk_of_param())
+        self.replicated = [p for p in root.parameters() if p not in in_units]
+        for p in self.replicated:
+            dist.broadcast(p.data, src=0)
+        self._validate = validate_schedules
+        self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, compute_dtype, device)
+        unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
+
+    # -- placement and schedules -----------------------------------------------------------------------------------
+    def _owner(self, chunk: int) -> int:
+        if self.schedule_name == "weipipe":
+            return ring_owner(chunk, self.topo.world_size)
+        return tawpipe_owner(chunk, self.topo)
+
+    def _build_schedule(self, train: bool, n_microbatches: int) -> Schedule:
+        if self.schedule_name == "weipipe":
+            from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
+        else:
+            builder = build_tawpipe
+        schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
+        if self._validate:
+            validate(schedule)
+        return schedule
+
+    def _initial_weights(self) -> torch.Tensor:
+        """This rank's chunk with rank 0's values: rank 0 sends every other owner its chunk."""
+        mine = torch.empty(self.layout.numel[self.owned_chunk], dtype=torch.float32, device=self._device())
+        if self.rank == 0:
+            works = []
+            for c, owner in enumerate(self.owners):
+                flat = self.layout.gather(c, torch.empty(self.layout.numel[c], dtype=torch.float32, device=mine.device))
+                if owner == 0:
+                    mine.copy_(flat)
+                else:
+                    works.append(dist.isend(flat, dst=owner))
+            for w in works:
+                w.wait()
+        else:
+            dist.recv(mine, src=0)
+        return mine
+
+    def _device(self) -> torch.device:
+        return self.engine.device if hasattr(self, "engine") else next(iter(self.layout.entries[0])).param.device
+
+    # -- what the strategy calls ------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Which rank owns which units, for humans (printed by rank 0 at setup)."""
+        lines = [
+            f"TawPipe layout: schedule={self.schedule_name}, {self.topo.n_groups} node(s) x {self.topo.group_size} "
+            f"rank(s), prefetch={self.prefetch}"
+        ]
+        for c, units in enumerate(self.chunk_units):
+            owner = self.owners[c]
+            names = [self.units[u].modules[0][0].split(".")[-1] if u not in (0, len(self.units) - 1) else
+                     ("embedding" if u == 0 else "norm+head") for u in units]
+            blocks = [n for n in names if n.isdigit()]
+            parts = [n for n in names if not n.isdigit()]
+            if blocks:
+                parts.insert(1 if "embedding" in parts else 0, f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1
+                             else f"block {blocks[0]}")
+            lines.append(
+                f"  chunk {c}: rank {owner} (node {self.topo.group_of(owner)}, local {self.topo.local_index(owner)})"
+                f"  {', '.join(parts)}  [{self.layout.numel[c]:,} params]"
+            )
+        if self.replicated:
+            lines.append(f"  replicated on every rank: {sum(p.numel() for p in self.replicated):,} params")
+        return "\n".join(lines)
+
+    def finalize_gradients(self) -> None:
+        """After the last backward of an optimizer step: owners expose the averaged gradient, replicas all-reduce."""
+        world = self.topo.world_size
+        self.shard.attach_grads(1.0 / world)
+        for p in self.replicated:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    def zero_grad(self) -> None:
+        self.shard.zero_grad()
+
+    def optimizer_params(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """Map a param group's module parameters to what this rank steps: its masters and the replicated ones."""
+        masters = set(self.shard.params.values())
+        known = set(self.layout.chunk_of_param()) | set(self.replicated) | masters
+        unknown = [p for p in params if p not in known]
+        if unknown:
+            raise ValueError(
+                f"The optimizer holds {len(unknown)} parameter(s) that are not part of the model TawPipe sharded. "
+                "Build optimizers from `self.parameters()` in `configure_optimizers`."
+            )
+        mine = set(self.shard.params) | set(self.replicated) | masters
+        return [self.shard.params.get(p, p) for p in params if p in mine]
+
+    def model_state_bytes(self, optimizer_state: dict | None = None) -> int:
+        """Bytes of model state this rank holds: its shard (+ optimizer state) and any replicated parameters."""
+        replicated = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in self.replicated)
+        return self.shard.state_bytes(optimizer_state) + replicated
+
+    def full_state_dict(self, root: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
+        """``root.state_dict()`` with every chunk parameter filled in, on rank ``dst`` (other ranks get ``{}``)."""
+        works, flats = [], {}
+        for c, owner in enumerate(self.owners):
+            if self.rank == dst:
+                flats[c] = torch.empty(self.layout.numel[c], dtype=torch.float32, device=self.shard.weights.device)
+                if owner == dst:
+                    flats[c].copy_(self.shard.weights)
+                if owner != dst:
+                    works.append(dist.irecv(flats[c], src=owner))
+            elif owner == self.rank:
+                works.append(dist.isend(self.shard.weights, dst=dst))
+        for w in works:
+            w.wait()
+        if self.rank != dst:
+            return {}
+        state = {k: v for k, v in root.state_dict().items()}
+        for c, flat in flats.items():
+            for e, view in zip(self.layout.entries[c], self.layout.views(c, flat)):
+                state[e.name] = view.clone().to(e.param.dtype)
+        return state
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take this rank's chunk (and the replicated parameters) from a full state dict."""
+        missing = [e.name for e in self.layout.entries[self.owned_chunk] if e.name not in state]
+        if missing:
+            raise KeyError(f"The checkpoint lacks {len(missing)} parameter(s) of this rank's chunk, e.g. {missing[:3]}")
+        for e, view in zip(self.layout.entries[self.owned_chunk], self.layout.views(self.owned_chunk, self.shard.weights)):
+            view.copy_(state[e.name].reshape(e.shape))
+
+    def teardown(self) -> None:
+        unit_hooks.uninstall(self.units)

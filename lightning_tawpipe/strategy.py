@@ -1,0 +1,379 @@
+"""``TawPipeStrategy``: TawPipe weight-pipeline training inside Lightning's Trainer (glue only).
+
+The pipeline itself lives in :mod:`lightning_tawpipe.runtime`; this class connects it to the Trainer:
+
+* process group and ranks exactly like ``ddp`` (same launchers, cluster environments, samplers);
+* ``setup`` partitions and shards the model, and hands each optimizer only what this rank owns;
+* ``training_step`` splits the batch into ``n_microbatches`` and runs, for each, the user's ``training_step`` and
+  its backward while the engine streams weights in and gradients out; the returned loss is the micro-batch mean,
+  already back-propagated, so ``backward`` only fires the callbacks (the Graphcore/DeepSpeed pattern);
+* ``optimizer_step`` exposes the owners' averaged gradients to the optimizer, steps, and clears the accumulators;
+* ``validation_step``/``test_step``/``predict_step`` stream the weights through a forward-only schedule.
+
+Loss scaling: micro-batch ``i`` back-propagates ``loss_i / (n_microbatches * accumulate_grad_batches)`` and owners
+divide the gradient sum by the world size, so gradients equal ``ddp``'s for the same global batch when the loss is a
+mean over equally sized micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Literal, Optional
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
+from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_tawpipe.partition import PARTITION_METHODS
+from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
+from lightning_tawpipe.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class TawPipeStrategy(ParallelStrategy):
+    """Topology-aware weight pipeline parallelism (TawPipe, AAAI 2026) for LitGPT models.
+
+    Every rank trains its own micro-batches through the whole model; each rank owns ~1/world of the weights,
+    gradients and optimizer state; weights travel to the ranks that need them just in time (broadcast inside a node,
+    point-to-point between nodes) and gradients travel back to their owners.
+
+    Arguments:
+        n_microbatches: micro-batches each batch is split into (``int >= 1``, must divide the batch size). Default 1.
+        prefetch: chunks fetched ahead of the one computing (``int >= 1``; ``prefetch + 1`` weight buffers). Default 1.
+        schedule: ``"tawpipe"`` (topology-aware, the default) or ``"weipipe"`` (topology-unaware ring, the WeiPipe
+            baseline for ablations).
+        group_size: ranks per TawPipe group (``int`` dividing the world size, or ``None`` for the processes per node).
+            Regroups one machine's processes as several "nodes", or shows what the topology buys.
+        partition: ``"parameters"`` (balance parameter counts, default) or ``"uniform"`` (balance unit counts).
+        validate_schedules: simulate every rank's program before running it (``bool``, default True).
+        process_group_backend: ``"gloo"``, ``"nccl"`` or ``None`` (gloo on CPU, nccl on CUDA).
+        timeout: collective timeout (``datetime.timedelta``).
+        start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for ``ddp``.
+        log_comm_stats: log ``tawpipe/*`` communication metrics every training step (``bool``, default True).
+    """
+
+    strategy_name = "tawpipe"
+
+    def __init__(
+        self,
+        n_microbatches: int = 1,
+        prefetch: int = 1,
+        schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
+        group_size: Optional[int] = None,
+        partition: Literal["parameters", "uniform"] = "parameters",
+        validate_schedules: bool = True,
+        accelerator=None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin=None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        log_comm_stats: bool = True,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition)
+        self.n_microbatches, self.prefetch, self.schedule = n_microbatches, prefetch, schedule
+        self.group_size, self.partition = group_size, partition
+        self.validate_schedules, self.log_comm_stats = validate_schedules, log_comm_stats
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
+        self.pipeline: Optional[Pipeline] = None
+        self._backward_done = False
+
+    # -- ranks, devices, process group (as ddp) ----------------------------------------------------------------
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def topology(self) -> Topology:
+        """Groups of ranks: ``group_size`` if given, else one group per node (processes per node)."""
+        world = self.num_nodes * self.num_processes
+        return Topology.from_world(world, self.group_size or self.num_processes)
+
+    @property
+    def device_mesh(self):
+        """The ``("node", "local")`` DeviceMesh of the weight lane (available after setup)."""
+        return self.pipeline.comm.mesh if self.pipeline else None
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        self._check_accelerator()
+        self.topology  # noqa: B018 - raises early if group_size does not divide the world
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    def _check_accelerator(self) -> None:
+        device = self.root_device.type
+        backend = self._process_group_backend
+        supported = {"cpu": ("gloo",), "cuda": ("nccl", "gloo")}
+        if device not in supported:
+            raise ValueError(f"TawPipe runs on CPU (gloo) or CUDA (nccl); got a {device!r} accelerator.")
+        if backend is not None and backend not in supported[device]:
+            raise ValueError(
+                f"TawPipe cannot use process_group_backend={backend!r} on {device}: use one of {supported[device]}."
+            )
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["params"] = self.pipeline.optimizer_params(group["params"])
+
+    @override
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.pipeline is None:
+            self.pipeline = Pipeline(
+                model,
+                self.topology,
+                schedule=self.schedule,
+                prefetch=self.prefetch,
+                partition=self.partition,
+                device=self.root_device,
+                validate_schedules=self.validate_schedules,
+            )
+            rank_zero_info(self.pipeline.describe())
+        return model
+
+    # -- the training step -------------------------------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any):
+        assert self.lightning_module is not None and self.pipeline is not None
+        module, engine = self.lightning_module, self.pipeline.engine
+        self.pipeline.comm.stats.reset()
+        if not module.automatic_optimization:
+            engine.begin(train=True, n_microbatches=1)
+            out = super().training_step(*args, **kwargs)
+            engine.end()
+            return out
+        batch, rest = args[0], args[1:]
+        micro_batches = split_batch(batch, self.n_microbatches)
+        scale = 1.0 / (self.n_microbatches * self.lightning_module.trainer.accumulate_grad_batches)
+        losses, output = [], None
+        engine.begin(train=True, n_microbatches=self.n_microbatches)
+        for micro_batch in micro_batches:
+            with self.precision_plugin.train_step_context():
+                output = module.training_step(micro_batch, *rest, **kwargs)
+            loss = output["loss"] if isinstance(output, Mapping) else output
+            if not isinstance(loss, Tensor):
+                raise RuntimeError(
+                    "TawPipe needs training_step to return a loss tensor for every micro-batch (skipping a batch by "
+                    "returning None would leave the other ranks waiting for this rank's weights and gradients)."
+                )
+            self.precision_plugin.backward(loss * scale, module, None)
+            losses.append(loss.detach())
+        engine.end()
+        self._backward_done = True
+        self._log_comm_stats()
+        mean = torch.stack(losses).mean()
+        return {**output, "loss": mean} if isinstance(output, Mapping) else mean
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        if not self._backward_done:  # manual optimization: the real backward, inside the user's training_step
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        self._backward_done = False
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        pipeline = self.pipeline
+
+        def closure_then_gradients():
+            result = closure()
+            pipeline.finalize_gradients()
+            return result
+
+        output = super().optimizer_step(optimizer, closure_then_gradients, model, **kwargs)
+        pipeline.zero_grad()
+        return output
+
+    def _log_comm_stats(self) -> None:
+        if not self.log_comm_stats:
+            return
+        for name, value in self.pipeline.comm.stats.as_dict().items():
+            self.lightning_module.log(f"tawpipe/{name}", value, on_step=True, on_epoch=False, batch_size=1)
+
+    # -- forward-only loops --------------------------------------------------------------------------------------
+    def _forward_only(self, step: Callable, *args: Any, **kwargs: Any):
+        engine = self.pipeline.engine
+        engine.begin(train=False, n_microbatches=1)
+        out = step(*args, **kwargs)
+        engine.end()
+        return out
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any):
+        return self._forward_only(super().validation_step, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any):
+        return self._forward_only(super().test_step, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any):
+        return self._forward_only(super().predict_step, *args, **kwargs)
+
+    # -- collectives for Lightning -----------------------------------------------------------------------------
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[self.root_device.index])
+            else:
+                dist.barrier()
+
+    @override
+    def broadcast(self, obj, src: int = 0):
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(self, tensor, group=None, reduce_op="mean"):
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The LightningModule's full state dict gathered on global rank 0 (``{}`` on the others)."""
+        return self.pipeline.full_state_dict(self.lightning_module)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self.full_state_dict()
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        self.pipeline.load_full_state_dict(checkpoint["state_dict"])
+
+    def model_state_bytes(self) -> int:
+        """Bytes of model state (weights, gradients, optimizer state) held by this rank."""
+        state: dict = {}
+        for optimizer in self.optimizers:
+            state.update(optimizer.state)
+        return self.pipeline.model_state_bytes(state)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="TawPipe topology-aware weight pipeline parallelism"
+        )
+        strategy_registry.register(
+            "weipipe", cls, description="WeiPipe-style topology-unaware weight ring (TawPipe ablation)",
+            schedule="weipipe",
+        )
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """Split every tensor in ``batch`` into ``n`` equal micro-batches along dim 0 (raises if it does not divide)."""
+    sizes = set()
+    apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]))
+    if not sizes:
+        raise ValueError("TawPipe could not find a tensor in the batch to split into micro-batches.")
+    if len(sizes) > 1:
+        raise ValueError(f"Batch tensors have different leading sizes {sorted(sizes)}; cannot split micro-batches.")
+    size = sizes.pop()
+    if n > size or size % n:
+        raise ValueError(
+            f"n_microbatches={n} must divide the per-rank batch size {size}; choose a divisor of {size} or change "
+            "the batch size."
+        )
+    pieces = [apply_to_collection(batch, Tensor, lambda t, i=i: t.chunk(n)[i]) for i in range(n)]
+    return pieces
+
+
+def _check_knobs(n_microbatches, prefetch, schedule, group_size, partition) -> None:
+    if not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
+    if not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"prefetch must be an int >= 1 (how many chunks are fetched ahead), got {prefetch!r}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}.")
+    if partition not in PARTITION_METHODS:
+        raise ValueError(f"partition must be one of {PARTITION_METHODS}, got {partition!r}.")
