@@ -38,6 +38,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tawpipe.partition import PARTITION_METHODS
+from lightning_tawpipe.runtime.microbatch import MicrobatchRunner
 from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
 from lightning_tawpipe.topology import Topology
 
@@ -145,6 +146,9 @@ class TawPipeStrategy(ParallelStrategy):
 
     @override
     def _configure_launcher(self) -> None:
+        # the Trainer calls this in its constructor, once devices and num_nodes are known: fail before launching
+        self._check_accelerator()
+        self.topology  # noqa: B018 - raises if group_size does not divide the world size
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -153,8 +157,6 @@ class TawPipeStrategy(ParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        self._check_accelerator()
-        self.topology  # noqa: B018 - raises early if group_size does not divide the world
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
@@ -223,11 +225,11 @@ class TawPipeStrategy(ParallelStrategy):
         batch, rest = args[0], args[1:]
         micro_batches = split_batch(batch, self.n_microbatches)
         scale = 1.0 / (self.n_microbatches * self.lightning_module.trainer.accumulate_grad_batches)
-        losses, output = [], None
         engine.begin(train=True, n_microbatches=self.n_microbatches)
-        for micro_batch in micro_batches:
+
+        def run_micro_batch(i: int):
             with self.precision_plugin.train_step_context():
-                output = module.training_step(micro_batch, *rest, **kwargs)
+                output = module.training_step(micro_batches[i], *rest, **kwargs)
             loss = output["loss"] if isinstance(output, Mapping) else output
             if not isinstance(loss, Tensor):
                 raise RuntimeError(
@@ -235,7 +237,10 @@ class TawPipeStrategy(ParallelStrategy):
                     "returning None would leave the other ranks waiting for this rank's weights and gradients)."
                 )
             self.precision_plugin.backward(loss * scale, module, None)
-            losses.append(loss.detach())
+            return loss.detach(), output
+
+        results = MicrobatchRunner(engine).run(len(micro_batches), run_micro_batch)
+        losses, output = [r[0] for r in results], results[-1][1]
         engine.end()
         self._backward_done = True
         self._log_comm_stats()

@@ -58,6 +58,9 @@ class Engine:
         self._pending: list[_Pending] = []
         self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
         self._grad_views: dict[torch.nn.Parameter, torch.Tensor] = {}
+        # set by MicrobatchRunner while micro-batches run interleaved in threads (see microbatch.py)
+        self.gate: Callable[[int | None], None] | None = None
+        self.thread_microbatch: Callable[[], int | None] = lambda: None
 
     # -- public API -----------------------------------------------------------------------------------------------
     def schedule(self, train: bool, n_microbatches: int) -> Schedule:
@@ -81,8 +84,8 @@ class Engine:
 
     def enter(self, op: Op, chunk: int) -> None:
         """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current)."""
-        cur = self._current
-        if cur is not None and cur.op is op and cur.chunk == chunk:
+        cur, mb = self._current, self.thread_microbatch()
+        if cur is not None and cur.op is op and cur.chunk == chunk and (mb is None or cur.mb == mb):
             return
         if self._program is None:
             raise RuntimeError(
@@ -90,6 +93,8 @@ class Engine:
                 "every rank must run the model together inside training_step/validation_step/test_step/"
                 "predict_step (or gather a full copy first with `strategy.full_state_dict()`)."
             )
+        while self.gate is not None and (nxt := self.peek_compute()) is not None and nxt.mb != mb:
+            self.gate(nxt.mb)
         action = self._run_until_compute()
         if action is None or action.op is not op or action.chunk != chunk:
             expected = "the end of the iteration" if action is None else str(action)
@@ -99,6 +104,17 @@ class Engine:
                 f"backward once when training), through every unit in order."
             )
         self._start_compute(action)
+
+    def peek_compute(self) -> Action | None:
+        """The next compute action of the running program, without executing anything."""
+        if self._program is None:
+            return None
+        return next((a for a in self._program[self._pc :] if a.op in COMPUTE_OPS), None)
+
+    def interleaves_microbatches(self) -> bool:
+        """Whether the running program alternates between micro-batches (then steps must run in threads)."""
+        mbs = [a.mb for a in self._program or () if a.op in COMPUTE_OPS]
+        return any(b < a for a, b in zip(mbs, mbs[1:]))
 
     def add_param_grads(self, chunk: int, params: list, grads: list) -> None:
         """Accumulate a unit's parameter gradients into the current backward step's gradient buffer."""

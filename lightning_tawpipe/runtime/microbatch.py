@@ -1,0 +1,84 @@
+"""Run the user's per-micro-batch step in the order the schedule wants, even when it interleaves micro-batches.
+
+TawPipe's order is sample-major (micro-batch 0 forward and backward, then micro-batch 1, ...), so a plain loop over
+micro-batches follows it. WeiPipe interleaves: the forward of micro-batch ``m + 1`` alternates with the backward of
+micro-batch ``m``, chunk by chunk. A user's ``training_step`` cannot be cut in half, so each micro-batch runs in its
+own thread and the threads pass a baton: exactly one runs at a time, and whenever the schedule's next compute
+action belongs to another micro-batch, the running thread hands the baton to that one and waits. Execution stays
+sequential and deterministic; the threads only exist to keep each micro-batch's Python stack alive while another
+one runs. (CPU autograd runs a backward on the thread that called it, so a backward can pause mid-way. CUDA runs
+backward on a per-device autograd thread; at most one backward is ever in flight here, so it pauses in the same way.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class MicrobatchRunner:
+    """Runs ``step(i)`` for ``i in range(n)`` in the interleaving dictated by ``engine``'s program."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._turn: int | None = None
+        self._local = threading.local()
+        self._error: BaseException | None = None
+
+    def run(self, n: int, step: Callable[[int], Any]) -> list[Any]:
+        if not self.engine.interleaves_microbatches():
+            return [step(i) for i in range(n)]
+        results: list[Any] = [None] * n
+        self.engine.gate = self._gate
+        self.engine.thread_microbatch = lambda: getattr(self._local, "mb", None)
+        threads = [threading.Thread(target=self._worker, args=(i, step, results), daemon=True) for i in range(n)]
+        with self._cv:
+            self._turn, self._error = self._next_owner(), None
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            self.engine.gate = None
+            self.engine.thread_microbatch = lambda: None
+        if self._error is not None:
+            raise self._error
+        return results
+
+    def _next_owner(self) -> int | None:
+        nxt = self.engine.peek_compute()
+        return None if nxt is None else nxt.mb
+
+    def _worker(self, i: int, step: Callable[[int], Any], results: list[Any]) -> None:
+        self._local.mb = i
+        try:
+            self._wait_for_turn(i)
+            results[i] = step(i)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            with self._cv:
+                self._error = self._error or e
+                self._cv.notify_all()
+            return
+        with self._cv:
+            self._turn = self._next_owner()
+            self._cv.notify_all()
+
+    def _wait_for_turn(self, i: int) -> None:
+        with self._cv:
+            while self._turn != i:
+                if self._error is not None:
+                    raise RuntimeError("another micro-batch failed") from self._error
+                self._cv.wait(timeout=1.0)
+
+    def _gate(self, next_mb: int | None) -> None:
+        """Called by the engine before advancing: hand over the baton if the next compute is not ours."""
+        mine = self._local.mb
+        if next_mb is None or next_mb == mine:
+            return
+        with self._cv:
+            self._turn = next_mb
+            self._cv.notify_all()
+        self._wait_for_turn(mine)
