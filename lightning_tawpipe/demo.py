@@ -1,0 +1,161 @@
+"""The main job: train a small LitGPT LLaMA on the embedded text under ``tawpipe`` and ``ddp``, side by side.
+
+    python -m lightning_tawpipe.demo                 # 2 emulated nodes x 2 ranks, prints both loss curves
+    python -m lightning_tawpipe.demo --help
+
+Each strategy runs in its own multi-process Lightning job (``--worker`` mode, also used by the tests); this
+process only launches them one after the other and prints per-step losses, their relative difference and the
+communication TawPipe measured. Same seed, same global batch: the two columns must agree (fp32: to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lightning_tawpipe.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--strategy", default="tawpipe", help="worker mode: tawpipe | ddp | any Lightning strategy name")
+    p.add_argument("--schedule", default="tawpipe", choices=["tawpipe", "weipipe"])
+    p.add_argument("--devices", type=int, default=4, help="processes per node")
+    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--group_size", type=int, default=2, help="ranks per TawPipe group (emulated node); 0 = per node")
+    p.add_argument("--n_microbatches", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--n_layer", type=int, default=6)
+    p.add_argument("--n_embd", type=int, default=64)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_query_groups", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=4, help="per rank")
+    p.add_argument("--seq_length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=None, help="directory for result.pt / result.json")
+    p.add_argument("--worker", action="store_true", help="run one training job (used by the compare mode and tests)")
+    return p
+
+
+def run_worker(a: argparse.Namespace) -> None:
+    """One Lightning job; global rank 0 writes ``result.pt`` (losses, full weights, per-rank state bytes)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    import lightning_tawpipe  # noqa: F401  registers "tawpipe"
+    from lightning_tawpipe import TawPipeStrategy
+    from lightning_tawpipe.data import EmbeddedTextDataModule
+    from lightning_tawpipe.module import LitGPTModule, tiny_llama_config
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.comm: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+            self.comm.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tawpipe/")})
+
+    torch.set_num_threads(1)
+    L.seed_everything(a.seed, verbose=False)
+    cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
+                            block_size=a.seq_length)
+    module = LitGPTModule(cfg, learning_rate=a.lr)
+    data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
+    strategy = a.strategy
+    if a.strategy == "tawpipe":
+        strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
+                                   group_size=a.group_size or None)
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
+                        max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[record])
+    trainer.fit(module, data)
+    if a.strategy == "tawpipe":
+        state = trainer.strategy.full_state_dict()
+        state_bytes = trainer.strategy.model_state_bytes()
+        resident = sum(p.numel() for p in module.parameters())
+    else:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        opt_state = trainer.optimizers[0].state
+        state_bytes = sum(t.nbytes for s in opt_state.values() for t in s.values() if torch.is_tensor(t))
+        state_bytes += sum(p.nbytes * 2 for p in module.parameters())
+        resident = sum(p.numel() for p in module.parameters())
+    per_rank = trainer.strategy.all_gather(torch.tensor([state_bytes, resident])).reshape(-1, 2).tolist()
+    comm_per_rank = trainer.strategy.all_gather(
+        torch.tensor([[c.get("tawpipe/inter_node_bytes", 0.0), c.get("tawpipe/intra_node_bytes", 0.0)]
+                      for c in record.comm], dtype=torch.float64)
+    ).tolist()
+    if trainer.global_rank == 0 and a.out:
+        os.makedirs(a.out, exist_ok=True)
+        result = {"losses": record.losses, "model_state_bytes": [r[0] for r in per_rank],
+                  "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
+                  "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
+        torch.save({**result, "state_dict": state}, os.path.join(a.out, "result.pt"))
+        with open(os.path.join(a.out, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
+def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float = 900) -> dict:
+    """Run ``--worker`` jobs (one launcher per emulated node, sharing one port) and load ``result.pt``."""
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()))
+    cmd = [sys.executable, "-m", "lightning_tawpipe.demo", "--worker", "--out", out, *args]
+    procs = [subprocess.Popen(cmd, env=dict(env, NODE_RANK=str(n)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for n in range(node_ranks)]
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"worker {cmd} timed out after {timeout}s")
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError(f"worker {' '.join(cmd)} failed:\n" + "\n".join(log[-4000:] for log in logs))
+    result = torch.load(os.path.join(out, "result.pt"), weights_only=True)
+    result["log"] = "\n".join(logs)
+    return result
+
+
+def compare(a: argparse.Namespace, argv: list[str]) -> None:
+    """Run the same job under tawpipe and ddp and print the losses side by side."""
+    shared = [x for x in argv if x not in ("--worker",)]
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"Training a {a.n_layer}-layer LitGPT LLaMA (n_embd={a.n_embd}) on the embedded text, "
+              f"{a.devices * a.num_nodes} processes, {a.steps} steps, under tawpipe and ddp ...", flush=True)
+        taw = launch_worker([*shared, "--strategy", "tawpipe"], os.path.join(tmp, "taw"))
+        print(next(line for line in taw["log"].splitlines() if line.startswith("TawPipe layout")))
+        print("\n".join(line for line in taw["log"].splitlines() if line.startswith("  chunk ")))
+        ddp = launch_worker([*shared, "--strategy", "ddp"], os.path.join(tmp, "ddp"))
+    print(f"\n{'step':>4}  {'tawpipe loss':>12}  {'ddp loss':>12}  {'rel diff':>9}  {'inter-node MB (all ranks)':>25}")
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(taw["losses"], ddp["losses"])):
+        rel = abs(x - y) / abs(y)
+        worst = max(worst, rel)
+        inter = sum(rank[i][0] for rank in taw["comm_per_rank"]) / 1e6
+        print(f"{i:>4}  {x:>12.6f}  {y:>12.6f}  {rel:>9.2e}  {inter:>25.3f}")
+    print(f"\nlargest relative loss difference: {worst:.2e}")
+    print(f"model-state bytes per rank, tawpipe: {taw['model_state_bytes']}  ddp: {ddp['model_state_bytes']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    a = _parser().parse_args(argv)
+    if a.worker:
+        run_worker(a)
+    else:
+        compare(a, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""Schedule IR, builders, validator and grid printer: pure data, no process group."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from functools import lru_cache
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_tawpipe.schedule import (
+    Action,
+    Op,
+    ScheduleError,
+    build_tawpipe,
+    compute_ticks,
+    format_grid,
+    format_program,
+    parse_action,
+    parse_program,
+    validate,
+    with_user_barriers,
+)
+from lightning_tawpipe.schedule.actions import P2P_OPS
+from lightning_tawpipe.schedule.weipipe import build_weipipe
+from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
+
+PROPERTY = settings(max_examples=60, deadline=None)
+
+
+@lru_cache(maxsize=None)
+def tawpipe(n_groups: int, group_size: int, n_microbatches: int, prefetch: int = 1, train: bool = True):
+    return build_tawpipe(Topology(n_groups, group_size), n_microbatches, prefetch=prefetch, train=train)
+
+
+@lru_cache(maxsize=None)
+def weipipe(n_groups: int, group_size: int, n_microbatches: int, prefetch: int = 1, train: bool = True):
+    return build_weipipe(Topology(n_groups, group_size), n_microbatches, prefetch=prefetch, train=train)
+
+
+configs = st.tuples(
+    st.integers(1, 4),  # n_groups
+    st.integers(1, 4),  # group_size
+    st.integers(1, 4),  # n_microbatches
+    st.integers(1, 3),  # prefetch
+    st.booleans(),  # train
+)
+
+
+def mutate(schedule, rank: int, edit):
+    """A copy of ``schedule`` whose program on ``rank`` is ``edit(list(program))``."""
+    programs = list(schedule.programs)
+    programs[rank] = tuple(edit(list(programs[rank])))
+    return replace(schedule, programs=tuple(programs))
+
+
+def index_of(program, pred, last: bool = False) -> int:
+    hits = [i for i, a in enumerate(program) if pred(a)]
+    assert hits, "the mutation found nothing to mutate"
+    return hits[-1] if last else hits[0]
+
+
+# -- the IR's string form -------------------------------------------------------------------------------------------
+
+EVERY_KIND = [
+    Action(Op.FORWARD, 3, mb=1, buf="s0"),
+    Action(Op.BACKWARD, 3, mb=1, buf="s0", buf2="g1"),
+    Action(Op.RELEASE, 3, buf="s0"),
+    Action(Op.COPY_W, 3, buf="s0"),
+    Action(Op.SEND_W, 3, peer=5, buf="own"),
+    Action(Op.SEND_W, 12, peer=10, buf="s3"),
+    Action(Op.RECV_W, 3, peer=5, buf="s0"),
+    Action(Op.BCAST_W, 3, peer=5, buf="s0"),
+    Action(Op.REDUCE_G, 3, peer=5, buf="g1"),
+    Action(Op.SEND_G, 3, peer=5, buf="g1"),
+    Action(Op.RECV_G, 3, peer=5, buf="q0"),
+    Action(Op.ACC_G, 3, buf="q0"),
+    Action(Op.ADD_G, 3, buf="q0", buf2="g1"),
+    Action(Op.BARRIER),
+    Action(Op.FORWARD, 0, mb=0, buf="s0"),  # zeros must not be confused with "absent" (-1)
+    Action(Op.RECV_W, 0, peer=0, buf="s0"),
+]
+
+
+def test_examples_cover_every_op():
+    assert {a.op for a in EVERY_KIND} == set(Op)
+
+
+@pytest.mark.parametrize("action", EVERY_KIND, ids=str)
+def test_parse_action_round_trip(action):
+    assert parse_action(str(action)) == action
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("F3.1@s0", Action(Op.FORWARD, 3, mb=1, buf="s0")),
+        ("B3.1@s0>g1", Action(Op.BACKWARD, 3, mb=1, buf="s0", buf2="g1")),
+        ("RW3<5@s0", Action(Op.RECV_W, 3, peer=5, buf="s0")),
+        ("GA3@q0+g1", Action(Op.ADD_G, 3, buf="q0", buf2="g1")),
+        ("  BAR ", Action(Op.BARRIER)),
+    ],
+)
+def test_parse_action_documented_forms(text, expected):
+    assert parse_action(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nonsense", "", "F", "F3.1", "Q3@s0", "SW3>@own", "F3.1@", "BAR3"])
+def test_parse_action_rejects_garbage(text):
+    with pytest.raises(ValueError, match="Not a schedule action"):
+        parse_action(text)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        tawpipe(2, 2, 1),
+        tawpipe(3, 2, 2, prefetch=2),
+        tawpipe(2, 3, 2, train=False),
+        weipipe(1, 4, 2),
+        weipipe(2, 2, 3, prefetch=2, train=False),
+        with_user_barriers(tawpipe(2, 2, 2)),
+    ],
+    ids=lambda s: s.name,
+)
+def test_parse_program_round_trip(schedule):
+    for program in schedule.programs:
+        assert parse_program(format_program(list(program))) == list(program)
+    # and the dump is one "rank: program" line per rank
+    lines = schedule.dump().splitlines()
+    assert len(lines) == schedule.topology.world_size
+    for rank, line in enumerate(lines):
+        head, text = line.split(": ", 1)
+        assert int(head) == rank
+        assert tuple(parse_program(text)) == schedule.programs[rank]
+
+
+# -- golden TawPipe program -----------------------------------------------------------------------------------------
+
+# Topology(2, 2): node 0 = ranks 0, 1; node 1 = ranks 2, 3. Rank n*G+k owns chunk k*N+n, so owners = (0, 2, 1, 3):
+# chunk 0 -> rank 0, chunk 1 -> rank 2, chunk 2 -> rank 1, chunk 3 -> rank 3 (consecutive chunks alternate nodes).
+# One micro-batch, prefetch 1 (two slots): compute F0 F1 F2 F3 B3 B2 B1 B0, loaded as F0@s0, F1@s1, F2@s0,
+# F3+B3@s1 (the turnaround keeps its chunk), B2@s0, B1@s1, B0@s0; each slot is refilled right after its previous
+# load's last use (X). One line per point (after the compute that starts the line).
+#
+# Rank 0 (node 0, local 0, owns chunk 0):
+#  * head: node 1 loads chunk 0 twice (F0, B0); its receiver is rank 2 (same local index 0), so two SW0>2@own, posted
+#    up front from `own`. QG0<2: node 1 reduces chunk 0's gradients onto rank 2 (local index of owner 0) which sends
+#    the sum here; the add (AG0@q0) lands at the very end because node 1 is one step behind.
+#  * chunk 0 is in-node: CW into the slot, then BW0^0 to the node. Chunk 1 (owner rank 2, other node): rank 0 (local
+#    index 0 = owner's) receives it RW1<2 and broadcasts it BW1^0 one compute later. Chunks 2/3 are broadcast by
+#    rank 1 (their local index), so rank 0 only joins BW2^1 / BW3^1.
+#  * gradients: after B3 reduce onto rank 1 (RG3^1), after B2 onto rank 1, after B1 onto rank 0 which sends the sum
+#    to the owner (SG1>2) one step later, after B0 onto rank 0 = owner which adds it (AG0@g1) one step later.
+GOLDEN_RANK0 = [
+    "SW0>2@own SW0>2@own QG0<2@q0 CW0@s0 BW0^0@s0 RW1<2@s1",
+    "F0.0@s0 X0@s0 BW1^0@s1 BW2^1@s0",
+    "F1.0@s1 X1@s1",
+    "F2.0@s0 X2@s0 BW3^1@s1 BW2^1@s0",
+    "F3.0@s1",
+    "B3.0@s1>g0 X3@s1 RW1<2@s1 RG3^1@g0",
+    "B2.0@s0>g1 X2@s0 BW1^0@s1 CW0@s0 BW0^0@s0 RG2^1@g1",
+    "B1.0@s1>g0 X1@s1 RG1^0@g0",
+    "B0.0@s0>g1 X0@s0 SG1>2@g0 RG0^0@g1 AG0@g1",
+    "AG0@q0",
+]
+# Rank 3 (node 1, local 1, owns chunk 3): node 0 loads chunk 3 once (F3+B3), received by rank 1 (local index 1):
+# one SW3>1@own. QG3<1: node 0's reduced chunk-3 gradient arrives from rank 1. Node 1's first loads are broadcast
+# before its first compute (it starts one step late, so the broadcast cannot overlap a compute of its own); chunk 2
+# (owner rank 1, local 1) is received by rank 3 itself (RW2<1) and broadcast one compute later (BW2^3); chunk 3 is
+# its own (CW3 + BW3^3). Gradients: B3 reduces onto rank 3 = owner (AG3@g0 one step later), B2 onto rank 3 which
+# sends to owner rank 1 one step later (SG2>1), B1/B0 onto rank 2. Node 0's chunk-3 sum is added at point 5: the
+# sender posts it at its point 5, and node 1 is behind, so it is certainly posted by then.
+GOLDEN_RANK3 = [
+    "SW3>1@own QG3<1@q0 BW0^2@s0 BW1^2@s1",
+    "F0.0@s0 X0@s0 RW2<1@s0",
+    "F1.0@s1 X1@s1 BW2^3@s0 CW3@s1 BW3^3@s1",
+    "F2.0@s0 X2@s0 RW2<1@s0",
+    "F3.0@s1 BW2^3@s0",
+    "B3.0@s1>g0 X3@s1 BW1^2@s1 RG3^3@g0",
+    "B2.0@s0>g1 X2@s0 AG3@g0 RG2^3@g1 AG3@q0",
+    "B1.0@s1>g0 X1@s1 BW0^2@s0 SG2>1@g1 RG1^2@g0",
+    "B0.0@s0>g1 X0@s0 RG0^2@g1",
+]
+
+
+def test_golden_tawpipe_2x2():
+    s = tawpipe(2, 2, 1)
+    assert s.owners == (0, 2, 1, 3)
+    assert (s.n_slots, s.n_grad_buffers, s.n_recv_buffers) == (2, 2, 1)
+    assert format_program(list(s.program(0))) == " ".join(GOLDEN_RANK0)
+    assert format_program(list(s.program(3))) == " ".join(GOLDEN_RANK3)
+    validate(s)
+
+
+@pytest.mark.parametrize(("n_groups", "group_size", "n_microbatches"), [(2, 2, 1), (2, 2, 3), (3, 1, 2), (1, 4, 2)])
+def test_tawpipe_compute_order_is_sample_major(n_groups, group_size, n_microbatches):
+    s = tawpipe(n_groups, group_size, n_microbatches)
+    P = s.n_chunks
+    expected = []
+    for mb in range(n_microbatches):
+        expected += [f"F{c}.{mb}" for c in range(P)] + [f"B{c}.{mb}" for c in reversed(range(P))]
+    for rank in range(P):
+        assert [f"{a.op.value}{a.chunk}.{a.mb}" for a in s.compute_steps(rank)] == expected
+
+
+# -- properties of every built schedule -----------------------------------------------------------------------------
+
+
+def _check_compute_counts(s, train: bool) -> None:
+    P = s.n_chunks
+    for rank in range(P):
+        steps = s.compute_steps(rank)
+        forward = [(a.chunk, a.mb) for a in steps if a.op is Op.FORWARD]
+        backward = [(a.chunk, a.mb) for a in steps if a.op is Op.BACKWARD]
+        every = sorted((c, m) for c in range(P) for m in range(s.n_microbatches))
+        assert sorted(forward) == every
+        assert sorted(backward) == (every if train else [])
+
+
+@PROPERTY
+@given(configs)
+def test_tawpipe_properties(config):
+    n_groups, group_size, n_microbatches, prefetch, train = config
+    s = tawpipe(*config)
+    topo = s.topology
+    validate(s)
+    validate(with_user_barriers(s))
+    _check_compute_counts(s, train)
+    assert s.owners == tuple(tawpipe_owner(c, topo) for c in range(topo.world_size))
+    for rank, program in enumerate(s.programs):
+        for a in program:
+            if a.op in P2P_OPS:
+                # weights and gradients cross nodes only on rails: same local index at both ends
+                assert not topo.same_group(rank, a.peer), f"rank {rank}: intra-node P2P {a}"
+                assert topo.local_index(rank) == topo.local_index(a.peer), f"rank {rank}: cross-rail P2P {a}"
+            if a.op is Op.SEND_W:
+                assert a.buf == "own", f"rank {rank}: {a} does not send from the owner's copy"
+                assert s.owners[a.chunk] == rank, f"rank {rank}: {a} sends a chunk it does not own"
+            if a.op is Op.COPY_W:
+                assert s.owners[a.chunk] == rank
+
+
+@PROPERTY
+@given(configs)
+def test_weipipe_properties(config):
+    s = weipipe(*config)
+    validate(s)
+    _check_compute_counts(s, config[4])
+    P = s.n_chunks
+    assert s.owners == tuple(ring_owner(c, P) for c in range(P))
+
+
+def test_weipipe_with_user_barriers_small_rings():
+    # With mid-pipeline world collectives the ring only survives on 1-2 ranks (see the report on the weipipe ablation);
+    # larger rings deadlock, e.g. 3 ranks: rank 0 waits at its first loss while rank 2 still needs a relayed chunk.
+    for n_microbatches in (1, 2, 3):
+        validate(with_user_barriers(weipipe(1, 2, n_microbatches)))
+        validate(with_user_barriers(weipipe(2, 1, n_microbatches, prefetch=2)))
+    with pytest.raises(ScheduleError, match="deadlock"):
+        validate(with_user_barriers(weipipe(1, 3, 1)))
+
+
+def test_builders_reject_bad_knobs():
+    with pytest.raises(ValueError, match="prefetch"):
+        build_tawpipe(Topology(2, 2), 1, prefetch=0)
+    with pytest.raises(ValueError, match="n_microbatches"):
+        build_tawpipe(Topology(2, 2), 0)
+    with pytest.raises(ValueError):
+        build_weipipe(Topology(2, 2), 1, prefetch=0)
+    with pytest.raises(ValueError):
+        build_weipipe(Topology(2, 2), 0)
+
+
+# -- the validator catches broken schedules -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good():
+    s = tawpipe(2, 2, 2)
+    validate(s)
+    return s
+
+
+def test_mutation_dropped_weight_send(good):
+    def drop(p):
+        del p[index_of(p, lambda a: a.op is Op.SEND_W)]
+        return p
+
+    with pytest.raises(ScheduleError, match="deadlock|never matched"):
+        validate(mutate(good, 0, drop))
+
+
+def test_mutation_dropped_weight_receive(good):
+    def drop(p):
+        del p[index_of(p, lambda a: a.op is Op.RECV_W, last=True)]
+        return p
+
+    with pytest.raises(ScheduleError):
+        validate(mutate(good, 0, drop))
+
+
+def test_mutation_forward_reads_wrong_slot(good):
+    def wrong_slot(p):
+        i = index_of(p, lambda a: a.op is Op.FORWARD and a.chunk == 1)
+        assert p[i].buf == "s1"
+        p[i] = replace(p[i], buf="s0")
+        return p
+
+    with pytest.raises(ScheduleError, match=r"F1\.0@s0: slot s0 holds .*not chunk 1's weights"):
+        validate(mutate(good, 0, wrong_slot))
+
+
+def test_mutation_backward_reads_wrong_slot(good):
+    def wrong_slot(p):
+        i = index_of(p, lambda a: a.op is Op.BACKWARD and a.chunk == 2)
+        p[i] = replace(p[i], buf="s1")
+        return p
+
+    with pytest.raises(ScheduleError, match="slot s1 holds"):
+        validate(mutate(good, 3, wrong_slot))
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["local-add", "remote-add"])
+def test_mutation_missing_gradient_accumulation(good, last):
+    def drop(p):
+        del p[index_of(p, lambda a: a.op is Op.ACC_G, last=last)]
+        return p
+
+    with pytest.raises(ScheduleError, match=r"owner rank 0 of chunk 0 accumulated the wrong gradients \(missing"):
+        validate(mutate(good, 0, drop))
+
+
+def test_mutation_duplicated_gradient_accumulation(good):
+    # re-adding a reduced sum must be caught too (here the buffer is already consumed, so the add sees nothing)
+    def dup(p):
+        i = index_of(p, lambda a: a.op is Op.ACC_G)
+        p.insert(i + 1, p[i])
+        return p
+
+    with pytest.raises(ScheduleError, match="accumulates"):
+        validate(mutate(good, 0, dup))
+
+
+def test_mutation_swapped_collectives(good):
+    def swap(p):
+        bcasts = [i for i, a in enumerate(p) if a.op is Op.BCAST_W]
+        i, j = bcasts[1], bcasts[2]
+        assert (p[i].peer, p[i].chunk) != (p[j].peer, p[j].chunk)  # different roots / chunks
+        p[i], p[j] = p[j], p[i]
+        return p
+
+    with pytest.raises(ScheduleError, match="collective mismatch"):
+        validate(mutate(good, 0, swap))
+
+
+def test_mutation_swapped_ring_receives():
+    # WeiPipe relays chunks of different owners over one pair: swapping two receives breaks the P2P order
+    s = weipipe(1, 3, 1)
+    validate(s)
+
+    def swap(p):
+        recvs = [i for i, a in enumerate(p) if a.op is Op.RECV_W and a.peer == 2]
+        i = recvs[0]
+        j = next(j for j in recvs if p[j].chunk != p[i].chunk)
+        assert s.owners[p[i].chunk] != s.owners[p[j].chunk]
+        p[i], p[j] = p[j], p[i]
+        return p
+
+    with pytest.raises(ScheduleError, match="matched with SW"):
+        validate(mutate(s, 0, swap))
+
+
+def test_mutation_wrong_send_chunk(good):
+    def wrong(p):
+        i = index_of(p, lambda a: a.op is Op.SEND_W)
+        p[i] = replace(p[i], chunk=2)
+        return p
+
+    with pytest.raises(ScheduleError):
+        validate(mutate(good, 0, wrong))
+
+
+@pytest.mark.parametrize(
+    ("last", "match"),
+    [(False, r"overwrites s0 while it still holds \('W', 0\) \(not released\)"), (True, "unreleased slots")],
+    ids=["mid", "end"],
+)
+def test_mutation_missing_release(good, last, match):
+    def drop(p):
+        del p[index_of(p, lambda a: a.op is Op.RELEASE, last=last)]
+        return p
+
+    with pytest.raises(ScheduleError, match=match):
+        validate(mutate(good, 0, drop))
+
+
+def test_mutation_copy_of_foreign_chunk(good):
+    def wrong(p):
+        i = index_of(p, lambda a: a.op is Op.COPY_W)
+        p[i] = replace(p[i], chunk=3)
+        return p
+
+    with pytest.raises(ScheduleError, match="does not own"):
+        validate(mutate(good, 0, wrong))
+
+
+# -- grid printer ---------------------------------------------------------------------------------------------------
+
+
+def _grid_rows(text: str) -> list[list[str]]:
+    return [[c for c in line.split() if c != "|"] for line in text.splitlines()]
+
+
+def test_grid_golden_2x2():
+    rows = _grid_rows(format_grid(tawpipe(2, 2, 1)))
+    assert rows[0] == ["tick", "r0", "r1", "r2", "r3"]
+    body = rows[1:]
+    assert len(body) == 8 + 1  # 8 compute steps, node 1 one tick behind
+    assert body[0] == ["0", "F0.0", "F0.0", "--", "--"]
+    assert body[1] == ["1", "F1.0", "F1.0", "F0.0", "F0.0"]
+    assert body[4] == ["4", "B3.0", "B3.0", "F3.0", "F3.0"]
+    assert body[8] == ["8", "--", "--", "B0.0", "B0.0"]
+    # at every tick node 1 runs what node 0 ran one tick earlier
+    for t in range(1, len(body)):
+        assert body[t][3:5] == body[t - 1][1:3]
+    assert "|" in format_grid(tawpipe(2, 2, 1)).splitlines()[1]  # nodes are visibly separated
+
+
+def test_grid_with_comm_2x2():
+    text = format_grid(tawpipe(2, 2, 1), comm=True)
+    lines = text.splitlines()
+    assert lines[1].split()[0] == "pre"
+    assert "[SW0>2@own SW0>2@own QG0<2@q0 CW0@s0 BW0^0@s0 RW1<2@s1]" in lines[1]
+    assert "F0.0 [X0@s0 BW1^0@s1 BW2^1@s0]" in lines[2]
+    assert "B0.0 [X0@s0 SG1>2@g0 RG0^0@g1 AG0@g1 AG0@q0]" in lines[2 + 7]
+    # every communication action of every rank appears in the grid, as often as in the programs
+    expected = Counter(str(a) for p in tawpipe(2, 2, 1).programs for a in p if a.op not in (Op.FORWARD, Op.BACKWARD))
+    assert {a: text.count(a) for a in expected} == dict(expected)
+
+
+def test_grid_weipipe_slots():
+    s = weipipe(1, 3, 2)
+    ticks = compute_ticks(s)
+    assert ticks[0][:4] == [0, 1, 2, 3]
+    rows = _grid_rows(format_grid(s))
+    assert rows[1] == ["0", "F0.0", "--", "--"]
+    assert rows[4] == ["3", "F0.1/B2.0", "F2.0", "F1.0"]  # a ring slot can hold a forward and a backward
+    assert rows[-1] == ["10", "--", "--", "B0.1"]
+    for rank in range(3):  # WeiPipe's own order of compute never runs back in time
+        assert ticks[rank] == sorted(ticks[rank])
+
+
+@PROPERTY
+@given(configs)
+def test_grid_places_every_compute_once(config):
+    for s in (tawpipe(*config), weipipe(*config)):
+        ticks = compute_ticks(s)
+        rows = _grid_rows(format_grid(s))[1:]
+        assert len(rows) == 1 + max(max(t) for t in ticks)
+        for rank in range(s.n_chunks):
+            labels = [f"{a.op.value}{a.chunk}.{a.mb}" for a in s.compute_steps(rank)]
+            in_grid = [lab for row in rows for lab in row[1 + rank].split("/") if lab != "--"]
+            assert in_grid == labels
+            if s.name == "tawpipe":  # one compute per tick, node n starts n ticks late
+                assert ticks[rank] == [j + s.topology.group_of(rank) for j in range(len(labels))]
+            else:
+                assert ticks[rank] == sorted(ticks[rank])
