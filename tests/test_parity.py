@@ -84,3 +84,35 @@ def test_accumulate_grad_batches_matches_ddp(train_job):
         assert abs(x - y) <= 1e-5 * abs(y), f"batch {step}: loss {x} vs ddp {y}"
     for name, ref in reference["state_dict"].items():
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+
+
+def test_engine_accounting_equals_schedule(train_job):
+    """Every rank's measured inter- and intra-node bytes per step equal what its program says it sends."""
+    from lightning_tawpipe.module import tiny_llama_config
+    from lightning_tawpipe.partition import partition_units
+    from lightning_tawpipe.runtime.units import find_units
+    from lightning_tawpipe.schedule import Op, build_tawpipe
+    from lightning_tawpipe.topology import Topology
+    from litgpt import GPT
+
+    args = ("--devices", "2", "--num_nodes", "2", "--group_size", "0", "--n_layer", "5", "--n_microbatches", "2",
+            "--prefetch", "1")
+    result = train_job(*COMMON, "--strategy", "tawpipe", *args, node_ranks=2)
+    units = find_units(GPT(tiny_llama_config(n_layer=5, n_embd=32, block_size=32)))
+    chunk_numel = [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], 4)]
+    topo = Topology(2, 2)
+    schedule = build_tawpipe(topo, n_microbatches=2, prefetch=1)
+    for rank, per_step in enumerate(result["comm_per_rank"]):
+        inter = intra = 0
+        for a in schedule.program(rank):
+            nbytes = chunk_numel[a.chunk] * 4
+            if a.op in (Op.SEND_W, Op.SEND_G):
+                inter += nbytes if not topo.same_group(rank, a.peer) else 0
+                intra += nbytes if topo.same_group(rank, a.peer) else 0
+            elif a.op is Op.BCAST_W and a.peer == rank:
+                intra += nbytes * (topo.group_size - 1)
+            elif a.op is Op.REDUCE_G and a.peer != rank:
+                intra += nbytes
+        assert inter > 0
+        for step in per_step:
+            assert step == [inter, intra], f"rank {rank}: measured {step}, schedule says {[inter, intra]}"
