@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group_size", type=int, default=2, help="ranks per TawPipe group (emulated node); 0 = per node")
     p.add_argument("--n_microbatches", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_embd", type=int, default=64)
     p.add_argument("--n_head", type=int, default=4)
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--val_batches", type=int, default=0, help="validation batches after training (0: none)")
     p.add_argument("--out", default=None, help="directory for result.pt / result.json")
     p.add_argument("--worker", action="store_true", help="run one training job (used by the compare mode and tests)")
     return p
@@ -72,13 +74,14 @@ def run_worker(a: argparse.Namespace) -> None:
     strategy = a.strategy
     if a.strategy == "tawpipe":
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
-                                   group_size=a.group_size or None)
+                                   group_size=a.group_size or None, p2p_groups=a.p2p_groups)
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[record])
+                        num_sanity_val_steps=0, limit_val_batches=a.val_batches, callbacks=[record])
     trainer.fit(module, data)
+    val = trainer.validate(module, data, verbose=False)[0] if a.val_batches else {}
     if a.strategy == "tawpipe":
         state = trainer.strategy.full_state_dict()
         state_bytes = trainer.strategy.model_state_bytes()
@@ -98,6 +101,7 @@ def run_worker(a: argparse.Namespace) -> None:
         os.makedirs(a.out, exist_ok=True)
         result = {"losses": record.losses, "model_state_bytes": [r[0] for r in per_rank],
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
+                  "validation": {k: float(v) for k, v in val.items()},
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
         torch.save({**result, "state_dict": state}, os.path.join(a.out, "result.pt"))
         with open(os.path.join(a.out, "result.json"), "w") as f:

@@ -61,6 +61,9 @@ class TawPipeStrategy(ParallelStrategy):
             Regroups one machine's processes as several "nodes", or shows what the topology buys.
         partition: ``"parameters"`` (balance parameter counts, default) or ``"uniform"`` (balance unit counts).
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
+        p2p_groups: ``"rail"`` (one group per rail; right for gloo), ``"directed"`` (one communicator per direction
+            of every peer pair; needed by NCCL, which runs a communicator's operations in order) or ``None``
+            (``"directed"`` on nccl, ``"rail"`` otherwise).
         process_group_backend: ``"gloo"``, ``"nccl"`` or ``None`` (gloo on CPU, nccl on CUDA).
         timeout: collective timeout (``datetime.timedelta``).
         start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for ``ddp``.
@@ -77,6 +80,7 @@ class TawPipeStrategy(ParallelStrategy):
         group_size: Optional[int] = None,
         partition: Literal["parameters", "uniform"] = "parameters",
         validate_schedules: bool = True,
+        p2p_groups: Optional[Literal["rail", "directed"]] = None,
         accelerator=None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
@@ -98,6 +102,9 @@ class TawPipeStrategy(ParallelStrategy):
         self.n_microbatches, self.prefetch, self.schedule = n_microbatches, prefetch, schedule
         self.group_size, self.partition = group_size, partition
         self.validate_schedules, self.log_comm_stats = validate_schedules, log_comm_stats
+        if p2p_groups not in (None, "rail", "directed"):
+            raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
+        self.p2p_groups = p2p_groups
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -207,6 +214,7 @@ class TawPipeStrategy(ParallelStrategy):
                 partition=self.partition,
                 device=self.root_device,
                 validate_schedules=self.validate_schedules,
+                p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
             )
             rank_zero_info(self.pipeline.describe())
         return model

@@ -49,8 +49,9 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
             4, 2, id="2nodes-x2-gqa-uneven-mb2-prefetch1",
         ),
         pytest.param(
-            ("--devices", "4", "--group_size", "2", "--n_layer", "6", "--n_microbatches", "4", "--prefetch", "2"),
-            4, 1, id="4procs-as-2x2-mb4-prefetch2",
+            ("--devices", "4", "--group_size", "2", "--n_layer", "6", "--n_microbatches", "4", "--prefetch", "2",
+             "--p2p_groups", "directed"),
+            4, 1, id="4procs-as-2x2-mb4-prefetch2-directed-p2p",
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
@@ -58,8 +59,8 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
             4, 1, id="weipipe-4-mb2-interleaved",
         ),
         pytest.param(
-            ("--devices", "2", "--group_size", "0", "--n_layer", "3", "--schedule", "weipipe"), 2, 1,
-            id="weipipe-2",
+            ("--devices", "2", "--group_size", "0", "--n_layer", "3", "--schedule", "weipipe", "--p2p_groups",
+             "directed"), 2, 1, id="weipipe-2-directed-p2p",
         ),
     ],
 )

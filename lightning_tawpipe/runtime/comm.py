@@ -7,6 +7,12 @@ group (broadcast, reduce) and its ``"node"`` axis is the rail of same-local-inde
 every TawPipe point-to-point transfer. Schedules whose peers are not on one rail (the WeiPipe ring) also get a
 world-wide group per lane.
 
+P2P lowering (``p2p_groups``): with gloo every pair of ranks is an independent channel, so one group per rail
+(``"rail"``) is enough. NCCL runs the operations of one communicator in issue order, so a send posted early (owners
+post all their sends at the start of an iteration) would hold back every later receive on the same communicator.
+``"directed"`` gives every ordered pair of peers its own communicator per lane: each one is then a FIFO pipe in one
+direction, which is exactly what the schedule validator simulates. It is the default on NCCL.
+
 Accounting counts the bytes this rank *sends* (a broadcast root sends one copy to each other member, a reduce
 member other than the root sends its buffer once) split into intra-node and inter-node, and the seconds spent
 blocked waiting for communication.
@@ -46,12 +52,16 @@ class CommStats:
         }
 
 
+P2P_GROUPINGS = ("rail", "directed")
+
+
 @dataclass
 class _Lane:
     mesh: object
     node_group: object  # intra-node ("local" axis)
     rail_group: object  # same local index across nodes ("node" axis)
     world_group: object | None = None
+    directed: dict[tuple[int, int], object] = field(default_factory=dict)  # (src, dst) -> 2-rank group
 
 
 @dataclass
@@ -64,18 +74,24 @@ class Comm:
     stats: CommStats = field(default_factory=CommStats)
 
     @classmethod
-    def build(cls, topo: Topology, device_type: str, ring_peers: bool) -> Comm:
+    def build(cls, topo: Topology, device_type: str, ring_peers: bool, p2p_groups: str = "rail") -> Comm:
         """Create every group this rank needs; a collective call, every rank must make it in the same order."""
         if dist.get_world_size() != topo.world_size:
             raise RuntimeError(
                 f"The process group has {dist.get_world_size()} ranks but the topology {topo.n_groups}x"
                 f"{topo.group_size} needs {topo.world_size}."
             )
+        if p2p_groups not in P2P_GROUPINGS:
+            raise ValueError(f"p2p_groups must be one of {P2P_GROUPINGS}, got {p2p_groups!r}")
         lanes = {}
         for name in LANES:
             mesh = build_device_mesh(topo, device_type)
-            world = dist.new_group(list(range(topo.world_size))) if ring_peers else None
-            lanes[name] = _Lane(mesh, mesh.get_group("local"), mesh.get_group("node"), world)
+            world = dist.new_group(list(range(topo.world_size))) if ring_peers and p2p_groups == "rail" else None
+            lane = _Lane(mesh, mesh.get_group("local"), mesh.get_group("node"), world)
+            if p2p_groups == "directed":
+                for src, dst in _peer_pairs(topo, ring_peers):
+                    lane.directed[(src, dst)] = dist.new_group([src, dst])
+            lanes[name] = lane
         return cls(topo, dist.get_rank(), lanes)
 
     @property
@@ -84,27 +100,32 @@ class Comm:
         return self.lanes["weights"].mesh
 
     # -- point to point -------------------------------------------------------------------------------------------
-    def _p2p_target(self, lane: str, peer: int) -> tuple[object, dict]:
+    def _p2p_target(self, lane: str, src: int, dst: int) -> tuple[object, int]:
+        """The group carrying ``src -> dst`` on ``lane`` and the peer's rank inside it."""
         ln = self.lanes[lane]
+        peer = dst if src == self.rank else src
+        if ln.directed:
+            group = ln.directed[(src, dst)]
+            return group, dist.get_group_rank(group, peer)
         if self.topo.local_index(peer) == self.topo.local_index(self.rank):
-            return ln.rail_group, {"group_peer": self.topo.group_of(peer)}
+            return ln.rail_group, self.topo.group_of(peer)
         if ln.world_group is None:
             raise RuntimeError(f"rank {self.rank} has no group to reach rank {peer} on the {lane} lane")
-        return ln.world_group, {"group_peer": peer}
+        return ln.world_group, peer
 
     def isend(self, tensor: torch.Tensor, peer: int, lane: str):
-        group, kw = self._p2p_target(lane, peer)
+        group, group_peer = self._p2p_target(lane, self.rank, peer)
         nbytes = tensor.numel() * tensor.element_size()
         if self.topo.same_group(peer, self.rank):
             self.stats.intra_node_bytes += nbytes
         else:
             self.stats.inter_node_bytes += nbytes
         self.stats.messages += 1
-        return dist.isend(tensor, group=group, group_dst=kw["group_peer"])
+        return dist.isend(tensor, group=group, group_dst=group_peer)
 
     def irecv(self, tensor: torch.Tensor, peer: int, lane: str):
-        group, kw = self._p2p_target(lane, peer)
-        return dist.irecv(tensor, group=group, group_src=kw["group_peer"])
+        group, group_peer = self._p2p_target(lane, peer, self.rank)
+        return dist.irecv(tensor, group=group, group_src=group_peer)
 
     # -- intra-node collectives -----------------------------------------------------------------------------------
     def broadcast(self, tensor: torch.Tensor, root: int, lane: str):
@@ -126,3 +147,14 @@ class Comm:
         start = time.perf_counter()
         work.wait()
         self.stats.comm_wait_s += time.perf_counter() - start
+
+
+def _peer_pairs(topo: Topology, any_peer: bool) -> list[tuple[int, int]]:
+    """Ordered (src, dst) pairs that may exchange P2P: same-rail pairs across nodes, or all pairs for rings."""
+    ranks = range(topo.world_size)
+    return [
+        (a, b)
+        for a in ranks
+        for b in ranks
+        if a != b and (any_peer or topo.local_index(a) == topo.local_index(b))
+    ]

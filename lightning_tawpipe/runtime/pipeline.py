@@ -42,11 +42,12 @@ class Pipeline:
         device: torch.device,
         compute_dtype: torch.dtype = torch.float32,
         validate_schedules: bool = True,
+        p2p_groups: str = "rail",
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
         self.topo, self.schedule_name, self.prefetch = topo, schedule, prefetch
-        self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"))
+        self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups)
         self.rank = self.comm.rank
         self.units = unit_hooks.find_units(root)
         ranges = partition_units([u.numel() for u in self.units], topo.world_size, partition)
