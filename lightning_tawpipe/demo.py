@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--val_batches", type=int, default=0, help="validation batches after training (0: none)")
+    p.add_argument("--save_ckpt", default=None, help="worker: save a checkpoint here after fit")
+    p.add_argument("--resume", default=None, help="worker: resume fit from this checkpoint")
     p.add_argument("--out", default=None, help="directory for result.pt / result.json")
     p.add_argument("--worker", action="store_true", help="run one training job (used by the compare mode and tests)")
     return p
@@ -80,7 +82,9 @@ def run_worker(a: argparse.Namespace) -> None:
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=a.val_batches, callbacks=[record])
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=a.resume)
+    if a.save_ckpt:
+        trainer.save_checkpoint(a.save_ckpt)
     val = trainer.validate(module, data, verbose=False)[0] if a.val_batches else {}
     if a.strategy == "tawpipe":
         state = trainer.strategy.full_state_dict()

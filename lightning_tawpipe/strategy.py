@@ -32,12 +32,13 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tawpipe.partition import PARTITION_METHODS
+from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner
 from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
 from lightning_tawpipe.topology import Topology
@@ -199,9 +200,12 @@ class TawPipeStrategy(ParallelStrategy):
     def setup(self, trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
+            name_of = {p: n for n, p in self.lightning_module.named_parameters()}
+            self._full_group_names = [optim_state.group_names(opt, name_of) for opt in self.optimizers]
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
                     group["params"] = self.pipeline.optimizer_params(group["params"])
+            self._local_names = {**{p: name_of[p] for p in self.pipeline.replicated}, **self.pipeline.shard.names()}
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -217,6 +221,12 @@ class TawPipeStrategy(ParallelStrategy):
                 p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
             )
             rank_zero_info(self.pipeline.describe())
+            if self.schedule == "weipipe" and self.topology.world_size >= 3:
+                rank_zero_warn(
+                    "schedule='weipipe' on 3+ ranks: the ring couples ranks across micro-batches, so a collective "
+                    "inside training_step (e.g. self.log(..., sync_dist=True)) would deadlock. Log without sync_dist "
+                    "in training_step, or use schedule='tawpipe', which is safe."
+                )
         return model
 
     # -- the training step -------------------------------------------------------------------------------------
@@ -330,6 +340,12 @@ class TawPipeStrategy(ParallelStrategy):
         return tensor
 
     # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Checkpoints load into the sharded pipeline, which exists only after setup."""
+        return True
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """The LightningModule's full state dict gathered on global rank 0 (``{}`` on the others)."""
         return self.pipeline.full_state_dict(self.lightning_module)
@@ -341,6 +357,18 @@ class TawPipeStrategy(ParallelStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         self.pipeline.load_full_state_dict(checkpoint["state_dict"])
+
+    @override
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The unsharded optimizer state (standard ``torch.optim`` layout) on rank 0: loadable at any topology."""
+        index = [o if not hasattr(o, "_optimizer") else o._optimizer for o in self.optimizers].index(
+            getattr(optimizer, "_optimizer", optimizer))
+        return optim_state.gather_full_state(optimizer, self._local_names, self._full_group_names[index])
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, names, state in zip(self.optimizers, self._full_group_names, checkpoint["optimizer_states"]):
+            optim_state.load_local_state(optimizer, state, self._local_names, names)
 
     def model_state_bytes(self) -> int:
         """Bytes of model state (weights, gradients, optimizer state) held by this rank."""
@@ -380,9 +408,9 @@ def split_batch(batch: Any, n: int) -> list[Any]:
 
 
 def _check_knobs(n_microbatches, prefetch, schedule, group_size, partition) -> None:
-    if not isinstance(n_microbatches, int) or n_microbatches < 1:
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
-    if not isinstance(prefetch, int) or prefetch < 1:
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch must be an int >= 1 (how many chunks are fetched ahead), got {prefetch!r}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")

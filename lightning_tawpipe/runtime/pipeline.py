@@ -21,7 +21,7 @@ from lightning_tawpipe.runtime import units as unit_hooks
 from lightning_tawpipe.runtime.comm import Comm
 from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
-from lightning_tawpipe.schedule import build_tawpipe, validate
+from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
 from lightning_tawpipe.schedule.program import Schedule
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -81,6 +81,8 @@ class Pipeline:
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
+            if self.schedule_name == "tawpipe":  # TawPipe promises to survive collectives in user code
+                validate(with_user_barriers(schedule))
         return schedule
 
     def _initial_weights(self) -> torch.Tensor:
