@@ -236,6 +236,12 @@ class TawPipeStrategy(ParallelStrategy):
         module, engine = self.lightning_module, self.pipeline.engine
         self.pipeline.comm.stats.reset()
         if not module.automatic_optimization:
+            if self.n_microbatches > 1:
+                raise ValueError(
+                    "n_microbatches > 1 needs automatic optimization: with manual optimization training_step runs "
+                    "once per batch and calls manual_backward itself. Use n_microbatches=1 (and split the batch in "
+                    "your training_step) or automatic optimization."
+                )
             engine.begin(train=True, n_microbatches=1)
             out = super().training_step(*args, **kwargs)
             engine.end()
@@ -280,6 +286,7 @@ class TawPipeStrategy(ParallelStrategy):
     @override
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         pipeline = self.pipeline
+        pipeline.engine.end()  # manual optimization steps inside training_step: drain the pipeline first
 
         def closure_then_gradients():
             result = closure()
