@@ -33,13 +33,12 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.runtime import optim_state
-from lightning_tawpipe.runtime.microbatch import MicrobatchRunner
+from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
 from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
 from lightning_tawpipe.topology import Topology
 
@@ -394,24 +393,6 @@ class TawPipeStrategy(ParallelStrategy):
             "weipipe", cls, description="WeiPipe-style topology-unaware weight ring (TawPipe ablation)",
             schedule="weipipe",
         )
-
-
-def split_batch(batch: Any, n: int) -> list[Any]:
-    """Split every tensor in ``batch`` into ``n`` equal micro-batches along dim 0 (raises if it does not divide)."""
-    sizes = set()
-    apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]))
-    if not sizes:
-        raise ValueError("TawPipe could not find a tensor in the batch to split into micro-batches.")
-    if len(sizes) > 1:
-        raise ValueError(f"Batch tensors have different leading sizes {sorted(sizes)}; cannot split micro-batches.")
-    size = sizes.pop()
-    if n > size or size % n:
-        raise ValueError(
-            f"n_microbatches={n} must divide the per-rank batch size {size}; choose a divisor of {size} or change "
-            "the batch size."
-        )
-    pieces = [apply_to_collection(batch, Tensor, lambda t, i=i: t.chunk(n)[i]) for i in range(n)]
-    return pieces
 
 
 def _check_knobs(n_microbatches, prefetch, schedule, group_size, partition) -> None:

@@ -16,6 +16,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
 
 class MicrobatchRunner:
     """Runs ``step(i)`` for ``i in range(n)`` in the interleaving dictated by ``engine``'s program."""
@@ -82,3 +85,21 @@ class MicrobatchRunner:
             self._turn = next_mb
             self._cv.notify_all()
         self._wait_for_turn(mine)
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """Split every tensor in ``batch`` into ``n`` equal micro-batches along dim 0 (raises if it does not divide)."""
+    sizes = set()
+    apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]))
+    if not sizes:
+        raise ValueError("TawPipe could not find a tensor in the batch to split into micro-batches.")
+    if len(sizes) > 1:
+        raise ValueError(f"Batch tensors have different leading sizes {sorted(sizes)}; cannot split micro-batches.")
+    size = sizes.pop()
+    if n > size or size % n:
+        raise ValueError(
+            f"n_microbatches={n} must divide the per-rank batch size {size}; choose a divisor of {size} or change "
+            "the batch size."
+        )
+    pieces = [apply_to_collection(batch, Tensor, lambda t, i=i: t.chunk(n)[i]) for i in range(n)]
+    return pieces
