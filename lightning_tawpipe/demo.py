@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n_microbatches", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
+    p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_embd", type=int, default=64)
     p.add_argument("--n_head", type=int, default=4)
@@ -76,7 +77,8 @@ def run_worker(a: argparse.Namespace) -> None:
     strategy = a.strategy
     if a.strategy == "tawpipe":
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
-                                   group_size=a.group_size or None, p2p_groups=a.p2p_groups)
+                                   group_size=a.group_size or None, p2p_groups=a.p2p_groups,
+                                   activation_checkpointing=a.activation_checkpointing)
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,

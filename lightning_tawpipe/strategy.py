@@ -61,6 +61,9 @@ class TawPipeStrategy(ParallelStrategy):
             Regroups one machine's processes as several "nodes", or shows what the topology buys.
         partition: ``"parameters"`` (balance parameter counts, default) or ``"uniform"`` (balance unit counts).
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
+        activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
+            are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
+            backward: less activation memory, one more forward of compute).
         p2p_groups: ``"rail"`` (one group per rail; right for gloo), ``"directed"`` (one communicator per direction
             of every peer pair; needed by NCCL, which runs a communicator's operations in order) or ``None``
             (``"directed"`` on nccl, ``"rail"`` otherwise).
@@ -81,6 +84,7 @@ class TawPipeStrategy(ParallelStrategy):
         partition: Literal["parameters", "uniform"] = "parameters",
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
+        activation_checkpointing: bool = False,
         accelerator=None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
@@ -105,6 +109,7 @@ class TawPipeStrategy(ParallelStrategy):
         if p2p_groups not in (None, "rail", "directed"):
             raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
         self.p2p_groups = p2p_groups
+        self.activation_checkpointing = bool(activation_checkpointing)
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -218,6 +223,7 @@ class TawPipeStrategy(ParallelStrategy):
                 device=self.root_device,
                 validate_schedules=self.validate_schedules,
                 p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
+                activation_checkpointing=self.activation_checkpointing,
             )
             rank_zero_info(self.pipeline.describe())
             if self.schedule == "weipipe" and self.topology.world_size >= 3:

@@ -40,8 +40,9 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
     [
         pytest.param(("--devices", "1", "--group_size", "0", "--n_layer", "2"), 1, 1, id="world1"),
         pytest.param(
-            ("--devices", "2", "--group_size", "0", "--n_layer", "3", "--n_microbatches", "2", "--prefetch", "2"),
-            2, 1, id="world2-uneven-mb2-prefetch2",
+            ("--devices", "2", "--group_size", "0", "--n_layer", "3", "--n_microbatches", "2", "--prefetch", "2",
+             "--activation_checkpointing"),
+            2, 1, id="world2-uneven-mb2-prefetch2-recompute",
         ),
         pytest.param(
             ("--devices", "2", "--num_nodes", "2", "--group_size", "0", "--n_layer", "5", "--n_microbatches", "2",
@@ -55,8 +56,8 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
-             "--schedule", "weipipe"),
-            4, 1, id="weipipe-4-mb2-interleaved",
+             "--schedule", "weipipe", "--activation_checkpointing"),
+            4, 1, id="weipipe-4-mb2-interleaved-recompute",
         ),
         pytest.param(
             ("--devices", "2", "--group_size", "0", "--n_layer", "3", "--schedule", "weipipe", "--p2p_groups",

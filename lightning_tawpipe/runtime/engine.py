@@ -15,6 +15,7 @@ waited on, and nothing waits earlier than it must.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,16 @@ class _Pending:
     writes: set[str]
 
 
+@dataclass(frozen=True)
+class _SavedWeight:
+    """What autograd keeps for a saved view of a working buffer: the chunk and the view's geometry."""
+
+    chunk: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
 class Engine:
     """Runs TawPipe/WeiPipe programs for this rank over ``comm``."""
 
@@ -44,12 +55,14 @@ class Engine:
         build_schedule: Callable[[bool, int], Schedule],
         compute_dtype: torch.dtype,
         device: torch.device,
+        activation_checkpointing: bool = False,
     ) -> None:
         self.comm, self.layout, self.shard = comm, layout, shard
         self.rank = comm.rank
         self._build_schedule = build_schedule
         self._schedules: dict[tuple[bool, int], Schedule] = {}
         self.compute_dtype, self.device = compute_dtype, device
+        self.activation_checkpointing = activation_checkpointing
         self.token = torch.zeros((), device=device, requires_grad=True)
         self._buffers: dict[str, torch.Tensor] = {}
         self._program: tuple[Action, ...] | None = None
@@ -57,7 +70,7 @@ class Engine:
         self._current: Action | None = None
         self._pending: list[_Pending] = []
         self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
-        self._grad_views: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._grad_chunk: int | None = None  # chunk whose parameters' .grad point into a gradient buffer
         # set by MicrobatchRunner while micro-batches run interleaved in threads (see microbatch.py)
         self.gate: Callable[[int | None], None] | None = None
         self.thread_microbatch: Callable[[], int | None] = lambda: None
@@ -116,20 +129,34 @@ class Engine:
         mbs = [a.mb for a in self._program or () if a.op in COMPUTE_OPS]
         return any(b < a for a, b in zip(mbs, mbs[1:]))
 
-    def add_param_grads(self, chunk: int, params: list, grads: list) -> None:
-        """Accumulate a unit's parameter gradients into the current backward step's gradient buffer."""
-        cur = self._current
-        if cur is None or cur.op is not Op.BACKWARD or cur.chunk != chunk:
-            raise RuntimeError(f"gradients for chunk {chunk} arrived outside its backward step ({cur})")
-        for p, g in zip(params, grads):
-            if g is not None:
-                self._grad_views[p].add_(g)
+    @contextmanager
+    def weight_saving_hooks(self):
+        """Autograd keeps "chunk c's weights at (size, stride, offset)" instead of a working buffer's storage."""
+        slots = {self._buffers[n].untyped_storage().data_ptr(): n for n in self._buffers if n.startswith("s")}
+
+        def pack(t: torch.Tensor):
+            slot = slots.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
+            if slot is None:
+                return t
+            return _SavedWeight(self._bound[slot], t.size(), t.stride(), t.storage_offset())
+
+        def unpack(x):
+            if not isinstance(x, _SavedWeight):
+                return x
+            cur = self._current
+            if cur is None or cur.chunk != x.chunk:
+                raise RuntimeError(f"chunk {x.chunk}'s weights were needed outside its backward step ({cur})")
+            return self._buffers[cur.buf].as_strided(x.size, x.stride, x.offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
 
     def end(self) -> None:
         """Finish the iteration: run the remaining actions and wait for all communication."""
         if self._program is None:
             return
         self._current = None
+        self._detach_grads()
         while self._pc < len(self._program):
             action = self._program[self._pc]
             self._pc += 1
@@ -178,11 +205,21 @@ class Engine:
         if self._bound.get(action.buf) != action.chunk:
             self.layout.bind(action.chunk, self._view(action.buf, action.chunk))
             self._bound[action.buf] = action.chunk
+        self._detach_grads()
         if action.op is Op.BACKWARD:
             grad = self._view(action.buf2, action.chunk).zero_()
-            entries = self.layout.entries[action.chunk]
-            self._grad_views = dict(zip((e.param for e in entries), self.layout.views(action.chunk, grad)))
+            for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
+                if e.param.requires_grad:
+                    e.param.grad = view
+            self._grad_chunk = action.chunk
         self._current = action
+
+    def _detach_grads(self) -> None:
+        """Gradients go to the buffer only during their chunk's backward step."""
+        if self._grad_chunk is not None:
+            for e in self.layout.entries[self._grad_chunk]:
+                e.param.grad = None
+            self._grad_chunk = None
 
     def _wait_conflicts(self, reads: set[str], writes: set[str]) -> None:
         keep = []

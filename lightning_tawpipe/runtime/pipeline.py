@@ -43,6 +43,7 @@ class Pipeline:
         compute_dtype: torch.dtype = torch.float32,
         validate_schedules: bool = True,
         p2p_groups: str = "rail",
+        activation_checkpointing: bool = False,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
@@ -64,7 +65,8 @@ class Pipeline:
         for p in self.replicated:
             dist.broadcast(p.data, src=0)
         self._validate = validate_schedules
-        self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, compute_dtype, device)
+        self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, compute_dtype, device,
+                             activation_checkpointing=activation_checkpointing)
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
 
     # -- placement and schedules -----------------------------------------------------------------------------------

@@ -4,9 +4,13 @@ Units, in forward order: the token embedding, every transformer block, and the f
 model file is never edited: each unit module's ``forward`` is replaced on the instance by a wrapper that
 
 * asks the engine for the unit's chunk before computing (the engine makes sure its weights are resident), and
-* when gradients are needed, runs the original forward inside :class:`_UnitFunction`, which keeps only the unit's
-  inputs and recomputes the unit in backward (the weights it used are gone by then: they are re-fetched). The
-  backward writes the parameter gradients straight into the engine's gradient buffer for the chunk.
+* when gradients are needed, either (default) runs the original forward under autograd with saved-tensor hooks
+  that store weights as references to "chunk c's weights" instead of keeping the working buffer alive (the
+  engine re-materialises them from whichever slot holds the chunk in backward), and a hook on the unit's output
+  that brings the chunk back before the unit's backward runs; or, with ``activation_checkpointing``, runs the
+  forward inside :class:`_UnitFunction`, which keeps only the unit's inputs and recomputes the unit in backward.
+  Either way the parameter gradients land in the engine's gradient buffer for the chunk (``param.grad`` is a
+  view into it during the chunk's backward step).
 
 So a user's ``training_step`` stays ``logits = self.model(idx); loss = ...; return loss``.
 """
@@ -128,7 +132,9 @@ class _UnitRunner:
         wrt = [t for t in inputs if t.requires_grad] + params
         grads = list(torch.autograd.grad(out, wrt, grad_out, allow_unused=True)) if wrt else []
         n_in = len(wrt) - len(params)
-        self.engine.add_param_grads(self.chunk, params, grads[n_in:])
+        for p, g in zip(params, grads[n_in:]):
+            if g is not None:
+                p.grad.add_(g)
         in_grads = iter(grads[:n_in])
         return [next(in_grads) if t.requires_grad else None for t in inputs]
 
@@ -157,10 +163,21 @@ def uninstall(units: list[Unit]) -> None:
 
 
 def _make_wrapper(engine, chunk: int, original: Callable) -> Callable:
+    def enter_backward(grad: torch.Tensor) -> None:
+        engine.enter(Op.BACKWARD, chunk)
+
     def pipelined_forward(module: nn.Module, *args, **kwargs):
         engine.enter(Op.FORWARD, chunk)
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        if not engine.activation_checkpointing:
+            with engine.weight_saving_hooks():
+                out = original(*args, **kwargs)
+            if not torch.is_tensor(out):
+                raise TypeError(f"TawPipe units must return one tensor; {type(module).__name__} returned {type(out)}")
+            if out.requires_grad:
+                out.register_hook(enter_backward)
+            return out
         values = list(args) + list(kwargs.values())
         tensors = [v for v in values if torch.is_tensor(v)]
         template = [_TENSOR if torch.is_tensor(v) else v for v in values]
