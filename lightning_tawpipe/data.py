@@ -93,8 +93,9 @@ class EmbeddedTextDataModule(DataModule):
 
     The last ``val_fraction`` of the byte stream is validation, the rest is training;
     the split is by position, so it is the same everywhere and the two sets share no
-    token. Both loaders iterate in order (``shuffle=False``) and drop the last partial
-    batch so that every strategy sees identical, equally shaped batches.
+    token. Both loaders are built with ``shuffle=False`` and drop the last partial batch. Under a distributed
+    strategy Lightning replaces the training sampler with a ``DistributedSampler`` that shuffles with the global
+    seed (the same for every strategy), so strategies seeded alike still see identical, equally shaped batches.
     """
 
     seq_length: int = 128

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightning_tawpipe.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--strategy", default="tawpipe", help="worker mode: tawpipe | ddp | any Lightning strategy name")
     p.add_argument("--schedule", default="tawpipe", choices=["tawpipe", "weipipe"])
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--devices", type=int, default=4, help="processes per node")
     p.add_argument("--num_nodes", type=int, default=1)
     p.add_argument("--group_size", type=int, default=2, help="ranks per TawPipe group (emulated node); 0 = per node")
@@ -80,7 +81,7 @@ def run_worker(a: argparse.Namespace) -> None:
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    activation_checkpointing=a.activation_checkpointing)
     record = Record()
-    trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
+    trainer = L.Trainer(accelerator=a.accelerator, devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=a.val_batches, callbacks=[record])

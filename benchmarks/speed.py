@@ -1,0 +1,254 @@
+"""Speed benchmark: TawPipe against WeiPipe, FSDP (FULL/HYBRID, FSDP2), DDP and 1F1B across slow inter-node links.
+
+    sudo python -m benchmarks.speed --nodes 2 --devices 2 --rates 50mbit,200mbit,none --seq 256,512
+
+Every emulated node is a network namespace (``benchmarks/netns/netns-topology.sh``, from the team's shared
+scripts) whose ranks talk to other nodes over one rate-limited veth link and to each other over the namespace's
+loopback. Each (rate, sequence length) point runs every strategy in a rotating order (so slow drift of a shared
+machine does not favour one strategy), plus two compute-only references: every rank's work with no communication,
+as concurrent world-size-1 jobs (``compute-tawpipe``: TawPipe's per-rank work incl. its recompute;
+``compute-ddp``: a plain forward/backward).
+
+Reported per run: median step time after warm-up, tokens/s per rank, ratio to FSDP FULL_SHARD, model-state bytes and
+peak RSS per rank, inter-node bytes per step measured on the link and by TawPipe's accounting, TawPipe's
+comm-wait, and "comm/compute" = (link bytes per node per step / link rate) / compute-only step time, which says
+whether a point is communication-bound (the regime of the TawPipe paper). Writes ``results.json``, ``results.md``
+and PNG plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NETNS = HERE / "netns" / "netns-topology.sh"
+PREFIX = "tawbench"
+LIGHTNING_STRATEGIES = ("tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
+ALL = (*LIGHTNING_STRATEGIES, "1f1b")
+
+
+def rate_bits_per_s(rate: str) -> float | None:
+    r = rate.lower()
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if r.endswith(unit):
+            return float(r[: -len(unit)]) * scale
+    return None  # "none": unlimited
+
+
+def netns(*args: str) -> str:
+    return subprocess.run(["bash", str(NETNS), *args], check=True, capture_output=True, text=True).stdout
+
+
+def check_environment() -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        raise SystemExit("The speed benchmark emulates nodes with network namespaces: run it as root with iproute2 "
+                         "(ip, tc) installed.")
+
+
+def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> list[str]:
+    n_microbatches = 0 if strategy == "1f1b" else a.n_microbatches  # 1F1B: one micro-batch per stage (0 = world)
+    return ["--strategy", strategy, "--n_layer", str(a.n_layer), "--n_embd", str(a.n_embd), "--n_head", str(a.n_head),
+            "--n_query_groups", str(a.n_query_groups), "--seq_length", str(seq), "--batch_size", str(a.batch_size),
+            "--n_microbatches", str(n_microbatches), "--prefetch", str(a.prefetch), "--steps", str(a.steps),
+            "--warmup", str(a.warmup), "--out", str(out)]
+
+
+def run_on_nodes(strategy: str, a: argparse.Namespace, seq: int, out: Path, port: int) -> dict:
+    """One launcher per emulated node, each in its namespace, like ``srun`` would start them."""
+    module = "benchmarks.onef1b" if strategy == "1f1b" else "benchmarks.worker"
+    args = worker_args(strategy, a, seq, out)
+    procs = []
+    for node in range(a.nodes):
+        cmd = ["bash", str(NETNS), "run", str(node), "--prefix", PREFIX, "--", "env", f"MASTER_PORT={port}",
+               f"PYTHONPATH={HERE.parent}", sys.executable, "-m", module, "--num_nodes", str(a.nodes),
+               "--devices", str(a.devices), *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent))
+    return _collect(procs, out, strategy, a.timeout)
+
+
+def run_compute_only(kind: str, a: argparse.Namespace, seq: int, out_dir: Path, port: int) -> dict:
+    """Every rank's work with no communication: world-size-1 jobs, as many as ranks, all at once."""
+    strategy = "tawpipe" if kind == "compute-tawpipe" else "ddp"
+    procs, outs = [], []
+    for i in range(a.nodes * a.devices):
+        out = out_dir / f"{kind}-{i}.json"
+        outs.append(out)
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--num_nodes", "1", "--devices", "1",
+               *worker_args(strategy, a, seq, out)]
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + i), NODE_RANK="0",
+                   PYTHONPATH=str(HERE.parent))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      cwd=HERE.parent))
+    runs = [_collect([p], o, kind, a.timeout) for p, o in zip(procs, outs)]
+    steps = [max(r["step_times"][i] for r in runs) for i in range(len(runs[0]["step_times"]))]
+    return {**runs[0], "strategy": kind, "step_times": steps, "step_time_median": sorted(steps)[len(steps) // 2],
+            "tokens_per_s_per_rank": a.batch_size * seq / sorted(steps)[len(steps) // 2]}
+
+
+def _collect(procs: list, out: Path, name: str, timeout: float) -> dict:
+    logs = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            return {"strategy": name, "error": f"timed out after {timeout}s"}
+    if any(p.returncode for p in procs) or not out.exists():
+        return {"strategy": name, "error": "\n".join(log[-3000:] for log in logs)}
+    return json.loads(out.read_text())
+
+
+def measure(a: argparse.Namespace) -> list[dict]:
+    check_environment()
+    out_dir = Path(a.out)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    port = 29600
+    strategies = [s for s in a.strategies.split(",") if s]
+    point = 0
+    for rate in a.rates.split(","):
+        subprocess.run(["bash", str(NETNS), "destroy", "--prefix", PREFIX], capture_output=True)
+        netns("create", "--nodes", str(a.nodes), "--rate", rate, "--prefix", PREFIX)
+        try:
+            for seq in (int(s) for s in a.seq.split(",")):
+                order = strategies[point % len(strategies):] + strategies[: point % len(strategies)]
+                point += 1
+                runs = {}
+                for kind in ("compute-tawpipe", "compute-ddp"):
+                    port += 50
+                    runs[kind] = run_compute_only(kind, a, seq, out_dir / "runs", port)
+                for strategy in order:
+                    port += 50
+                    out = out_dir / "runs" / f"{strategy}-{rate}-{seq}.json"
+                    out.unlink(missing_ok=True)
+                    runs[strategy] = run_on_nodes(strategy, a, seq, out, port)
+                    print(_one_line(rate, seq, runs[strategy]), flush=True)
+                results += annotate(runs, rate, seq, a)
+        finally:
+            subprocess.run(["bash", str(NETNS), "destroy", "--prefix", PREFIX], capture_output=True)
+    return results
+
+
+def annotate(runs: dict, rate: str, seq: int, a: argparse.Namespace) -> list[dict]:
+    """Add the point, ratios and the communication/compute ratio to every run of one (rate, seq) point."""
+    fsdp = runs.get("fsdp", {}).get("step_time_median")
+    bits = rate_bits_per_s(rate)
+    rows = []
+    for name, r in runs.items():
+        row = {"rate": rate, "seq_length": seq, "nodes": a.nodes, "devices": a.devices, **r}
+        if "error" not in r:
+            compute = runs["compute-tawpipe" if name in ("tawpipe", "weipipe") else "compute-ddp"]
+            row["vs_fsdp"] = r["step_time_median"] / fsdp if fsdp else None
+            row["vs_compute_only"] = r["step_time_median"] / compute["step_time_median"] \
+                if "step_time_median" in compute else None
+            per_node = r.get("link_tx_bytes_per_step", 0) / a.nodes
+            row["comm_over_compute"] = (per_node * 8 / bits) / compute["step_time_median"] \
+                if bits and "step_time_median" in compute else None
+        rows.append(row)
+    return rows
+
+
+def _one_line(rate: str, seq: int, r: dict) -> str:
+    if "error" in r:
+        return f"{rate:>8} S={seq:<5} {r['strategy']:<16} FAILED: {r['error'][-300:]}"
+    return (f"{rate:>8} S={seq:<5} {r['strategy']:<16} {r['step_time_median'] * 1e3:9.1f} ms/step  "
+            f"link {r.get('link_tx_bytes_per_step', 0) / 1e6:8.2f} MB/step")
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| rate | S | strategy | step ms | tok/s/rank | vs FSDP | vs compute-only | comm/compute | "
+            "link MB/step | engine MB/step | comm-wait ms | state MB/rank (max) | peak RSS MB (max) |")
+    lines = [head, "|" + "---|" * 13]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['rate']} | {r['seq_length']} | {r['strategy']} | failed | | | | | | | | | |")
+            continue
+        f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+        lines.append(
+            f"| {r['rate']} | {r['seq_length']} | {r['strategy']} | {r['step_time_median'] * 1e3:.0f} | "
+            f"{r['tokens_per_s_per_rank']:.0f} | {f(r.get('vs_fsdp'), '.2f')} | {f(r.get('vs_compute_only'), '.2f')} | "
+            f"{f(r.get('comm_over_compute'), '.2f')} | {r.get('link_tx_bytes_per_step', 0) / 1e6:.2f} | "
+            f"{r.get('engine_inter_node_bytes_per_step', 0) / 1e6:.2f} | {r.get('comm_wait_s_per_step', 0) * 1e3:.0f} | "
+            f"{max(r.get('model_state_bytes') or [0]) / 1e6:.1f} | {max(r.get('peak_rss_mb') or [0]):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    names = sorted({r["strategy"] for r in ok})
+    rates = list(dict.fromkeys(r["rate"] for r in ok))
+    seqs = sorted({r["seq_length"] for r in ok})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in names:
+        pts = [(rates.index(r["rate"]), r["tokens_per_s_per_rank"]) for r in ok
+               if r["strategy"] == name and r["seq_length"] == seqs[-1]]
+        if pts:
+            axes[0].plot(*zip(*pts), marker="o", label=name)
+        pts = [(r["seq_length"], r["tokens_per_s_per_rank"]) for r in ok if r["strategy"] == name and r["rate"] == rates[0]]
+        if pts:
+            axes[1].plot(*zip(*sorted(pts)), marker="o", label=name)
+    axes[0].set_xticks(range(len(rates)), rates)
+    axes[0].set(title=f"throughput vs link rate (S={seqs[-1]})", xlabel="inter-node rate", ylabel="tokens/s/rank")
+    axes[1].set(title=f"throughput vs sequence length ({rates[0]})", xlabel="sequence length", ylabel="tokens/s/rank")
+    comm = [r for r in ok if r["rate"] == rates[0] and r["seq_length"] == seqs[-1] and not r["strategy"].startswith("compute")]
+    axes[2].bar([r["strategy"] for r in comm], [r.get("link_tx_bytes_per_step", 0) / 1e6 for r in comm])
+    axes[2].set(title=f"inter-node MB/step on the link ({rates[0]}, S={seqs[-1]})", ylabel="MB")
+    axes[2].tick_params(axis="x", rotation=45)
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    mem = [r for r in ok if r["rate"] == rates[0] and r["seq_length"] == seqs[-1]]
+    ax.bar([r["strategy"] for r in mem], [max(r["model_state_bytes"]) / 1e6 for r in mem])
+    ax.set(title="model-state MB per rank (max over ranks)", ylabel="MB")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out_dir / "memory.png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--devices", type=int, default=2, help="ranks per node")
+    p.add_argument("--rates", default="50mbit,200mbit,none")
+    p.add_argument("--seq", default="512")
+    p.add_argument("--strategies", default=",".join(ALL))
+    p.add_argument("--n_layer", type=int, default=8)
+    p.add_argument("--n_embd", type=int, default=256)
+    p.add_argument("--n_head", type=int, default=8)
+    p.add_argument("--n_query_groups", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--n_microbatches", type=int, default=1)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", default=str(HERE / "results"))
+    a = p.parse_args()
+    results = measure(a)
+    out = Path(a.out)
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+    table = markdown(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    plot(results, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""One timed training job of the speed benchmark (one launcher per emulated node, like a real cluster job).
+
+    python -m benchmarks.worker --strategy tawpipe --num_nodes 2 --devices 2 --seq_length 512 --out run.json
+
+Measures, after ``--warmup`` steps: every rank's step time (a step's time is the slowest rank's), tokens/s per
+rank, peak RSS and model-state bytes per rank, TawPipe's own communication accounting, and the bytes that crossed
+this node's link (read from the network namespace's interface counters around the timed window, so set-up
+traffic is excluded). Local rank 0 of every node writes its node's link bytes; global rank 0 writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+
+LINK = "/sys/class/net/{iface}/statistics/{what}_bytes"
+
+
+def link_bytes(iface: str | None) -> tuple[int, int]:
+    """(tx, rx) bytes of this namespace's inter-node interface, or (0, 0) when not emulating nodes."""
+    if not iface or not os.path.exists(LINK.format(iface=iface, what="tx")):
+        return 0, 0
+    with open(LINK.format(iface=iface, what="tx")) as tx, open(LINK.format(iface=iface, what="rx")) as rx:
+        return int(tx.read()), int(rx.read())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--strategy", required=True)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--n_layer", type=int, default=8)
+    p.add_argument("--n_embd", type=int, default=256)
+    p.add_argument("--n_head", type=int, default=8)
+    p.add_argument("--n_query_groups", type=int, default=4)
+    p.add_argument("--seq_length", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=1, help="per rank")
+    p.add_argument("--n_microbatches", type=int, default=1)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", required=True)
+    return p
+
+
+def main() -> None:
+    a = parser().parse_args()
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from benchmarks.baselines import make_module, make_strategy
+    from lightning_tawpipe.data import EmbeddedTextDataModule
+    from lightning_tawpipe.module import tiny_llama_config
+
+    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.losses: list[float] = []
+            self.comm: list[dict[str, float]] = []
+            self.link_start = self.link_end = (0, 0)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            trainer.strategy.barrier()
+            if batch_idx == a.warmup:
+                self.link_start = link_bytes(iface)
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+            self.losses.append(float(outputs["loss"]))
+            self.comm.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tawpipe/")})
+            trainer.strategy.barrier()
+            if batch_idx == a.steps - 1:
+                self.link_end = link_bytes(iface)
+
+    torch.set_num_threads(1)
+    L.seed_everything(1234, verbose=False)
+    cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
+                            block_size=a.seq_length)
+    module = make_module(a.strategy, cfg, learning_rate=a.lr)
+    strategy = make_strategy(a.strategy, topology=(a.num_nodes, a.devices), n_microbatches=a.n_microbatches,
+                             prefetch=a.prefetch)
+    timer = Timer()
+    trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
+                        max_steps=a.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+    data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
+    trainer.fit(module, data)
+
+    s = trainer.strategy
+    if hasattr(s, "model_state_bytes"):
+        state_bytes = s.model_state_bytes()
+    else:
+        tensors = [p for p in s.model.parameters()] + [p.grad for p in s.model.parameters() if p.grad is not None]
+        tensors += [t for opt in trainer.optimizers for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t)]
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    is_link_reporter = s.local_rank == 0
+    link = [timer.link_end[0] - timer.link_start[0], timer.link_end[1] - timer.link_start[1]] if is_link_reporter \
+        else [0, 0]
+    timed = timer.comm[a.warmup:]
+    engine = [sum(c.get("tawpipe/inter_node_bytes", 0.0) for c in timed),
+              sum(c.get("tawpipe/comm_wait_s", 0.0) for c in timed)]
+    row = torch.tensor([*timer.times, state_bytes, rss_mb, *link, *engine], dtype=torch.float64)
+    rows = s.all_gather(row).reshape(-1, row.numel()).tolist()
+    if trainer.global_rank != 0:
+        return
+    n = len(timer.times)
+    step_times = [max(r[i] for r in rows) for i in range(n)][a.warmup:]
+    timed_steps = max(1, n - a.warmup)
+    result = {
+        "strategy": a.strategy,
+        "config": vars(a),
+        "world_size": len(rows),
+        "step_times": step_times,
+        "step_time_median": sorted(step_times)[len(step_times) // 2],
+        "losses": timer.losses,
+        "model_state_bytes": [r[n] for r in rows],
+        "peak_rss_mb": [r[n + 1] for r in rows],
+        "link_tx_bytes_per_step": sum(r[n + 2] for r in rows) / timed_steps,
+        "link_rx_bytes_per_step": sum(r[n + 3] for r in rows) / timed_steps,
+        "engine_inter_node_bytes_per_step": sum(r[n + 4] for r in rows) / timed_steps,
+        "comm_wait_s_per_step": max(r[n + 5] for r in rows) / timed_steps,
+    }
+    result["tokens_per_s_per_rank"] = a.batch_size * a.seq_length / result["step_time_median"]
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
