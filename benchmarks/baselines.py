@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import torch
 from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from litgpt import Config
 from litgpt.model import GPT, Block
@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from lightning_tawpipe.module import LitGPTModule
 
-STRATEGIES = ("tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
+STRATEGIES = ("tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2", "compute")
 """Names accepted by :func:`make_strategy` and :func:`make_module`."""
 
 # FSDP1 pads each flat parameter to a multiple of the shard count; allow that much (plus rounding) on top of
@@ -163,6 +163,19 @@ class FSDP2LitGPTModule(LitGPTModule):
         self.model = model
 
 
+class ComputeOnlyStrategy(DDPStrategy):
+    """The compute-only reference: DDP's processes and sampler, but no gradient synchronisation at all.
+
+    Every rank trains its own full replica on its own batch, so it does each rank's forward and backward with no
+    communication while the job's processes share the machine exactly as in the real runs (the benchmark worker's
+    per-step barriers keep them in lockstep). Timing it beside a strategy shows how much of that strategy's step
+    is communication that compute did not hide.
+    """
+
+    def configure_ddp(self) -> None:
+        pass  # no DistributedDataParallel wrapper: gradients stay local
+
+
 def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1
 ) -> Union[Strategy, str]:
@@ -189,6 +202,8 @@ def make_strategy(
         return TawPipeStrategy(n_microbatches=n_microbatches, prefetch=prefetch, schedule=name, group_size=devices)
     if name == "ddp":
         return "ddp"
+    if name == "compute":
+        return ComputeOnlyStrategy()
     fsdp_kwargs: dict[str, Any] = dict(auto_wrap_policy={Block}, state_dict_type="sharded")
     if name == "fsdp":
         return CPUFSDPStrategy(sharding_strategy="FULL_SHARD", **fsdp_kwargs)

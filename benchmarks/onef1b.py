@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from benchmarks.worker import link_bytes
+
 STRATEGY_NAME = "1f1b"
 
 
@@ -200,10 +202,14 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> dict:
     losses: list[list[float]] = []
     step_times: list[float] = []
     state_bytes = 0
+    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+    link_start = link_end = (0, 0)
     for step in range(a.steps):
         items = [dataset[i] for i in order.indices(step)]
         mb_losses: list[Tensor] = []
         dist.barrier()
+        if step == a.warmup:
+            link_start = link_bytes(iface)
         start = time.perf_counter()
         if rank == 0:
             schedule.step(torch.stack([it["input_ids"] for it in items]))
@@ -214,11 +220,14 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> dict:
         optimizer.step()
         step_times.append(time.perf_counter() - start)
         dist.barrier()
-        if step == a.steps - 1:  # gradients and optimizer state both exist now, as at the end of a Lightning fit
+        if step == a.steps - 1:
+            link_end = link_bytes(iface)  # gradients and optimizer state both exist now, as at the end of a Lightning fit
             state_bytes = _state_bytes(module, optimizer)
         optimizer.zero_grad(set_to_none=True)
         losses.append([x.detach().item() for x in mb_losses])
-    return {"losses": losses, "step_times": step_times, "state_bytes": state_bytes,
+    is_node_reporter = rank % a.devices == 0  # one process per node reads the node's link counters
+    link = [e - b for e, b in zip(link_end, link_start)] if is_node_reporter else [0, 0]
+    return {"losses": losses, "step_times": step_times, "state_bytes": state_bytes, "link": link,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux reports KiB
             "params": sum(p.numel() for p in module.parameters()), "blocks": module.block_ids}
 
@@ -239,6 +248,8 @@ def _report(a: argparse.Namespace, gathered: list[dict]) -> dict:
         "tokens_per_s_per_rank": a.batch_size * a.seq_length / median,
         "losses": [sum(m) / len(m) for m in mb_losses],
         "microbatch_losses": mb_losses,
+        "link_tx_bytes_per_step": sum(r["link"][0] for r in gathered) / max(1, a.steps - a.warmup),
+        "link_rx_bytes_per_step": sum(r["link"][1] for r in gathered) / max(1, a.steps - a.warmup),
         "model_state_bytes": [r["state_bytes"] for r in gathered],
         "peak_rss_mb": [r["peak_rss_mb"] for r in gathered],
         "step_times_per_rank": [r["step_times"][a.warmup :] for r in gathered],

@@ -5,9 +5,8 @@
 Every emulated node is a network namespace (``benchmarks/netns/netns-topology.sh``, from the team's shared
 scripts) whose ranks talk to other nodes over one rate-limited veth link and to each other over the namespace's
 loopback. Each (rate, sequence length) point runs every strategy in a rotating order (so slow drift of a shared
-machine does not favour one strategy), plus two compute-only references: every rank's work with no communication,
-as concurrent world-size-1 jobs (``compute-tawpipe``: TawPipe's per-rank work incl. its recompute;
-``compute-ddp``: a plain forward/backward).
+machine does not favour one strategy), including ``compute``: the compute-only reference, every rank's forward and
+backward with no communication, in the same processes on the same emulated nodes (``benchmarks/baselines.py``).
 
 Reported per run: median step time after warm-up, tokens/s per rank, ratio to FSDP FULL_SHARD, model-state bytes and
 peak RSS per rank, inter-node bytes per step measured on the link and by TawPipe's accounting, TawPipe's
@@ -30,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NETNS = HERE / "netns" / "netns-topology.sh"
 PREFIX = "tawbench"
-LIGHTNING_STRATEGIES = ("tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
+LIGHTNING_STRATEGIES = ("compute", "tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
 ALL = (*LIGHTNING_STRATEGIES, "1f1b")
 
 
@@ -73,25 +72,6 @@ def run_on_nodes(strategy: str, a: argparse.Namespace, seq: int, out: Path, port
     return _collect(procs, out, strategy, a.timeout)
 
 
-def run_compute_only(kind: str, a: argparse.Namespace, seq: int, out_dir: Path, port: int) -> dict:
-    """Every rank's work with no communication: world-size-1 jobs, as many as ranks, all at once."""
-    strategy = "tawpipe" if kind == "compute-tawpipe" else "ddp"
-    procs, outs = [], []
-    for i in range(a.nodes * a.devices):
-        out = out_dir / f"{kind}-{i}.json"
-        outs.append(out)
-        cmd = [sys.executable, "-m", "benchmarks.worker", "--num_nodes", "1", "--devices", "1",
-               *worker_args(strategy, a, seq, out)]
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + i), NODE_RANK="0",
-                   PYTHONPATH=str(HERE.parent))
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                      cwd=HERE.parent))
-    runs = [_collect([p], o, kind, a.timeout) for p, o in zip(procs, outs)]
-    steps = [max(r["step_times"][i] for r in runs) for i in range(len(runs[0]["step_times"]))]
-    return {**runs[0], "strategy": kind, "step_times": steps, "step_time_median": sorted(steps)[len(steps) // 2],
-            "tokens_per_s_per_rank": a.batch_size * seq / sorted(steps)[len(steps) // 2]}
-
-
 def _collect(procs: list, out: Path, name: str, timeout: float) -> dict:
     logs = []
     deadline = time.time() + timeout
@@ -123,9 +103,6 @@ def measure(a: argparse.Namespace) -> list[dict]:
                 order = strategies[point % len(strategies):] + strategies[: point % len(strategies)]
                 point += 1
                 runs = {}
-                for kind in ("compute-tawpipe", "compute-ddp"):
-                    port += 50
-                    runs[kind] = run_compute_only(kind, a, seq, out_dir / "runs", port)
                 for strategy in order:
                     port += 50
                     out = out_dir / "runs" / f"{strategy}-{rate}-{seq}.json"
@@ -146,7 +123,7 @@ def annotate(runs: dict, rate: str, seq: int, a: argparse.Namespace) -> list[dic
     for name, r in runs.items():
         row = {"rate": rate, "seq_length": seq, "nodes": a.nodes, "devices": a.devices, **r}
         if "error" not in r:
-            compute = runs["compute-tawpipe" if name in ("tawpipe", "weipipe") else "compute-ddp"]
+            compute = runs.get("compute", {})
             row["vs_fsdp"] = r["step_time_median"] / fsdp if fsdp else None
             row["vs_compute_only"] = r["step_time_median"] / compute["step_time_median"] \
                 if "step_time_median" in compute else None
