@@ -82,9 +82,12 @@ def _collect(procs: list, out: Path, name: str, timeout: float) -> dict:
             for q in procs:
                 q.kill()
             return {"strategy": name, "error": f"timed out after {timeout}s"}
-    if any(p.returncode for p in procs) or not out.exists():
+    if not out.exists():
         return {"strategy": name, "error": "\n".join(log[-3000:] for log in logs)}
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    if any(p.returncode for p in procs):  # measured, then a process died in teardown: keep it, say so
+        result["exit_warning"] = [p.returncode for p in procs]
+    return result
 
 
 def measure(a: argparse.Namespace) -> list[dict]:

@@ -102,7 +102,8 @@ def main() -> None:
         tensors = [p for p in s.model.parameters()] + [p.grad for p in s.model.parameters() if p.grad is not None]
         tensors += [t for opt in trainer.optimizers for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t)]
-        state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        local = [getattr(t, "_local_tensor", t) for t in tensors]  # FSDP2 DTensors: count this rank's shard only
+        state_bytes = sum(t.numel() * t.element_size() for t in local)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     is_link_reporter = s.local_rank == 0
     link = [timer.link_end[0] - timer.link_start[0], timer.link_end[1] - timer.link_start[1]] if is_link_reporter \
@@ -112,8 +113,12 @@ def main() -> None:
               sum(c.get("tawpipe/comm_wait_s", 0.0) for c in timed)]
     row = torch.tensor([*timer.times, state_bytes, rss_mb, *link, *engine], dtype=torch.float64)
     rows = s.all_gather(row).reshape(-1, row.numel()).tolist()
-    if trainer.global_rank != 0:
-        return
+    if trainer.global_rank == 0:
+        write_result(a, timer, rows)
+    torch.distributed.destroy_process_group()  # a clean exit: FSDP/gloo can abort in teardown otherwise
+
+
+def write_result(a: argparse.Namespace, timer, rows: list[list[float]]) -> None:
     n = len(timer.times)
     step_times = [max(r[i] for r in rows) for i in range(n)][a.warmup:]
     timed_steps = max(1, n - a.warmup)
