@@ -163,43 +163,61 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"compute": "black", "tawpipe": "tab:red", "weipipe": "tab:orange", "ddp": "tab:green",
+          "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown"}
+
+
 def plot(results: list[dict], out_dir: Path) -> None:
+    """throughput_vs_rate.png, throughput_vs_seq.png, link_bytes.png, memory.png (whichever the sweep supports)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    names = sorted({r["strategy"] for r in ok})
+    names = [n for n in COLORS if any(r["strategy"] == n for r in ok)]
     rates = list(dict.fromkeys(r["rate"] for r in ok))
     seqs = sorted({r["seq_length"] for r in ok})
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name in names:
-        pts = [(rates.index(r["rate"]), r["tokens_per_s_per_rank"]) for r in ok
-               if r["strategy"] == name and r["seq_length"] == seqs[-1]]
-        if pts:
-            axes[0].plot(*zip(*pts), marker="o", label=name)
-        pts = [(r["seq_length"], r["tokens_per_s_per_rank"]) for r in ok if r["strategy"] == name and r["rate"] == rates[0]]
-        if pts:
-            axes[1].plot(*zip(*sorted(pts)), marker="o", label=name)
-    axes[0].set_xticks(range(len(rates)), rates)
-    axes[0].set(title=f"throughput vs link rate (S={seqs[-1]})", xlabel="inter-node rate", ylabel="tokens/s/rank")
-    axes[1].set(title=f"throughput vs sequence length ({rates[0]})", xlabel="sequence length", ylabel="tokens/s/rank")
-    comm = [r for r in ok if r["rate"] == rates[0] and r["seq_length"] == seqs[-1] and not r["strategy"].startswith("compute")]
-    axes[2].bar([r["strategy"] for r in comm], [r.get("link_tx_bytes_per_step", 0) / 1e6 for r in comm])
-    axes[2].set(title=f"inter-node MB/step on the link ({rates[0]}, S={seqs[-1]})", ylabel="MB")
-    axes[2].tick_params(axis="x", rotation=45)
-    for ax in axes[:2]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "speed.png", dpi=110)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    mem = [r for r in ok if r["rate"] == rates[0] and r["seq_length"] == seqs[-1]]
-    ax.bar([r["strategy"] for r in mem], [max(r["model_state_bytes"]) / 1e6 for r in mem])
-    ax.set(title="model-state MB per rank (max over ranks)", ylabel="MB")
-    ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(out_dir / "memory.png", dpi=110)
+
+    def lines(ax, x_of, keep, title, xlabel):
+        for name in names:
+            pts = sorted((x_of(r), r["tokens_per_s_per_rank"]) for r in ok if r["strategy"] == name and keep(r))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name, color=COLORS[name],
+                        linestyle="--" if name == "compute" else "-")
+        ax.set(title=title, xlabel=xlabel, ylabel="tokens/s per rank")
+        ax.legend(fontsize=8)
+
+    if len(rates) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lines(ax, lambda r: rates.index(r["rate"]), lambda r: r["seq_length"] == seqs[-1],
+              f"throughput vs inter-node rate (S={seqs[-1]})", "inter-node link rate")
+        ax.set_xticks(range(len(rates)), rates)
+        fig.tight_layout(), fig.savefig(out_dir / "throughput_vs_rate.png", dpi=110), plt.close(fig)
+    if len(seqs) > 1:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+        lines(axes[0], lambda r: r["seq_length"], lambda r: r["rate"] == rates[0],
+              f"throughput vs sequence length ({rates[0]})", "sequence length")
+        for name in names:
+            pts = sorted((r["seq_length"], r.get("link_tx_bytes_per_step", 0) / 1e6) for r in ok
+                         if r["strategy"] == name and r["rate"] == rates[0] and name != "compute")
+            if pts:
+                axes[1].plot(*zip(*pts), marker="o", label=name, color=COLORS[name])
+        axes[1].set(title=f"inter-node MB per step on the link ({rates[0]})", xlabel="sequence length", ylabel="MB")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout(), fig.savefig(out_dir / "throughput_vs_seq.png", dpi=110), plt.close(fig)
+    point = [r for r in ok if r["rate"] == rates[0] and r["seq_length"] == seqs[-1]]
+    for key, scale, title, fname in (
+        ("link_tx_bytes_per_step", 1e6, f"inter-node MB per step on the link ({rates[0]}, S={seqs[-1]})",
+         "link_bytes.png"),
+        ("model_state_bytes", 1e6, "model-state MB per rank (largest rank)", "memory.png"),
+    ):
+        rows = [r for r in point if r["strategy"] != "compute" or key == "model_state_bytes"]
+        values = [(max(r[key]) if isinstance(r.get(key), list) else r.get(key, 0)) / scale for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar([r["strategy"] for r in rows], values, color=[COLORS.get(r["strategy"], "grey") for r in rows])
+        ax.set(title=title, ylabel="MB")
+        fig.tight_layout(), fig.savefig(out_dir / fname, dpi=110), plt.close(fig)
 
 
 def main() -> None:
@@ -220,9 +238,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--replot", action="store_true", help="only redraw the table and plots from OUT/results.json")
     a = p.parse_args()
-    results = measure(a)
     out = Path(a.out)
+    if a.replot:
+        results = json.loads((out / "results.json").read_text())["results"]
+        (out / "results.md").write_text(markdown(results) + "\n")
+        plot(results, out)
+        return
+    results = measure(a)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
     table = markdown(results)
     (out / "results.md").write_text(table + "\n")

@@ -19,6 +19,8 @@ import time
 import torch
 
 LINK = "/sys/class/net/{iface}/statistics/{what}_bytes"
+WAIT_KINDS = ("RW", "BW", "RG", "SG", "QG", "SW", "drain:SW", "drain:RW", "drain:BW", "drain:RG", "drain:SG",
+              "drain:QG", "other")
 
 
 def link_bytes(iface: str | None) -> tuple[int, int]:
@@ -66,6 +68,7 @@ def main() -> None:
             self.losses: list[float] = []
             self.comm: list[dict[str, float]] = []
             self.link_start = self.link_end = (0, 0)
+            self.wait_by_op: dict[str, float] = {}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             trainer.strategy.barrier()
@@ -77,6 +80,10 @@ def main() -> None:
             self.times.append(time.perf_counter() - self._t0)
             self.losses.append(float(outputs["loss"]))
             self.comm.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tawpipe/")})
+            pipeline = getattr(trainer.strategy, "pipeline", None)
+            if pipeline is not None and batch_idx >= a.warmup:
+                for op, sec in pipeline.comm.stats.wait_by_op.items():
+                    self.wait_by_op[op] = self.wait_by_op.get(op, 0.0) + sec
             trainer.strategy.barrier()
             if batch_idx == a.steps - 1:
                 self.link_end = link_bytes(iface)
@@ -113,8 +120,16 @@ def main() -> None:
               sum(c.get("tawpipe/comm_wait_s", 0.0) for c in timed)]
     row = torch.tensor([*timer.times, state_bytes, rss_mb, *link, *engine], dtype=torch.float64)
     rows = s.all_gather(row).reshape(-1, row.numel()).tolist()
+    waits = s.all_gather(torch.tensor([timer.wait_by_op.get(k, 0.0) for k in WAIT_KINDS], dtype=torch.float64))
+    waits = waits.reshape(-1, len(WAIT_KINDS)).tolist()
     if trainer.global_rank == 0:
         write_result(a, timer, rows)
+        path = a.out
+        result = json.loads(open(path).read())
+        timed = max(1, len(timer.times) - a.warmup)
+        result["wait_by_op_s_per_step"] = {k: max(w[i] for w in waits) / timed for i, k in enumerate(WAIT_KINDS)}
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
     torch.distributed.destroy_process_group()  # a clean exit: FSDP/gloo can abort in teardown otherwise
 
 

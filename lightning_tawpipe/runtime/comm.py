@@ -39,10 +39,12 @@ class CommStats:
     inter_node_bytes: int = 0
     comm_wait_s: float = 0.0
     messages: int = 0
+    wait_by_op: dict[str, float] = field(default_factory=dict)  # seconds blocked, by the kind of op waited for
 
     def reset(self) -> None:
         self.intra_node_bytes = self.inter_node_bytes = self.messages = 0
         self.comm_wait_s = 0.0
+        self.wait_by_op = {}
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -142,11 +144,13 @@ class Comm:
         group = self.lanes[lane].node_group
         return dist.reduce(tensor, group=group, group_dst=self.topo.local_index(root), op=dist.ReduceOp.SUM, async_op=True)
 
-    def wait(self, work) -> None:
-        """Block until ``work`` is done, counting the time as communication wait."""
+    def wait(self, work, what: str = "other") -> None:
+        """Block until ``work`` is done, counting the time as communication wait (attributed to ``what``)."""
         start = time.perf_counter()
         work.wait()
-        self.stats.comm_wait_s += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.stats.comm_wait_s += waited
+        self.stats.wait_by_op[what] = self.stats.wait_by_op.get(what, 0.0) + waited
 
 
 def _peer_pairs(topo: Topology, any_peer: bool) -> list[tuple[int, int]]:

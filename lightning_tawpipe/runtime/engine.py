@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from lightning_tawpipe.runtime.comm import Comm
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
@@ -170,7 +171,7 @@ class Engine:
                 continue  # eval: a step that did not call the model still serves and relays weights
             self._execute(action)
         for pending in self._pending:
-            self.comm.wait(pending.work)
+            self.comm.wait(pending.work, f"drain:{pending.action.op.value}")
         self._pending.clear()
         self._program = None
 
@@ -201,7 +202,8 @@ class Engine:
 
     def _start_compute(self, action: Action) -> None:
         reads, writes = action.reads_writes(self.rank)
-        self._wait_conflicts(reads, writes)
+        with record_function(f"TAWPIPE:wait-for:{action}"):
+            self._wait_conflicts(reads, writes)
         if self._bound.get(action.buf) != action.chunk:
             self.layout.bind(action.chunk, self._view(action.buf, action.chunk))
             self._bound[action.buf] = action.chunk
@@ -225,12 +227,16 @@ class Engine:
         keep = []
         for p in self._pending:
             if (p.writes & (reads | writes)) or (p.reads & writes):
-                self.comm.wait(p.work)
+                self.comm.wait(p.work, p.action.op.value)
             else:
                 keep.append(p)
         self._pending = keep
 
     def _execute(self, a: Action) -> None:
+        with record_function(f"TAWPIPE:{a}"):  # profiler traces line up with the schedule IR
+            self._execute_action(a)
+
+    def _execute_action(self, a: Action) -> None:
         reads, writes = a.reads_writes(self.rank)
         self._wait_conflicts(reads, writes)
         comm, op = self.comm, a.op
