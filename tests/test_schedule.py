@@ -171,8 +171,9 @@ GOLDEN_RANK0 = [
 # before its first compute (it starts one step late, so the broadcast cannot overlap a compute of its own); chunk 2
 # (owner rank 1, local 1) is received by rank 3 itself (RW2<1) and broadcast one compute later (BW2^3); chunk 3 is
 # its own (CW3 + BW3^3). Gradients: B3 reduces onto rank 3 = owner (AG3@g0 one step later), B2 onto rank 3 which
-# sends to owner rank 1 one step later (SG2>1), B1/B0 onto rank 2. Node 0's chunk-3 sum is added at point 5: the
-# sender posts it at its point 5, and node 1 is behind, so it is certainly posted by then.
+# sends to owner rank 1 one step later (SG2>1), B1/B0 onto rank 2. Node 0's chunk-3 sum is added at point 6: the
+# sender posts it at its point 5 (node 1 is behind, so it is certainly posted by then) and the add waits one more
+# compute step so the transfer overlaps it.
 GOLDEN_RANK3 = [
     "SW3>1@own QG3<1@q0 BW0^2@s0 BW1^2@s1",
     "F0.0@s0 X0@s0 RW2<1@s0",
@@ -180,8 +181,8 @@ GOLDEN_RANK3 = [
     "F2.0@s0 X2@s0 RW2<1@s0",
     "F3.0@s1 BW2^3@s0",
     "B3.0@s1>g0 X3@s1 BW1^2@s1 RG3^3@g0",
-    "B2.0@s0>g1 X2@s0 AG3@g0 RG2^3@g1 AG3@q0",
-    "B1.0@s1>g0 X1@s1 BW0^2@s0 SG2>1@g1 RG1^2@g0",
+    "B2.0@s0>g1 X2@s0 AG3@g0 RG2^3@g1",
+    "B1.0@s1>g0 X1@s1 BW0^2@s0 SG2>1@g1 RG1^2@g0 AG3@q0",
     "B0.0@s0>g1 X0@s0 RG0^2@g1",
 ]
 

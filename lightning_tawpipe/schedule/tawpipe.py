@@ -141,11 +141,13 @@ def _place_arrivals(builder: ProgramBuilder, arrivals: list[_GradArrival], owner
 
     Receive ``i`` is posted as soon as its buffer is free (right after receive ``i - n_buffers`` was added in), so a
     sender never waits for its buffer on an owner that is busy in user code. The add waits for the data, so it is
-    placed where the sender has certainly posted the send: no earlier in the iteration than the sender's own point
-    (same user-code epoch) and no earlier in global time (node ``n`` runs ``n`` steps behind node 0).
+    placed one compute step after the sender has certainly posted the send (no earlier in the iteration than the
+    sender's own point, i.e. the same user-code epoch, and no earlier in global time: node ``n`` runs ``n`` steps
+    behind node 0), so the transfer overlaps that step instead of blocking the owner.
     """
     last = builder.n_steps - 1
     ordered = sorted(arrivals, key=lambda a: (a.send_point + max(0, a.sender_node - owner_node), a.src))
+    # the add waits for the data, so it comes one compute step after the sender has posted it
     freed_at: list[int | None] = [None] * n_buffers  # point where each buffer's previous content was added in
     for i, arr in enumerate(ordered):
         qbuf = f"q{i % n_buffers}"
@@ -157,7 +159,7 @@ def _place_arrivals(builder: ProgramBuilder, arrivals: list[_GradArrival], owner
             builder.tail.append(receive)
         else:
             builder.at(post).append(receive)
-        add_point = arr.send_point + max(0, arr.sender_node - owner_node)
+        add_point = arr.send_point + max(0, arr.sender_node - owner_node) + 1  # +1: the transfer hides behind a step
         add = Action(Op.ACC_G, arr.chunk, buf=qbuf)
         if add_point > last:
             builder.tail.append(add)
