@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the first timed step to TRACE.rank<r>.json")
     p.add_argument("--out", required=True)
     return p
 
@@ -74,10 +75,16 @@ def main() -> None:
             trainer.strategy.barrier()
             if batch_idx == a.warmup:
                 self.link_start = link_bytes(iface)
+                if a.trace:  # one step under the profiler: engine actions appear as TAWPIPE:<action> ranges
+                    self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    self.profiler.__enter__()
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.times.append(time.perf_counter() - self._t0)
+            if a.trace and batch_idx == a.warmup:
+                self.profiler.__exit__(None, None, None)
+                self.profiler.export_chrome_trace(f"{a.trace}.rank{trainer.global_rank}.json")
             self.losses.append(float(outputs["loss"]))
             self.comm.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tawpipe/")})
             pipeline = getattr(trainer.strategy, "pipeline", None)
