@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_length", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--clip_val", type=float, default=None, help="gradient_clip_val")
+    p.add_argument("--clip_algorithm", default="norm", choices=["norm", "value"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--val_batches", type=int, default=0, help="validation batches after training (0: none)")
@@ -83,6 +85,7 @@ def run_worker(a: argparse.Namespace) -> None:
     record = Record()
     trainer = L.Trainer(accelerator=a.accelerator, devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
+                        gradient_clip_val=a.clip_val, gradient_clip_algorithm=a.clip_algorithm,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=a.val_batches, callbacks=[record])
     trainer.fit(module, data, ckpt_path=a.resume)

@@ -36,7 +36,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
+from lightning.pytorch.plugins.precision import Precision
+
 from lightning_tawpipe.partition import PARTITION_METHODS
+from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
 from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
@@ -116,6 +119,25 @@ class TawPipeStrategy(ParallelStrategy):
         self._start_method = start_method
         self.pipeline: Optional[Pipeline] = None
         self._backward_done = False
+
+    # -- precision ------------------------------------------------------------------------------------------------
+    @property
+    @override
+    def precision_plugin(self) -> TawPipePrecision:
+        return self._precision_plugin if self._precision_plugin is not None else TawPipePrecision()
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, plugin: Optional[Precision]) -> None:
+        if plugin is not None and type(plugin) is Precision:  # what Lightning builds for precision="32-true"
+            plugin = TawPipePrecision()
+        if plugin is not None and not isinstance(plugin, TawPipePrecision):
+            raise TypeError(
+                f"TawPipe works with precision='32-true' (its TawPipePrecision plugin) for now; got "
+                f"{type(plugin).__name__}. Mixed and half precision (weights and gradients travelling in bf16/fp16 "
+                "with fp32 masters on their owners) are not supported yet: use precision='32-true'."
+            )
+        self._precision_plugin = plugin
 
     # -- ranks, devices, process group (as ddp) ----------------------------------------------------------------
     @property
@@ -226,6 +248,7 @@ class TawPipeStrategy(ParallelStrategy):
                 activation_checkpointing=self.activation_checkpointing,
             )
             rank_zero_info(self.pipeline.describe())
+            self.precision_plugin.replicated = set(self.pipeline.replicated)
             if self.schedule == "weipipe" and self.topology.world_size >= 3:
                 rank_zero_warn(
                     "schedule='weipipe' on 3+ ranks: the ring couples ranks across micro-batches, so a collective "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -235,3 +236,20 @@ def test_find_units_pipeline_units_take_precedence_over_gpt(tiny_gpt):
     units = find_units(Wrapper(tiny_gpt))
     assert len(units) == 3
     assert [name for name, _ in units[1].modules] == ["model.transformer.h.1", "model.transformer.h.2"]
+
+
+# -- precision -------------------------------------------------------------------------------------------------------
+
+
+def test_default_precision_plugin_is_tawpipe_precision():
+    from lightning_tawpipe import TawPipePrecision
+
+    trainer = L.Trainer(strategy="tawpipe", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy.precision_plugin, TawPipePrecision)
+    assert isinstance(trainer.precision_plugin, TawPipePrecision)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
+def test_unsupported_precision_raises_at_construction(precision):
+    with pytest.raises(TypeError, match="32-true"):
+        L.Trainer(strategy="tawpipe", accelerator="cpu", devices=2, precision=precision, logger=False)

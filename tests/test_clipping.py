@@ -1,0 +1,27 @@
+"""Gradient clipping through the Trainer is global across owners: the same clipped training as ``ddp``.
+
+By norm, the squared norms of every owner's shard are all-reduced, so each shard is scaled by the factor DDP applies
+to the full gradient (Lightning's FSDP raises here, #19235). By value, clipping is element-wise. The clip value is
+small enough that it bites on every step (the losses differ from an unclipped run), so these tests would fail if
+clipping were per-rank or skipped.
+"""
+
+import pytest
+import torch
+
+ARGS = ("--steps", "5", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--batch_size", "4", "--n_layer", "4",
+        "--devices", "4")
+TAWPIPE = ("--strategy", "tawpipe", "--group_size", "2", "--n_microbatches", "2")
+
+
+@pytest.mark.parametrize("algorithm, value", [("norm", "0.05"), ("value", "0.002")])
+def test_clipping_matches_ddp(train_job, algorithm, value):
+    clip = ("--clip_val", value, "--clip_algorithm", algorithm)
+    result = train_job(*ARGS, *TAWPIPE, *clip)
+    reference = train_job(*ARGS, "--strategy", "ddp", *clip)
+    unclipped = train_job(*ARGS, "--strategy", "ddp")
+    for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
+        assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
+    assert max(abs(x - y) for x, y in zip(reference["losses"][1:], unclipped["losses"][1:])) > 1e-3, "clip never bit"
+    for name, ref in reference["state_dict"].items():
+        torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
