@@ -148,3 +148,24 @@ class LitGPTModule(pl.LightningModule):
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ManualLitGPTModule(LitGPTModule):
+    """The same model trained with manual optimization (``manual_backward``, ``optimizers()``, ``opt.step()``).
+
+    Strategies must give it the same training as automatic optimization; TawPipe drains its pipeline when the
+    optimizer steps inside ``training_step``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = self._loss(self(batch["input_ids"]), batch["labels"])
+        self.manual_backward(loss)
+        optimizer.step()
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss.detach()

@@ -224,6 +224,12 @@ class TawPipeStrategy(ParallelStrategy):
 
     @override
     def setup(self, trainer) -> None:
+        if not trainer.lightning_module.automatic_optimization and self.n_microbatches > 1:
+            raise ValueError(
+                "n_microbatches > 1 needs automatic optimization: with manual optimization training_step runs once "
+                "per batch and calls manual_backward itself. Use n_microbatches=1 (and split the batch in your "
+                "training_step) or automatic optimization."
+            )
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             name_of = {p: n for n, p in self.lightning_module.named_parameters()}
@@ -264,12 +270,6 @@ class TawPipeStrategy(ParallelStrategy):
         module, engine = self.lightning_module, self.pipeline.engine
         self.pipeline.comm.stats.reset()
         if not module.automatic_optimization:
-            if self.n_microbatches > 1:
-                raise ValueError(
-                    "n_microbatches > 1 needs automatic optimization: with manual optimization training_step runs "
-                    "once per batch and calls manual_backward itself. Use n_microbatches=1 (and split the batch in "
-                    "your training_step) or automatic optimization."
-                )
             engine.begin(train=True, n_microbatches=1)
             out = super().training_step(*args, **kwargs)
             engine.end()

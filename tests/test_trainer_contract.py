@@ -1,4 +1,4 @@
-"""Gradient clipping through the Trainer is global across owners: the same clipped training as ``ddp``.
+"""The Trainer contract beyond plain fit: gradient clipping (global across owners) and manual optimization.
 
 By norm, the squared norms of every owner's shard are all-reduced, so each shard is scaled by the factor DDP applies
 to the full gradient (Lightning's FSDP raises here, #19235). By value, clipping is element-wise. The clip value is
@@ -23,5 +23,16 @@ def test_clipping_matches_ddp(train_job, algorithm, value):
     for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
         assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
     assert max(abs(x - y) for x, y in zip(reference["losses"][1:], unclipped["losses"][1:])) > 1e-3, "clip never bit"
+    for name, ref in reference["state_dict"].items():
+        torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+
+
+def test_manual_optimization_matches_ddp(train_job):
+    """``manual_backward`` + ``optimizer.step()`` inside training_step: the engine drains before the step."""
+    result = train_job(*ARGS, "--strategy", "tawpipe", "--group_size", "2", "--n_microbatches", "1", "--manual")
+    reference = train_job(*ARGS, "--strategy", "ddp", "--manual")
+    assert len(result["losses"]) == len(reference["losses"]) == 5
+    for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
+        assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
     for name, ref in reference["state_dict"].items():
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
