@@ -11,10 +11,18 @@ from lightning_tawpipe.demo import launch_worker
 torch.set_num_threads(1)
 
 
+PORT_RACE = ("Address already in use", "EADDRINUSE")
+
+
 @functools.lru_cache(maxsize=None)
 def _run(args: tuple[str, ...], node_ranks: int, tmp_root: str) -> dict:
     out = os.path.join(tmp_root, f"run{abs(hash((args, node_ranks)))}")
-    return launch_worker(list(args), out, node_ranks=node_ranks)
+    try:
+        return launch_worker(list(args), out, node_ranks=node_ranks)
+    except RuntimeError as e:  # the free port we picked was taken before the job bound it: only that is retried
+        if not any(sig in str(e) for sig in PORT_RACE):
+            raise
+        return launch_worker(list(args), out, node_ranks=node_ranks)
 
 
 @pytest.fixture(scope="session")
