@@ -117,6 +117,10 @@ def run_worker(a: argparse.Namespace) -> None:
         torch.save({**result, "state_dict": state}, os.path.join(a.out, "result.pt"))
         with open(os.path.join(a.out, "result.json"), "w") as f:
             json.dump(result, f)
+    # Exit cleanly: with gloo's threads still alive at interpreter exit, a process can abort in C++ teardown
+    # ("terminate called without an active exception") after finishing its work.
+    trainer.strategy.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float = 900) -> dict:

@@ -11,7 +11,8 @@ Each case is one launch per strategy (~15-25 s each on 2 cores), so every launch
 import pytest
 import torch
 
-COMMON = ("--steps", "5", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--batch_size", "4")
+COMMON = ("--steps", "5", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--batch_size", "4",
+          "--val_batches", "2")
 
 
 def _assert_same_training(result: dict, reference: dict) -> None:
@@ -19,6 +20,10 @@ def _assert_same_training(result: dict, reference: dict) -> None:
     for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
         assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
     assert result["losses"][-1] < result["losses"][0], "training did not reduce the loss"
+    # validation after fit streams the sharded weights through the forward-only schedule; torchmetrics agree too
+    assert set(result["validation"]) == set(reference["validation"]) == {"val_loss", "val_ppl"}
+    for name, ref in reference["validation"].items():
+        assert abs(result["validation"][name] - ref) <= 1e-5 * abs(ref), f"{name}: {result['validation'][name]} vs {ref}"
     ref_state = reference["state_dict"]
     assert set(result["state_dict"]) == set(ref_state)
     for name, ref in ref_state.items():
