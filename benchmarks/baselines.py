@@ -177,7 +177,8 @@ class ComputeOnlyStrategy(DDPStrategy):
 
 
 def make_strategy(
-    name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1
+    name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
+    activation_checkpointing: bool = False,
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -187,7 +188,7 @@ def make_strategy(
             ``(num_nodes, devices)``; a different factorisation of the same world emulates nodes on one machine
             (``hsdp`` shards over ``devices`` and replicates over ``num_nodes``; ``tawpipe``/``weipipe`` use
             ``devices`` as their group size).
-        n_microbatches, prefetch: TawPipe/WeiPipe knobs; ignored by the data-parallel baselines.
+        n_microbatches, prefetch, activation_checkpointing: TawPipe/WeiPipe knobs; ignored by the baselines.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -199,7 +200,8 @@ def make_strategy(
 
         # group_size=devices equals TawPipe's default (processes per node) when the topology is the Trainer's,
         # and regroups one machine's processes as emulated nodes when it is not.
-        return TawPipeStrategy(n_microbatches=n_microbatches, prefetch=prefetch, schedule=name, group_size=devices)
+        return TawPipeStrategy(n_microbatches=n_microbatches, prefetch=prefetch, schedule=name, group_size=devices,
+                               activation_checkpointing=activation_checkpointing)
     if name == "ddp":
         return "ddp"
     if name == "compute":

@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--activation_checkpointing", action="store_true", help="tawpipe/weipipe: recompute each unit")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the first timed step to TRACE.rank<r>.json")
     p.add_argument("--out", required=True)
     return p
@@ -101,7 +102,7 @@ def main() -> None:
                             block_size=a.seq_length)
     module = make_module(a.strategy, cfg, learning_rate=a.lr)
     strategy = make_strategy(a.strategy, topology=(a.num_nodes, a.devices), n_microbatches=a.n_microbatches,
-                             prefetch=a.prefetch)
+                             prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing)
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         max_steps=a.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
