@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--clip_val", type=float, default=None, help="gradient_clip_val")
     p.add_argument("--manual", action="store_true", help="train with manual optimization")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--param_groups", action="store_true", help="two AdamW groups (decay 0.1 / none) + warmup schedule")
     p.add_argument("--clip_algorithm", default="norm", choices=["norm", "value"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
@@ -61,7 +64,7 @@ def run_worker(a: argparse.Namespace) -> None:
     import lightning_tawpipe  # noqa: F401  registers "tawpipe"
     from lightning_tawpipe import TawPipeStrategy
     from lightning_tawpipe.data import EmbeddedTextDataModule
-    from lightning_tawpipe.module import LitGPTModule, ManualLitGPTModule, tiny_llama_config
+    from lightning_tawpipe.module import DecayGroupsLitGPTModule, LitGPTModule, ManualLitGPTModule, tiny_llama_config
 
     class Record(Callback):
         def __init__(self) -> None:
@@ -76,7 +79,11 @@ def run_worker(a: argparse.Namespace) -> None:
     L.seed_everything(a.seed, verbose=False)
     cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
                             block_size=a.seq_length)
-    module = (ManualLitGPTModule if a.manual else LitGPTModule)(cfg, learning_rate=a.lr)
+    if a.param_groups:
+        module = DecayGroupsLitGPTModule(cfg, learning_rate=a.lr, weight_decay=0.1, warmup_steps=a.warmup_steps)
+    else:
+        module = (ManualLitGPTModule if a.manual else LitGPTModule)(cfg, learning_rate=a.lr, weight_decay=a.weight_decay,
+                                                                   warmup_steps=a.warmup_steps)
     data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
     strategy = a.strategy
     if a.strategy == "tawpipe":

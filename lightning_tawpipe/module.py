@@ -138,7 +138,7 @@ class LitGPTModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
-            self.parameters(),
+            self.param_groups(),
             lr=self.learning_rate,
             weight_decay=self.weight_decay,
             betas=self.betas,
@@ -148,6 +148,20 @@ class LitGPTModule(pl.LightningModule):
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+    def param_groups(self) -> Any:
+        """All parameters in one group (subclasses split them, e.g. no weight decay on norms)."""
+        return self.parameters()
+
+
+class DecayGroupsLitGPTModule(LitGPTModule):
+    """LitGPT-style two param groups: weight decay on matrices only, none on norms and embeddings."""
+
+    def param_groups(self) -> Any:
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "wte" not in n]
+        no_decay = [p for n, p in self.named_parameters() if not (p.ndim >= 2 and "wte" not in n)]
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class ManualLitGPTModule(LitGPTModule):

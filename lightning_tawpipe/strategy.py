@@ -231,6 +231,7 @@ class TawPipeStrategy(ParallelStrategy):
                 "training_step) or automatic optimization."
             )
         super().setup(trainer)
+        self.pipeline.release_module_weights()  # after configure_optimizers: it saw real parameter shapes
         if trainer.state.fn == TrainerFn.FITTING:
             name_of = {p: n for n, p in self.lightning_module.named_parameters()}
             self._full_group_names = [optim_state.group_names(opt, name_of) for opt in self.optimizers]

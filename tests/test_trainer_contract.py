@@ -36,3 +36,21 @@ def test_manual_optimization_matches_ddp(train_job):
         assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
     for name, ref in reference["state_dict"].items():
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+
+
+def test_param_groups_and_lr_scheduler_match_ddp(train_job, tmp_path):
+    """Two AdamW groups split by ``p.ndim`` (decay on matrices, none on norms/embedding, as LitGPT does) and a
+    per-step warmup schedule. ``configure_optimizers`` must see real parameter shapes (TawPipe releases the module's
+    weights only after it ran), each rank's sharded optimizer keeps the group structure, and the checkpointed
+    optimizer state is the unsharded one with both groups."""
+    ckpt = str(tmp_path / "groups.ckpt")
+    groups = ("--param_groups", "--warmup_steps", "3")
+    result = train_job(*ARGS, *TAWPIPE, *groups, "--save_ckpt", ckpt)
+    reference = train_job(*ARGS, "--strategy", "ddp", *groups)
+    for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
+        assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
+    for name, ref in reference["state_dict"].items():
+        torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+    groups = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(g["lr"] == pytest.approx(3e-3) for g in groups)  # warmup of 3 steps finished after 5 steps

@@ -58,8 +58,6 @@ class Pipeline:
         self.owners = [self._owner(c) for c in range(topo.world_size)]
         self.owned_chunk = self.owners.index(self.rank)
         self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights())
-        for c in range(self.layout.n_chunks):
-            self.layout.unbind(c)
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
@@ -108,6 +106,15 @@ class Pipeline:
         return self.engine.device if hasattr(self, "engine") else next(iter(self.layout.entries[0])).param.device
 
     # -- what the strategy calls ------------------------------------------------------------------------------------
+    def release_module_weights(self) -> None:
+        """Drop the module's full copy of the weights: from now on a chunk is resident only while it computes.
+
+        Called after the optimizers are built, so ``configure_optimizers`` still sees real parameter shapes (code
+        that splits param groups by ``p.ndim``, as LitGPT and nanoGPT do, must see the same groups as under ddp).
+        """
+        for c in range(self.layout.n_chunks):
+            self.layout.unbind(c)
+
     def describe(self) -> str:
         """Which rank owns which units, for humans (printed by rank 0 at setup)."""
         lines = [
