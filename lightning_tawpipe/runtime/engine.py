@@ -35,6 +35,17 @@ class _Pending:
     writes: set[str]
 
 
+# communication actions: the Comm method that posts them and the lane (communicator set) they travel on
+_POSTED = {
+    Op.SEND_W: ("isend", "weights"),
+    Op.RECV_W: ("irecv", "weights"),
+    Op.BCAST_W: ("broadcast", "weights"),
+    Op.REDUCE_G: ("reduce", "grads"),
+    Op.SEND_G: ("isend", "grads"),
+    Op.RECV_G: ("irecv", "grads"),
+}
+
+
 @dataclass(frozen=True)
 class _SavedWeight:
     """What autograd keeps for a saved view of a working buffer: the chunk and the view's geometry."""
@@ -239,26 +250,16 @@ class Engine:
     def _execute_action(self, a: Action) -> None:
         reads, writes = a.reads_writes(self.rank)
         self._wait_conflicts(reads, writes)
-        comm, op = self.comm, a.op
-        work = None
-        if op is Op.RELEASE:
+        op, work = a.op, None
+        if op in _POSTED:
+            method, lane = _POSTED[op]
+            work = getattr(self.comm, method)(self._view(a.buf, a.chunk), a.peer, lane)
+        elif op is Op.RELEASE:
             if self._bound.get(a.buf) == a.chunk:
                 self.layout.unbind(a.chunk)
                 del self._bound[a.buf]
         elif op is Op.COPY_W:
             self._view(a.buf, a.chunk).copy_(self.shard.weights)
-        elif op is Op.SEND_W:
-            work = comm.isend(self._view(a.buf, a.chunk), a.peer, "weights")
-        elif op is Op.RECV_W:
-            work = comm.irecv(self._view(a.buf, a.chunk), a.peer, "weights")
-        elif op is Op.BCAST_W:
-            work = comm.broadcast(self._view(a.buf, a.chunk), a.peer, "weights")
-        elif op is Op.REDUCE_G:
-            work = comm.reduce(self._view(a.buf, a.chunk), a.peer, "grads")
-        elif op is Op.SEND_G:
-            work = comm.isend(self._view(a.buf, a.chunk), a.peer, "grads")
-        elif op is Op.RECV_G:
-            work = comm.irecv(self._view(a.buf, a.chunk), a.peer, "grads")
         elif op is Op.ACC_G:
             self.shard.grad_acc.add_(self._view(a.buf, a.chunk))
         elif op is Op.ADD_G:

@@ -57,7 +57,7 @@ class Pipeline:
         self.layout = ChunkLayout([[np for u in r for np in self.units[u].named_parameters()] for r in ranges])
         self.owners = [self._owner(c) for c in range(topo.world_size)]
         self.owned_chunk = self.owners.index(self.rank)
-        self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights())
+        self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights(device))
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
@@ -85,9 +85,9 @@ class Pipeline:
                 validate(with_user_barriers(schedule))
         return schedule
 
-    def _initial_weights(self) -> torch.Tensor:
+    def _initial_weights(self, device: torch.device) -> torch.Tensor:
         """This rank's chunk with rank 0's values: rank 0 sends every other owner its chunk."""
-        mine = torch.empty(self.layout.numel[self.owned_chunk], dtype=torch.float32, device=self._device())
+        mine = torch.empty(self.layout.numel[self.owned_chunk], dtype=torch.float32, device=device)
         if self.rank == 0:
             works = []
             for c, owner in enumerate(self.owners):
@@ -101,9 +101,6 @@ class Pipeline:
         else:
             dist.recv(mine, src=0)
         return mine
-
-    def _device(self) -> torch.device:
-        return self.engine.device if hasattr(self, "engine") else next(iter(self.layout.entries[0])).param.device
 
     # -- what the strategy calls ------------------------------------------------------------------------------------
     def release_module_weights(self) -> None:
@@ -123,13 +120,7 @@ class Pipeline:
         ]
         for c, units in enumerate(self.chunk_units):
             owner = self.owners[c]
-            names = [self.units[u].modules[0][0].split(".")[-1] if u not in (0, len(self.units) - 1) else
-                     ("embedding" if u == 0 else "norm+head") for u in units]
-            blocks = [n for n in names if n.isdigit()]
-            parts = [n for n in names if not n.isdigit()]
-            if blocks:
-                parts.insert(1 if "embedding" in parts else 0, f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1
-                             else f"block {blocks[0]}")
+            parts = _compress_block_labels([self.units[u].label for u in units])
             lines.append(
                 f"  chunk {c}: rank {owner} (node {self.topo.group_of(owner)}, local {self.topo.local_index(owner)})"
                 f"  {', '.join(parts)}  [{self.layout.numel[c]:,} params]"
@@ -201,3 +192,15 @@ class Pipeline:
 
     def teardown(self) -> None:
         unit_hooks.uninstall(self.units)
+
+
+def _compress_block_labels(labels: list[str]) -> list[str]:
+    """["embedding", "block 0", "block 1", "block 2"] -> ["embedding", "blocks 0-2"]."""
+    out: list[str] = []
+    for label in labels:
+        if label.startswith("block ") and out and out[-1].startswith("block"):
+            first = out[-1].split()[1].split("-")[0]
+            out[-1] = f"blocks {first}-{label.split()[1]}"
+        else:
+            out.append(label)
+    return out

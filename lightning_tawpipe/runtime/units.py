@@ -39,6 +39,7 @@ class Unit:
     """One pipeline unit: modules that always live in the same chunk (e.g. final norm + LM head)."""
 
     modules: list[tuple[str, nn.Module]]
+    label: str = ""  # for humans: "embedding", "block 3", "norm+head", or the module name
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         out = []
@@ -54,7 +55,7 @@ def find_units(root: nn.Module) -> list[Unit]:
     """The units of the single LitGPT-style GPT inside ``root`` (or ``root.pipeline_units()``)."""
     names = {m: n for n, m in root.named_modules()}
     if callable(getattr(root, "pipeline_units", None)):
-        units = [Unit([(names[m], m) for m in group]) for group in root.pipeline_units()]
+        units = [Unit([(names[m], m) for m in group], label=names[group[0]]) for group in root.pipeline_units()]
     else:
         gpts = [(n, m) for n, m in root.named_modules() if _looks_like_gpt(m)]
         if len(gpts) != 1:
@@ -63,9 +64,9 @@ def find_units(root: nn.Module) -> list[Unit]:
         prefix, gpt = gpts[0]
         dot = f"{prefix}." if prefix else ""
         t = gpt.transformer
-        units = [Unit([(f"{dot}transformer.wte", t.wte)])]
-        units += [Unit([(f"{dot}transformer.h.{i}", block)]) for i, block in enumerate(t.h)]
-        units.append(Unit([(f"{dot}transformer.ln_f", t.ln_f), (f"{dot}lm_head", gpt.lm_head)]))
+        units = [Unit([(f"{dot}transformer.wte", t.wte)], label="embedding")]
+        units += [Unit([(f"{dot}transformer.h.{i}", block)], label=f"block {i}") for i, block in enumerate(t.h)]
+        units.append(Unit([(f"{dot}transformer.ln_f", t.ln_f), (f"{dot}lm_head", gpt.lm_head)], label="norm+head"))
     _check_no_shared_parameters(units)
     return units
 
