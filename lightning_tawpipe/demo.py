@@ -110,10 +110,12 @@ def run_worker(a: argparse.Namespace) -> None:
         state_bytes = sum(t.nbytes for s in opt_state.values() for t in s.values() if torch.is_tensor(t))
         state_bytes += sum(p.nbytes * 2 for p in module.parameters())
         resident = sum(p.numel() for p in module.parameters())
-    per_rank = trainer.strategy.all_gather(torch.tensor([state_bytes, resident])).reshape(-1, 2).tolist()
+    device = trainer.strategy.root_device  # nccl gathers CUDA tensors only
+    per_rank = trainer.strategy.all_gather(torch.tensor([state_bytes, resident], device=device)).reshape(-1, 2)
+    per_rank = per_rank.tolist()
     comm_per_rank = trainer.strategy.all_gather(
         torch.tensor([[c.get("tawpipe/inter_node_bytes", 0.0), c.get("tawpipe/intra_node_bytes", 0.0)]
-                      for c in record.comm], dtype=torch.float64)
+                      for c in record.comm], dtype=torch.float64, device=device)
     ).tolist()
     if trainer.global_rank == 0 and a.out:
         os.makedirs(a.out, exist_ok=True)
@@ -121,7 +123,7 @@ def run_worker(a: argparse.Namespace) -> None:
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
                   "validation": {k: float(v) for k, v in val.items()},
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
-        torch.save({**result, "state_dict": state}, os.path.join(a.out, "result.pt"))
+        torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}}, os.path.join(a.out, "result.pt"))
         with open(os.path.join(a.out, "result.json"), "w") as f:
             json.dump(result, f)
     # Exit cleanly: with gloo's threads still alive at interpreter exit, a process can abort in C++ teardown
