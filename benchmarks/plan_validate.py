@@ -1,0 +1,168 @@
+"""Check the planner against the speed benchmark: predicted vs measured step times on the emulated topologies.
+
+    python -m benchmarks.plan_validate            # table on stdout; JSON, markdown, PNG in benchmarks/results/plan/
+
+For every measured point (link rate x sequence length) of ``benchmarks/results/{2x2-rates,2x2-seq,3x2-500mbit}``:
+the CPU compute model is calibrated on that point's compute-only run (same processes, same emulated nodes, so it
+absorbs the machine's speed at the time), then every other strategy is predicted from the model shapes, the link
+rate and the simulated schedules alone, and compared with the measured median step time. The goal is within 20%.
+
+It also answers the reverse question: which emulated link rate on this testbed gives the benchmark model the
+comm-to-compute ratio of a real cluster (H100 nodes over 10/25 GbE, the paper's model), so a benchmark point can be
+read as a cluster prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lightning_tawpipe.plan import analytic, weightpipe
+from lightning_tawpipe.plan.cluster import cpu_testbed, h100_ethernet
+from lightning_tawpipe.plan.compute import ComputeModel
+from lightning_tawpipe.plan.testbed import calibrate_cpu, comm_compute_ratio, equivalent_rate
+from lightning_tawpipe.plan.workload import ModelShape, Workload
+
+HERE = Path(__file__).resolve().parent
+RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit")
+GOAL = 0.20
+PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
+
+
+def bench_shape(args: dict) -> ModelShape:
+    """The benchmark's ``tiny_llama_config`` (lightning_tawpipe/module.py): byte vocabulary, 4x MLP."""
+    h = args["n_embd"]
+    return ModelShape(name=f"bench-{args['n_layer']}x{h}", n_layer=args["n_layer"], n_embd=h, n_head=args["n_head"],
+                      n_query_groups=args["n_query_groups"], head_size=h // args["n_head"],
+                      intermediate_size=-(-4 * h // 8) * 8, vocab_size=256)
+
+
+def predict(strategy: str, cluster, w: Workload, compute: ComputeModel, prefetch: int):
+    if strategy in ("tawpipe", "weipipe"):
+        return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch)
+    if strategy in ("fsdp", "hsdp"):
+        return analytic.fsdp(cluster, w, compute, hybrid=strategy == "hsdp")
+    if strategy == "ddp":
+        return analytic.ddp(cluster, w, compute)
+    return analytic.onef1b(cluster, w, compute)
+
+
+def validate_dir(name: str) -> list[dict]:
+    data = json.loads((HERE / "results" / name / "results.json").read_text())
+    args, rows = data["args"], []
+    shape = bench_shape(args)
+    points = sorted({(r["rate"], r["seq_length"]) for r in data["results"]})
+    for rate, seq in points:
+        runs = {r["strategy"]: r for r in data["results"] if (r["rate"], r["seq_length"]) == (rate, seq)}
+        if "compute" not in runs:
+            continue
+        cluster = cpu_testbed(args["nodes"], args["devices"], None if rate == "none" else rate)
+        w = Workload(shape, seq, args["batch_size"], args["n_microbatches"], "32-true")
+        compute = calibrate_cpu(cluster, w, runs["compute"]["step_time_median"])
+        for strategy in PREDICTED:
+            if strategy not in runs:
+                continue
+            pred = predict(strategy, cluster, w, compute, args["prefetch"])
+            measured = runs[strategy]["step_time_median"]
+            rows.append({"set": name, "rate": rate, "seq": seq, "strategy": strategy, "measured_s": measured,
+                         "predicted_s": pred.step_time, "error": pred.step_time / measured - 1.0,
+                         "measured_link_mb": runs[strategy].get("link_tx_bytes_per_step", 0.0) / 1e6,
+                         "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
+    return rows
+
+
+def equivalent_rates() -> list[dict]:
+    """Testbed link rates matching real clusters' comm-to-compute ratio (benchmark model 2x2, S=512)."""
+    gpu = HERE / "results" / "gpu" / "gpu_single.json"
+    data = json.loads((HERE / "results" / "2x2-rates" / "results.json").read_text())
+    bench_w = Workload(bench_shape(data["args"]), 512, 1, 1, "32-true")
+    measured = [r["step_time_median"] for r in data["results"] if r["strategy"] == "compute"]
+    testbed = cpu_testbed(2, 2, None)
+    tb_compute = calibrate_cpu(testbed, bench_w, sorted(measured)[len(measured) // 2])
+    paper = ModelShape.from_litgpt("tiny-llama-1.1b", n_layer=48, n_embd=1024, n_head=16, n_query_groups=16,
+                                   intermediate_size=4096)
+    out = []
+    for nodes in (2, 3):
+        for rate in ("10gbit", "25gbit", "100gbit"):
+            for seq in (4096, 16384):
+                real = h100_ethernet(nodes, rate)
+                real_w = Workload(paper, seq, 1, 2, "bf16-mixed")
+                real_compute = ComputeModel.from_gpu_single(str(gpu), paper.n_embd, "bf16-mixed")
+                tb = cpu_testbed(nodes, 2, None)
+                ratio = comm_compute_ratio(real, real_w, real_compute)
+                bps = equivalent_rate(real, real_w, real_compute, tb, bench_w, tb_compute)
+                out.append({"nodes": nodes, "rate": rate, "seq": seq, "comm_over_compute": ratio,
+                            "testbed_mbit": bps * 8 / 1e6})
+    return out
+
+
+def markdown(rows: list[dict], rates: list[dict]) -> str:
+    within = sum(abs(r["error"]) <= GOAL for r in rows)
+    lines = ["# Planner vs measured step times (speed benchmark, CPU testbed)", "",
+             f"{within}/{len(rows)} predictions within {GOAL:.0%}; mean |error| "
+             f"{sum(abs(r['error']) for r in rows) / len(rows):.1%}, worst {max(abs(r['error']) for r in rows):.1%}.",
+             "Compute is calibrated per point on that point's compute-only run; everything else is predicted.", "",
+             "| set | rate | S | strategy | measured ms | predicted ms | error | link MB measured | predicted | method |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {r['strategy']} | {r['measured_s'] * 1e3:.0f} | "
+                     f"{r['predicted_s'] * 1e3:.0f} | {r['error']:+.1%} | {r['measured_link_mb']:.1f} | "
+                     f"{r['predicted_link_mb']:.1f} | {r['method']} |")
+    lines += ["", "## Testbed link rate equivalent to a real cluster", "",
+              "Benchmark model (8 x 256, S=512, 2 ranks per emulated node) at the link rate whose TawPipe "
+              "comm-to-compute ratio equals that of H100 nodes (8 GPUs, one NIC) training the paper's model "
+              "(H=1024, 48 layers, micro-batch 1, 2 micro-batches, bf16):", "",
+              "| nodes | cluster link | S | comm/compute on the cluster | testbed rate (Mbit/s) |", "|---|---|---|---|---|"]
+    for r in rates:
+        lines.append(f"| {r['nodes']} | {r['rate']} | {r['seq']} | {r['comm_over_compute']:.3f} | "
+                     f"{r['testbed_mbit']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    colors = {s: f"C{i}" for i, s in enumerate(PREDICTED)}
+    for s in PREDICTED:
+        pts = [r for r in rows if r["strategy"] == s]
+        if pts:
+            ax.scatter([r["measured_s"] for r in pts], [r["predicted_s"] for r in pts], label=s, color=colors[s])
+    hi = max(max(r["measured_s"], r["predicted_s"]) for r in rows) * 1.1
+    ax.plot([0, hi], [0, hi], "k-", lw=0.8)
+    ax.plot([0, hi], [0, hi * (1 + GOAL)], "k:", lw=0.8)
+    ax.plot([0, hi], [0, hi * (1 - GOAL)], "k:", lw=0.8, label=f"±{GOAL:.0%}")
+    ax.set_xlabel("measured step time (s)")
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title("Planner vs speed benchmark (CPU testbed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(HERE / "results" / "plan"))
+    a = p.parse_args(argv)
+    rows = [row for name in RESULTS for row in validate_dir(name)]
+    rates = equivalent_rates()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validate.json").write_text(json.dumps({"goal": GOAL, "rows": rows, "equivalent_rates": rates}, indent=1))
+    text = markdown(rows, rates)
+    (out / "validate.md").write_text(text)
+    plot(rows, out / "validate.png")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Plan a training run: predict every strategy, recommend one, and say where TawPipe loses and why.
+
+Recommendation rule: the fastest strategy whose peak memory fits the device. Warnings follow
+``../research/tawpipe-algorithm.md`` §5 ("When TawPipe loses or ties"), each stated with this plan's own numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lightning_tawpipe.plan import analytic, weightpipe
+from lightning_tawpipe.plan.cluster import Cluster
+from lightning_tawpipe.plan.compute import ComputeModel
+from lightning_tawpipe.plan.result import Prediction
+from lightning_tawpipe.plan.workload import Workload
+
+STRATEGIES = ("tawpipe", "weipipe", "fsdp", "hsdp", "1f1b", "ddp")
+
+
+@dataclass
+class Plan:
+    cluster: Cluster
+    workload: Workload
+    compute: ComputeModel
+    predictions: list[Prediction]
+    recommended: str
+    reason: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.workload.tokens_per_rank * self.cluster.world_size
+
+    def get(self, strategy: str) -> Prediction:
+        """The best prediction of ``strategy`` (over its knobs)."""
+        options = [p for p in self.predictions if p.strategy == strategy]
+        if not options:
+            raise KeyError(strategy)
+        return min(options, key=lambda p: p.step_time)
+
+
+def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = None,
+         prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
+         strategies: tuple[str, ...] = STRATEGIES) -> Plan:
+    """Predict ``strategies`` (TawPipe for every prefetch x group size) and recommend one."""
+    compute = compute or ComputeModel.from_device(cluster.device_flops)
+    preds: list[Prediction] = []
+    for s in strategies:
+        if s == "tawpipe":
+            preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g)
+                      for d in prefetch for g in group_sizes]
+        elif s == "weipipe":
+            preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch)))
+        elif s == "fsdp":
+            preds.append(analytic.fsdp(cluster, workload, compute))
+        elif s == "hsdp":
+            preds.append(analytic.fsdp(cluster, workload, compute, hybrid=True))
+            if workload.n_microbatches > 1:
+                preds.append(analytic.fsdp(cluster, workload, compute, hybrid=True, defer_allreduce=True))
+        elif s == "1f1b":
+            preds.append(analytic.onef1b(cluster, workload, compute))
+        elif s == "ddp":
+            preds.append(analytic.ddp(cluster, workload, compute))
+        else:
+            raise ValueError(f"unknown strategy {s!r}; choose from {STRATEGIES}")
+    for p in preds:
+        p.fits = p.memory.total <= cluster.device_memory
+    best, reason = _recommend(preds, cluster)
+    result = Plan(cluster, workload, compute, preds, best, reason)
+    result.warnings = warnings(result)
+    return result
+
+
+def _recommend(preds: list[Prediction], cluster: Cluster) -> tuple[str, str]:
+    fitting = sorted((p for p in preds if p.fits), key=lambda p: p.step_time)
+    if not fitting:
+        smallest = min(preds, key=lambda p: p.memory.total)
+        return smallest.strategy, (f"nothing fits {cluster.device_memory / 1e9:.0f} GB per device; {smallest.strategy}"
+                                   f" needs the least ({smallest.memory.total / 1e9:.1f} GB): add devices, "
+                                   "checkpoint activations or shorten the sequence")
+    best = fitting[0]
+    runner = next((p for p in fitting if p.strategy != best.strategy), None)
+    why = f"{best.strategy} is the fastest that fits ({best.step_time * 1e3:.0f} ms/step"
+    if runner is not None:
+        why += f", {runner.step_time / best.step_time:.2f}x faster than {runner.strategy}"
+    why += f"; {best.memory.total / 1e9:.1f} GB of {cluster.device_memory / 1e9:.0f} GB)"
+    too_big = [p.strategy for p in preds if not p.fits and p.step_time < best.step_time]
+    if too_big:
+        why += f"; faster but out of memory: {', '.join(sorted(set(too_big)))}"
+    return best.strategy, why
+
+
+def warnings(p: Plan) -> list[str]:
+    """Where TawPipe loses or ties on this cluster (empty if it is not in the plan)."""
+    try:
+        taw = p.get("tawpipe")
+    except KeyError:
+        return []
+    out, c, w = [], p.cluster, p.workload
+    names = {q.strategy for q in p.predictions}
+    if "1f1b" in names:
+        pp = p.get("1f1b")
+        if pp.inter_node_bytes < taw.inter_node_bytes:
+            out.append(f"short sequence: at S={w.seq} activation passing (1F1B) moves "
+                       f"{pp.inter_node_bytes / 1e6:.0f} MB across nodes per step vs TawPipe's "
+                       f"{taw.inter_node_bytes / 1e6:.0f} MB of weights and gradients; weights win only for longer "
+                       f"sequences (1F1B predicted {pp.step_time / taw.step_time:.2f}x TawPipe's step time)")
+    if c.nics_per_node > 1 and c.nodes > 1:
+        out.append(f"multi-rail links ({c.nics_per_node} NICs per node): each TawPipe transfer uses one rail "
+                   f"(no striping), while FSDP/HSDP collectives use all {c.nics_per_node}")
+    if "hsdp" in names:
+        h = p.get("hsdp")
+        if h.fits:
+            verdict = "faster" if h.step_time < taw.step_time else "slower"
+            out.append(f"the model fits HYBRID_SHARD ({h.memory.total / 1e9:.1f} GB per device): HSDP is predicted "
+                       f"{verdict} ({h.step_time * 1e3:.0f} vs {taw.step_time * 1e3:.0f} ms) and crosses nodes with "
+                       f"{h.inter_node_bytes_per_node / 1e6:.0f} MB per node vs TawPipe's "
+                       f"{taw.inter_node_bytes_per_node / 1e6:.0f} MB")
+    if c.nodes >= 8:
+        out.append(f"{c.nodes} nodes: TawPipe's byte saving over FSDP, (N-1)/N * P/(P-1) = "
+                   f"{(c.nodes - 1) / c.nodes * c.world_size / (c.world_size - 1):.2f}, tends to 1 as N grows")
+    losers = [q for q in p.predictions if q.strategy != "tawpipe" and q.fits and q.step_time < taw.step_time]
+    if losers and p.recommended != "tawpipe":
+        best = min(losers, key=lambda q: q.step_time)
+        out.append(f"TawPipe is predicted {taw.step_time / best.step_time:.2f}x slower than {best.strategy} here")
+    return out

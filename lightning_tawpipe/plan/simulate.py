@@ -1,0 +1,307 @@
+"""Time a schedule by executing every rank's real program with the engine's semantics and a clock.
+
+This is the validator's execution model (``schedule/validate.py``) with durations, and the engine's waiting rule
+(``runtime/engine.py``), so a prediction follows exactly what the strategy will do:
+
+* a rank's host walks its program in order;
+* ``F``/``B`` occupy the device for the calibrated compute time of that chunk (on the CPU testbed, a flow on the
+  machine's shared cores);
+* ``SW/RW/SG/QG`` (point to point) and ``BW/RG`` (broadcast/reduce in the node) are *posted* without waiting; they
+  start when every participant has posted them (P2P: the matching send/receive of the same pair and lane, in order;
+  a collective: every rank of the node, in order) and when the previous operation on the same communicator has
+  finished (NCCL and gloo run one communicator's operations in issue order). They then take the link class's latency
+  plus their bytes through the resources they cross, sharing bandwidth with whatever else is in flight there
+  (``flows.py``): an inter-node transfer crosses its sender's NIC egress and its receiver's NIC ingress, an
+  intra-node one the devices' own links, a collective every member's links; on the CPU testbed an intra-node
+  transfer (a loopback TCP copy) also takes a share of the machine's cores, as compute does;
+* before any action touches a buffer, the host waits for every earlier posted operation that conflicts with it on
+  that buffer (read-after-write, write-after-read, write-after-write): the engine's only waiting rule;
+* ``CW/AG/GA`` are local copies/adds costing their bytes over the device memory bandwidth; ``X`` is free;
+* the iteration ends when every rank has run its program and every operation it posted has finished.
+
+Message sizes: weights travel in the compute dtype, gradients in fp32 (the engine's gradient buffers are fp32).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from lightning_tawpipe.plan.cluster import Cluster
+from lightning_tawpipe.plan.flows import Network
+from lightning_tawpipe.schedule.actions import Action, Op
+from lightning_tawpipe.schedule.program import Schedule
+
+_LOCAL = (Op.COPY_W, Op.ACC_G, Op.ADD_G)
+_P2P_SEND = (Op.SEND_W, Op.SEND_G)
+_P2P_RECV = (Op.RECV_W, Op.RECV_G)
+_WEIGHT_LANE = (Op.SEND_W, Op.RECV_W, Op.BCAST_W)
+
+
+@dataclass(frozen=True)
+class ChunkCosts:
+    """Per chunk: forward and backward seconds (one micro-batch), weight and gradient message bytes."""
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    weight_bytes: tuple[float, ...]
+    grad_bytes: tuple[float, ...]
+
+
+@dataclass
+class SimResult:
+    """What one simulated iteration did (seconds and bytes); per-rank lists are indexed by rank."""
+
+    makespan: float
+    finish: list[float]
+    compute_busy: list[float]
+    comm_wait: list[float]
+    intra_bytes: float = 0.0  # bytes sent over intra-node links (a collective counts its buffer once per receiver)
+    inter_bytes: float = 0.0  # bytes that crossed node boundaries (all nodes together)
+    inter_bytes_per_node_max: float = 0.0  # the busiest node's egress
+    n_transfers: int = 0
+    wait_by_op: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def idle_fraction(self) -> float:
+        """Mean share of the iteration a device is not computing (bubble plus exposed communication)."""
+        n = len(self.compute_busy)
+        return 1.0 - sum(self.compute_busy) / (n * self.makespan) if self.makespan > 0 else 0.0
+
+
+class _Posted:
+    __slots__ = ("rank", "action", "reads", "writes", "done", "waiters", "t_post")
+
+    def __init__(self, rank: int, action: Action, reads, writes, t_post: float) -> None:
+        self.rank, self.action, self.reads, self.writes = rank, action, reads, writes
+        self.done, self.waiters, self.t_post = False, None, t_post
+
+
+class _Transfer:
+    __slots__ = ("members", "nbytes", "resources", "latency", "key", "inter", "receivers", "src_node", "bw")
+
+    def __init__(self, members, nbytes, resources, latency, key, inter, receivers, src_node, bw) -> None:
+        self.members, self.nbytes, self.resources, self.latency, self.key = members, nbytes, resources, latency, key
+        self.inter, self.receivers, self.src_node, self.bw = inter, receivers, src_node, bw
+
+
+def simulate(schedule: Schedule, cluster: Cluster, costs: ChunkCosts) -> SimResult:
+    """Run every rank's program of ``schedule`` on ``cluster`` and return the timing (see the module docstring)."""
+    topo = schedule.topology
+    if topo.world_size != cluster.world_size or topo.group_size != cluster.devices_per_node:
+        raise ValueError(f"schedule topology {topo.n_groups}x{topo.group_size} does not match the cluster "
+                         f"{cluster.nodes}x{cluster.devices_per_node}")
+    return _Sim(schedule, cluster, costs).run()
+
+
+class _Sim:
+    def __init__(self, schedule: Schedule, cluster: Cluster, costs: ChunkCosts) -> None:
+        self.s, self.c, self.costs = schedule, cluster, costs
+        self.topo = schedule.topology
+        P, N, nics = cluster.world_size, cluster.nodes, cluster.nics_per_node
+        self.heap: list = []
+        self.counter = itertools.count().__next__
+        # capacities count full-speed flows: a transfer's work is its bytes over its link class's bandwidth
+        self.net = Network([1.0] * (2 * P + 2 * N * nics), self.heap, self.counter)
+        self.cpu = self.net.add_resource(float(cluster.host_cores)) if cluster.host_cores else None
+        # on the CPU testbed an intra-node transfer is a copy through the kernel: it needs a core like compute does
+        self.cpu_res = (self.cpu,) if self.cpu is not None else ()
+        self.pc = [0] * P
+        self.now_host = [0.0] * P
+        self.blocked_since: list[float | None] = [None] * P
+        self.pending_w: list[dict[str, set]] = [dict() for _ in range(P)]
+        self.pending_r: list[dict[str, set]] = [dict() for _ in range(P)]
+        self.unfinished: list[int] = [0] * P
+        self.finish = [0.0] * P
+        self.busy = [0.0] * P
+        self.wait = [0.0] * P
+        self.wait_by_op: dict[str, float] = {}
+        self.sends: dict[tuple, deque] = {}
+        self.recvs: dict[tuple, deque] = {}
+        self.coll: dict[tuple, list[deque]] = {}
+        self.comm_queue: dict[tuple, deque] = {}
+        self.res = SimResult(0.0, self.finish, self.busy, self.wait)
+        self.node_egress = [0.0] * N
+
+    # -- driver -----------------------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        for r in range(self.c.world_size):
+            self._push(0.0, self._advance, (r,))
+        heap, pop = self.heap, heapq.heappop
+        while heap:
+            t, _, fn, args = pop(heap)
+            fn(t, *args)
+        stuck = [r for r in range(self.c.world_size) if self.pc[r] < len(self.s.programs[r])]
+        if stuck:
+            r = stuck[0]
+            raise RuntimeError(f"simulation of {self.s.name} deadlocked: rank {r} at {self.s.programs[r][self.pc[r]]}"
+                               " (validate the schedule first)")
+        self.res.makespan = max(self.finish)
+        self.res.wait_by_op = self.wait_by_op
+        self.res.inter_bytes_per_node_max = max(self.node_egress)
+        return self.res
+
+    def _push(self, t: float, fn, args: tuple) -> None:
+        heapq.heappush(self.heap, (t, self.counter(), fn, args))
+
+    # -- a rank's host ------------------------------------------------------------------------------------------------
+    def _advance(self, now: float, r: int) -> None:
+        """Run rank ``r``'s program from its program counter until it computes, waits or ends."""
+        program, s_pc = self.s.programs[r], self.pc[r]
+        if self.blocked_since[r] is not None:
+            self.wait[r] += now - self.blocked_since[r]
+            self.blocked_since[r] = None
+        pw, pr = self.pending_w[r], self.pending_r[r]
+        while s_pc < len(program):
+            a = program[s_pc]
+            if a.op is Op.BARRIER or a.op is Op.RELEASE:
+                s_pc += 1
+                continue
+            reads, writes = a.reads_writes(r)
+            blocker = self._conflict(pw, pr, reads, writes)
+            if blocker is not None:
+                self.pc[r] = s_pc
+                self.blocked_since[r] = now
+                key = blocker.action.op.value
+                if blocker.waiters is None:
+                    blocker.waiters = []
+                blocker.waiters.append((r, key))
+                return
+            op = a.op
+            if op is Op.FORWARD or op is Op.BACKWARD:
+                d = (self.costs.forward if op is Op.FORWARD else self.costs.backward)[a.chunk]
+                self.busy[r] += d
+                self.pc[r] = s_pc + 1
+                if self.cpu is None:
+                    self._push(now + d, self._advance, (r,))
+                else:
+                    self.net.start(now, d, (self.cpu,), 1.0, lambda t, r=r: self._advance(t, r))
+                return
+            if op in _LOCAL:
+                nbytes = (self.costs.weight_bytes if op is Op.COPY_W else self.costs.grad_bytes)[a.chunk]
+                self.pc[r] = s_pc + 1
+                self._push(now + 2.0 * nbytes / self.c.mem_bw, self._advance, (r,))
+                return
+            self._post(now, r, a, reads, writes, pw, pr)
+            s_pc += 1
+        self.pc[r] = s_pc
+        self._maybe_finish(now, r)
+
+    @staticmethod
+    def _conflict(pw: dict, pr: dict, reads, writes):
+        """The first unfinished conflicting posted op, or None (finished conflicting ops are dropped: waited on)."""
+        for bufs, table in ((reads, pw), (writes, pw), (writes, pr)):
+            for b in bufs:
+                posted = table.get(b)
+                if not posted:
+                    continue
+                for p in list(posted):
+                    if not p.done:
+                        return p
+                    posted.discard(p)
+        return None
+
+    def _maybe_finish(self, now: float, r: int) -> None:
+        if self.pc[r] >= len(self.s.programs[r]) and self.unfinished[r] == 0:
+            self.finish[r] = max(self.finish[r], now)
+
+    # -- posting and matching -----------------------------------------------------------------------------------------
+    def _post(self, now: float, r: int, a: Action, reads, writes, pw, pr) -> None:
+        p = _Posted(r, a, reads, writes, now)
+        for b in reads:
+            pr.setdefault(b, set()).add(p)
+        for b in writes:
+            pw.setdefault(b, set()).add(p)
+        self.unfinished[r] += 1
+        lane = "W" if a.op in _WEIGHT_LANE else "G"
+        if a.op in _P2P_SEND or a.op in _P2P_RECV:
+            src, dst = (r, a.peer) if a.op in _P2P_SEND else (a.peer, r)
+            key = (src, dst, lane)
+            mine, other = (self.sends, self.recvs) if a.op in _P2P_SEND else (self.recvs, self.sends)
+            q = other.get(key)
+            if q:
+                peer = q.popleft()
+                send, recv = (p, peer) if a.op in _P2P_SEND else (peer, p)
+                self._matched(now, self._p2p_transfer(send, recv, key))
+            else:
+                mine.setdefault(key, deque()).append(p)
+        else:
+            node = self.topo.group_of(r)
+            key = (node, lane)
+            queues = self.coll.get(key)
+            if queues is None:
+                queues = self.coll[key] = [deque() for _ in range(self.topo.group_size)]
+            queues[self.topo.local_index(r)].append(p)
+            if all(queues):
+                self._matched(now, self._collective([q.popleft() for q in queues], key))
+
+    def _bytes(self, a: Action) -> float:
+        return (self.costs.weight_bytes if a.op in _WEIGHT_LANE else self.costs.grad_bytes)[a.chunk]
+
+    def _p2p_transfer(self, send: _Posted, recv: _Posted, key: tuple) -> _Transfer:
+        src, dst = send.rank, recv.rank
+        nbytes, P, topo, c = self._bytes(send.action), self.c.world_size, self.topo, self.c
+        if self._node(src) == self._node(dst):
+            resources, latency, inter = (src, P + dst) + self.cpu_res, c.intra_latency, False
+        else:
+            nics, base = c.nics_per_node, 2 * P
+            G = c.devices_per_node
+            egress = base + self._node(src) * nics + c.nic_of(src % G)
+            ingress = base + c.nodes * nics + self._node(dst) * nics + c.nic_of(dst % G)
+            resources, latency, inter = (egress, ingress), c.inter_latency, True
+        bw = c.inter_bw if inter else c.intra_bw
+        return _Transfer((send, recv), nbytes, resources, latency, ("p",) + key, inter, 1, self._node(src), bw)
+
+    def _node(self, rank: int) -> int:
+        """The cluster node of a rank (TawPipe groups may be smaller than a node; links follow the hardware)."""
+        return rank // self.c.devices_per_node
+
+    def _collective(self, members: list[_Posted], key: tuple) -> _Transfer:
+        P = self.c.world_size
+        ranks = [m.rank for m in members]
+        resources = tuple(ranks) + tuple(P + x for x in ranks) + self.cpu_res
+        nbytes = self._bytes(members[0].action)
+        hops = max(1, (len(ranks) - 1).bit_length())  # tree depth: latency grows with log2 of the node size
+        return _Transfer(tuple(members), nbytes, resources, hops * self.c.intra_latency, ("c",) + key, False,
+                         len(ranks) - 1, self._node(ranks[0]), self.c.intra_bw)
+
+    def _matched(self, now: float, t: _Transfer) -> None:
+        """Both/all sides posted: start now, or after the communicator's previous operation."""
+        q = self.comm_queue.get(t.key)
+        if q is None:
+            q = self.comm_queue[t.key] = deque()
+        q.append(t)
+        if len(q) == 1:
+            self._start(now, t)
+
+    def _start(self, now: float, t: _Transfer) -> None:
+        self.res.n_transfers += 1
+        self.res.intra_bytes += 0.0 if t.inter else t.nbytes * t.receivers
+        if t.inter:
+            self.res.inter_bytes += t.nbytes
+            self.node_egress[t.src_node] += t.nbytes
+        if t.nbytes <= 0:
+            self._push(now + t.latency, self._done, (t,))
+        else:
+            self._push(now + t.latency, self._flow, (t,))
+
+    def _flow(self, now: float, t: _Transfer) -> None:
+        self.net.start(now, t.nbytes / t.bw, t.resources, 1.0, lambda time, t=t: self._done(time, t))
+
+    def _done(self, now: float, t: _Transfer) -> None:
+        for p in t.members:
+            p.done = True
+            self.unfinished[p.rank] -= 1
+            if p.waiters:
+                for r, key in p.waiters:
+                    self.wait_by_op[key] = self.wait_by_op.get(key, 0.0) + now - self.blocked_since[r]
+                    self._advance(now, r)
+                p.waiters = None
+            else:
+                self._maybe_finish(now, p.rank)
+        q = self.comm_queue[t.key]
+        q.popleft()
+        if q:
+            self._start(now, q[0])

@@ -1,0 +1,94 @@
+"""TawPipe and WeiPipe predictions: build the strategy's own schedule, cost its chunks, simulate it.
+
+Chunks are cut exactly as the strategy cuts them (``partition_units`` over the embedding, blocks and norm+head,
+one chunk per rank), the programs come from the same builders the engine runs (``build_tawpipe``,
+``build_weipipe``), and the timing comes from ``simulate.py``. Only the optimizer step after the drain is a formula:
+each owner steps its own chunk (AdamW touches ~32 bytes per parameter: fp32 weight, gradient, two moments, the
+low-precision copy), which no schedule action models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lightning_tawpipe.partition import partition_units
+from lightning_tawpipe.plan.cluster import Cluster
+from lightning_tawpipe.plan.compute import ComputeModel
+from lightning_tawpipe.plan.memory import weight_pipeline_memory
+from lightning_tawpipe.plan.result import Prediction
+from lightning_tawpipe.plan.simulate import ChunkCosts, simulate
+from lightning_tawpipe.plan.workload import Workload
+from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.schedule.tawpipe import build_tawpipe
+from lightning_tawpipe.schedule.weipipe import build_weipipe
+from lightning_tawpipe.topology import Topology
+
+OPTIMIZER_BYTES_PER_PARAM = 32.0
+GRAD_BYTES = 4  # the engine's gradient and receive buffers are fp32 whatever the precision
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """The strategy's partition: unit ranges per chunk, parameters per chunk, and the per-chunk costs."""
+
+    ranges: list[range]
+    numel: list[int]
+    costs: ChunkCosts
+
+
+def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int, partition: str = "parameters") -> Chunks:
+    units = workload.model.unit_params()
+    ranges = partition_units(units, n_chunks, partition)
+    times = compute.unit_times(workload)
+    numel = [sum(units[u] for u in r) for r in ranges]
+    costs = ChunkCosts(
+        forward=tuple(sum(times[u][0] for u in r) for r in ranges),
+        backward=tuple(sum(times[u][1] for u in r) for r in ranges),
+        weight_bytes=tuple(float(n * workload.weight_bytes) for n in numel),
+        grad_bytes=tuple(float(n * GRAD_BYTES) for n in numel),
+    )
+    return Chunks(ranges, numel, costs)
+
+
+def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int) -> Schedule:
+    if kind == "tawpipe":
+        return build_tawpipe(topo, n_microbatches, prefetch=prefetch)
+    if kind == "weipipe":
+        return build_weipipe(topo, n_microbatches, prefetch=prefetch)
+    raise ValueError(f"unknown weight pipeline {kind!r}")
+
+
+def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
+            group_size: int | None = None, partition: str = "parameters",
+            schedule: Schedule | None = None) -> Prediction:
+    """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
+
+    ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node.
+    """
+    g = group_size or cluster.devices_per_node
+    if cluster.devices_per_node % g:
+        raise ValueError(f"group_size {g} must divide the devices per node ({cluster.devices_per_node}).")
+    topo = Topology.from_world(cluster.world_size, g)
+    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch)
+    chunks = make_chunks(workload, compute, topo.world_size, partition)
+    sim = simulate(schedule, cluster, chunks.costs)
+    ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
+    opt = max(chunks.numel) * OPTIMIZER_BYTES_PER_PARAM / cluster.mem_bw
+    step = sim.makespan + opt
+    knobs = {"prefetch": prefetch, "group_size": g, "chunks": len(chunks.numel)}
+    return Prediction(
+        strategy=kind, step_time=step, knobs=knobs,
+        inter_node_bytes_per_node=sim.inter_bytes_per_node_max,
+        inter_node_bytes=sim.inter_bytes, intra_node_bytes=sim.intra_bytes,
+        bubble=ideal.idle_fraction, exposed_comm=max(0.0, sim.makespan - ideal.makespan),
+        memory=weight_pipeline_memory(kind, cluster, workload, chunks.numel, schedule),
+        method="simulated (schedule IR)",
+        detail={"makespan": sim.makespan, "ideal_makespan": ideal.makespan, "optimizer": opt,
+                "comm_wait_max": max(sim.comm_wait), "transfers": sim.n_transfers,
+                "wait_by_op": {k: v / cluster.world_size for k, v in sim.wait_by_op.items()}},
+    )
+
+
+def _ideal_links(cluster: Cluster) -> Cluster:
+    """The same cluster with free communication: what is left idle is the schedule's own bubble."""
+    return replace(cluster, intra_bw=1e30, inter_bw=1e30, intra_latency=0.0, inter_latency=0.0, mem_bw=1e30)
