@@ -28,17 +28,22 @@ class ScheduleError(RuntimeError):
     """A schedule is inconsistent; the message names the rank, the action and the reason."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Posted:
     rank: int
     action: Action
     done: bool = False
+    reads: frozenset = frozenset()
+    writes: frozenset = frozenset()
 
 
 @dataclass
 class _RankState:
     pc: int = 0
-    posted: list[_Posted] = field(default_factory=list)
+    # posted ops not yet completed, indexed by the buffers they write / read (so a check costs O(conflicts))
+    open_writes: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+    open_reads: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+    n_open: int = 0
     buffers: dict[str, object] = field(default_factory=dict)
     acc: Counter = field(default_factory=Counter)
     barriers: int = 0
@@ -76,20 +81,47 @@ class _Simulator:
 
     # -- driver ---------------------------------------------------------------------------------------------------
     def run(self) -> None:
-        progress = True
-        while progress:
-            progress = False
-            for rank in range(self.world):
-                progress |= self._advance(rank)
-            progress |= self._match()
+        """Advance ranks as events allow: a rank runs again only when one of its posted ops completes (or a barrier
+        it waits at opens), and only the queues that received a post are matched. Same outcome as sweeping every
+        rank and every queue until nothing moves, in time linear in the number of actions."""
+        self.runnable: deque[int] = deque(range(self.world))
+        self.queued = [True] * self.world
+        self.dirty_p2p: set = set()
+        self.dirty_coll: set = set()
+        while True:
+            while self.runnable:
+                rank = self.runnable.popleft()
+                self.queued[rank] = False
+                self._advance(rank)
+                self._match()
+            if not self._open_barriers():
+                break
         stuck = {r: self.s.programs[r][st.pc] for r, st in enumerate(self.ranks) if st.pc < len(self.s.programs[r])}
         if stuck:
             detail = ", ".join(f"rank {r} at #{self.ranks[r].pc} {a}" for r, a in stuck.items())
             raise ScheduleError(f"{self.s.name}: deadlock, no rank can make progress: {detail}")
-        unmatched = [(p.rank, str(p.action)) for st in self.ranks for p in st.posted if not p.done]
+        unmatched = [(r, str(p.action)) for r, st in enumerate(self.ranks) for ps in st.open_writes.values()
+                     for p in ps] + [(r, str(p.action)) for r, st in enumerate(self.ranks)
+                                     for ps in st.open_reads.values() for p in ps]
         if unmatched:
-            raise ScheduleError(f"{self.s.name}: communication never matched: {unmatched[:8]}")
+            raise ScheduleError(f"{self.s.name}: communication never matched: {sorted(set(unmatched))[:8]}")
         self._check_final_state()
+
+    def _wake(self, rank: int) -> None:
+        if not self.queued[rank]:
+            self.queued[rank] = True
+            self.runnable.append(rank)
+
+    def _open_barriers(self) -> bool:
+        """Wake the ranks waiting at a barrier that every rank has reached; True if any woke."""
+        waiting = [r for r, st in enumerate(self.ranks)
+                   if st.pc < len(self.s.programs[r]) and self.s.programs[r][st.pc].op is Op.BARRIER]
+        woke = False
+        for r in waiting:
+            if self._barrier_open(self.ranks[r].barriers):
+                self._wake(r)
+                woke = True
+        return woke
 
     def _advance(self, rank: int) -> bool:
         st, program, moved = self.ranks[rank], self.s.programs[rank], False
@@ -107,13 +139,9 @@ class _Simulator:
         if action.op is Op.BARRIER:
             return not self._barrier_open(st.barriers)
         reads, writes = action.reads_writes(rank)
-        for p in st.posted:
-            if p.done:
-                continue
-            p_reads, p_writes = p.action.reads_writes(rank)
-            if (p_writes & (reads | writes)) or (p_reads & writes):
-                return True
-        return False
+        ow, orr = st.open_writes, st.open_reads
+        return (any(ow.get(b) for b in reads) or any(ow.get(b) for b in writes)
+                or any(orr.get(b) for b in writes))
 
     def _barrier_open(self, k: int) -> bool:
         """Barrier ``k`` opens when every rank has either passed it or is waiting at it."""
@@ -175,19 +203,39 @@ class _Simulator:
 
     # -- communication --------------------------------------------------------------------------------------------
     def _post(self, rank: int, a: Action) -> None:
-        posted = _Posted(rank, a)
-        self.ranks[rank].posted.append(posted)
+        reads, writes = a.reads_writes(rank)
+        posted = _Posted(rank, a, reads=frozenset(reads), writes=frozenset(writes))
+        st = self.ranks[rank]
+        for b in posted.writes:
+            st.open_writes[b].add(posted)
+        for b in posted.reads:
+            st.open_reads[b].add(posted)
         lane = "W" if a.op in (Op.SEND_W, Op.RECV_W, Op.BCAST_W) else "G"
         if a.op in COLLECTIVE_OPS:
-            self.collectives[(self.topo.group_of(rank), lane)][rank].append(posted)
-        elif a.op in (Op.SEND_W, Op.SEND_G):
-            self.p2p[(rank, a.peer, lane)][0].append(posted)
+            key = (self.topo.group_of(rank), lane)
+            self.collectives[key][rank].append(posted)
+            self.dirty_coll.add(key)
         else:
-            self.p2p[(a.peer, rank, lane)][1].append(posted)
+            key = (rank, a.peer, lane) if a.op in (Op.SEND_W, Op.SEND_G) else (a.peer, rank, lane)
+            self.p2p[key][0 if a.op in (Op.SEND_W, Op.SEND_G) else 1].append(posted)
+            self.dirty_p2p.add(key)
+
+    def _finish(self, posted: _Posted) -> None:
+        """The op completed: it no longer blocks its rank, which may now move on."""
+        posted.done = True
+        st = self.ranks[posted.rank]
+        for b in posted.writes:
+            st.open_writes[b].discard(posted)
+        for b in posted.reads:
+            st.open_reads[b].discard(posted)
+        self._wake(posted.rank)
 
     def _match(self) -> bool:
         matched = False
-        for (src, dst, _), (sends, recvs) in self.p2p.items():
+        dirty, self.dirty_p2p = self.dirty_p2p, set()
+        for key in sorted(dirty):
+            src, dst, _ = key
+            sends, recvs = self.p2p[key]
             while sends and recvs:
                 send, recv = sends.popleft(), recvs.popleft()
                 if send.action.chunk != recv.action.chunk:
@@ -199,10 +247,13 @@ class _Simulator:
                     self._fill_slot(dst, recv.action, content)
                 else:
                     self.ranks[dst].buffers[recv.action.buf] = content
-                send.done = recv.done = True
+                self._finish(send)
+                self._finish(recv)
                 matched = True
-        for (node, _), queues in self.collectives.items():
-            members = self.topo.group_ranks(node)
+        dirty, self.dirty_coll = self.dirty_coll, set()
+        for key in sorted(dirty):
+            queues = self.collectives[key]
+            members = self.topo.group_ranks(key[0])
             while all(queues[r] for r in members):
                 ops = [queues[r].popleft() for r in members]
                 self._complete_collective(members, ops)
@@ -237,7 +288,7 @@ class _Simulator:
             for p in ops:
                 self.ranks[p.rank].buffers[p.action.buf] = ("G", first.chunk, union) if p.rank == root else None
         for p in ops:
-            p.done = True
+            self._finish(p)
 
     # -- final checks ---------------------------------------------------------------------------------------------
     def _check_final_state(self) -> None:
