@@ -117,7 +117,7 @@ def ddp(c: Cluster, w: Workload, compute: ComputeModel) -> Prediction:
     opt = w.model.n_params * OPTIMIZER_BYTES_PER_PARAM / c.mem_bw
     return Prediction("ddp", step + opt, inter, inter * N, 0.0, bubble=0.0,
                       exposed_comm=max(0.0, ar - bwd), memory=sharded_memory(c, w, 1),
-                      method="analytic (bucketed all-reduce under backward)")
+                      method="analytic (all-reduce: serial on gloo, under backward on NCCL)")
 
 
 def onef1b(c: Cluster, w: Workload, compute: ComputeModel) -> Prediction:

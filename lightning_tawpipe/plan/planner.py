@@ -101,10 +101,12 @@ def warnings(p: Plan) -> list[str]:
     if "1f1b" in names:
         pp = p.get("1f1b")
         if pp.inter_node_bytes < taw.inter_node_bytes:
-            out.append(f"short sequence: at S={w.seq} activation passing (1F1B) moves "
+            crossover = w.seq * taw.inter_node_bytes / max(pp.inter_node_bytes, 1.0)
+            out.append(f"sequence too short for weight passing: at S={w.seq} activation passing (1F1B) moves "
                        f"{pp.inter_node_bytes / 1e6:.0f} MB across nodes per step vs TawPipe's "
-                       f"{taw.inter_node_bytes / 1e6:.0f} MB of weights and gradients; weights win only for longer "
-                       f"sequences (1F1B predicted {pp.step_time / taw.step_time:.2f}x TawPipe's step time)")
+                       f"{taw.inter_node_bytes / 1e6:.0f} MB of weights and gradients; the bytes cross over near "
+                       f"S={crossover:,.0f} (1F1B predicted at {pp.step_time / taw.step_time:.2f}x TawPipe's step "
+                       f"time, bubble {pp.bubble:.0%})")
     if c.nics_per_node > 1 and c.nodes > 1:
         out.append(f"multi-rail links ({c.nics_per_node} NICs per node): each TawPipe transfer uses one rail "
                    f"(no striping), while FSDP/HSDP collectives use all {c.nics_per_node}")

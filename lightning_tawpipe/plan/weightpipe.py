@@ -75,12 +75,14 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
     opt = max(chunks.numel) * OPTIMIZER_BYTES_PER_PARAM / cluster.mem_bw
     step = sim.makespan + opt
-    knobs = {"prefetch": prefetch, "group_size": g, "chunks": len(chunks.numel)}
+    knobs = {"prefetch": prefetch, "chunks": len(chunks.numel)}
+    if kind == "tawpipe":
+        knobs["group_size"] = g
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
         inter_node_bytes_per_node=sim.inter_bytes_per_node_max,
         inter_node_bytes=sim.inter_bytes, intra_node_bytes=sim.intra_bytes,
-        bubble=ideal.idle_fraction, exposed_comm=max(0.0, sim.makespan - ideal.makespan),
+        bubble=max(0.0, ideal.idle_fraction), exposed_comm=max(0.0, sim.makespan - ideal.makespan),
         memory=weight_pipeline_memory(kind, cluster, workload, chunks.numel, schedule),
         method="simulated (schedule IR)",
         detail={"makespan": sim.makespan, "ideal_makespan": ideal.makespan, "optimizer": opt,

@@ -1,0 +1,213 @@
+"""Planner: the timing model on hand-checkable cases, the strategies' byte counts, scale, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from lightning_tawpipe.plan import ChunkCosts, Cluster, ComputeModel, ModelShape, Workload, plan, simulate
+from lightning_tawpipe.plan import analytic, weightpipe
+from lightning_tawpipe.plan.__main__ import main
+from lightning_tawpipe.plan.cluster import parse_rate
+from lightning_tawpipe.plan.testbed import calibrate_cpu, compute_only_time
+from lightning_tawpipe.schedule import build_tawpipe, validate
+from lightning_tawpipe.schedule.actions import parse_program
+from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.schedule.weipipe import build_weipipe
+from lightning_tawpipe.topology import Topology
+
+
+def cluster(nodes, devices, intra=1e9, inter=1e9, lat=0.0, nics=1, **kw) -> Cluster:
+    return Cluster(nodes, devices, intra_bw=intra, inter_bw=inter, intra_latency=lat, inter_latency=lat,
+                   nics_per_node=nics, mem_bw=1e30, **kw)
+
+
+def costs(n, f=1.0, b=2.0, wbytes=0.0, gbytes=0.0) -> ChunkCosts:
+    return ChunkCosts((f,) * n, (b,) * n, (wbytes,) * n, (gbytes,) * n)
+
+
+def hand_schedule(topo: Topology, programs: list[str], owners=(0,)) -> Schedule:
+    """A hand-written schedule (string form of the IR) for timing a single transfer or two."""
+    progs = tuple(tuple(parse_program(p)) for p in programs)
+    return Schedule("hand", topo, tuple(owners), 1, 1, False, progs, 2, 2, 2)
+
+
+# -- the timing model on cases one can check by hand ------------------------------------------------------------------
+def test_one_rank_is_pure_compute():
+    """One rank, M micro-batches: every chunk forward and backward, nothing else (1 chunk: 1 s + 2 s per mb)."""
+    s = build_tawpipe(Topology(1, 1), n_microbatches=3)
+    r = simulate(s, cluster(1, 1), costs(1))
+    assert r.makespan == pytest.approx(3 * (1.0 + 2.0))
+    assert r.inter_bytes == 0 and r.comm_wait == [0.0]
+
+
+def test_one_node_with_free_links_is_compute_plus_nothing():
+    """One node of 4, zero-latency links, zero-byte chunks: every rank computes 4 chunks fwd+bwd back to back."""
+    s = build_tawpipe(Topology(1, 4), n_microbatches=2)
+    r = simulate(s, cluster(1, 4), costs(4, f=0.5, b=1.0))
+    assert r.makespan == pytest.approx(2 * 4 * 1.5)
+    assert r.idle_fraction == pytest.approx(0.0, abs=1e-12)
+
+
+def test_single_transfer_costs_latency_plus_bytes_over_bandwidth():
+    topo = Topology(2, 1)
+    s = hand_schedule(topo, ["SW0>1@own", "RW0<0@s0 X0@s0"])
+    r = simulate(s, cluster(2, 1, inter=100.0, lat=0.25), costs(1, wbytes=50.0))
+    assert r.makespan == pytest.approx(0.25 + 50.0 / 100.0)
+    assert r.inter_bytes == 50.0 and r.n_transfers == 1
+
+
+def test_receiver_waits_for_the_transfer_before_computing():
+    """RW then F on the same slot: the forward starts only when the bytes have arrived (engine's hazard wait)."""
+    topo = Topology(2, 1)
+    s = hand_schedule(topo, ["SW0>1@own", "RW0<0@s0 F0.0@s0 X0@s0"])
+    r = simulate(s, cluster(2, 1, inter=10.0), costs(1, f=3.0, wbytes=20.0))
+    assert r.makespan == pytest.approx(2.0 + 3.0)
+    assert r.comm_wait[1] == pytest.approx(2.0)
+
+
+def test_contention_on_one_nic_doubles_the_time():
+    """Two senders of one node share its single NIC: 2x the time of one; with a NIC each, no slowdown."""
+    topo = Topology(2, 2)  # ranks 0,1 on node 0 send to ranks 2,3 on node 1
+    progs = ["SW0>2@own", "SW0>3@own", "RW0<0@s0 X0@s0", "RW0<1@s0 X0@s0"]
+    s = hand_schedule(topo, progs, owners=(0, 1))
+    one_nic = simulate(s, cluster(2, 2, inter=10.0), costs(1, wbytes=10.0))
+    two_nics = simulate(s, cluster(2, 2, inter=10.0, nics=2), costs(1, wbytes=10.0))
+    assert one_nic.makespan == pytest.approx(2.0)
+    assert two_nics.makespan == pytest.approx(1.0)
+
+
+def test_full_duplex_directions_do_not_contend():
+    topo = Topology(2, 1)
+    s = hand_schedule(topo, ["SW0>1@own RW0<1@s0 X0@s0", "SW0>0@own RW0<0@s0 X0@s0"], owners=(0, 1))
+    r = simulate(s, cluster(2, 1, inter=10.0), costs(1, wbytes=10.0))
+    assert r.makespan == pytest.approx(1.0)
+
+
+def test_shared_cpu_cores_slow_compute_down():
+    """CPU testbed: 4 ranks computing at once on 2 cores each run at half speed."""
+    s = build_tawpipe(Topology(1, 4), n_microbatches=1)
+    alone = simulate(s, cluster(1, 4), costs(4, f=0.5, b=1.0)).makespan
+    shared = simulate(s, cluster(1, 4, host_cores=2), costs(4, f=0.5, b=1.0)).makespan
+    assert shared == pytest.approx(2 * alone)
+
+
+def test_tawpipe_bytes_match_the_traffic_formula():
+    """Inter-node bytes of the simulated schedule: weights 2M(N-1)/N Psi minus the turnaround reuse, + gradients."""
+    topo = Topology(2, 2)
+    s = build_tawpipe(topo, n_microbatches=1)
+    validate(s)
+    r = simulate(s, cluster(2, 2), costs(4, wbytes=1.0, gbytes=1.0))
+    weights = sum(1 for p in s.programs for a in p if a.op.value == "RW")
+    grads = sum(1 for p in s.programs for a in p if a.op.value == "QG")
+    assert r.inter_bytes == weights + grads
+    # node 0 owns chunks 0, 2 and loads 0 1 2 3 2 1 0 (3 remote); node 1 owns 1, 3 (4 remote); 2 remote grads each
+    assert (weights, grads) == (7, 4)
+
+
+def test_slow_link_makes_tawpipe_communication_bound():
+    m = ModelShape("t", n_layer=8, n_embd=256, n_head=8, n_query_groups=4, head_size=32, intermediate_size=1024,
+                   vocab_size=256)
+    w = Workload(m, 512, 1, 2, "32-true")
+    comp = ComputeModel(50e9, 50e9)
+    fast = weightpipe.predict("tawpipe", cluster(2, 2, inter=1e12, intra=1e12), w, comp)
+    slow1 = weightpipe.predict("tawpipe", cluster(2, 2, inter=2.5e7, intra=1e12), w, comp, prefetch=1)
+    slow2 = weightpipe.predict("tawpipe", cluster(2, 2, inter=2.5e7, intra=1e12), w, comp, prefetch=2)
+    assert slow1.step_time > 1.5 * fast.step_time
+    assert slow1.exposed_comm == pytest.approx(slow1.step_time - fast.step_time, rel=0.05)
+    # link time is a floor: the busiest NIC must move its bytes
+    assert slow1.step_time >= slow1.inter_node_bytes_per_node / 2.5e7
+    assert slow2.inter_node_bytes_per_node == slow1.inter_node_bytes_per_node  # prefetch moves bytes earlier only
+
+
+def test_weipipe_has_the_ring_bubble_and_tawpipe_does_not():
+    w = Workload(ModelShape("t", 8, 64, 4, 2, 16, 256, 256), 128, 1, 1, "32-true")
+    comp = ComputeModel(1e9, 1e9)
+    c = cluster(2, 2, inter=1e15, intra=1e15)
+    taw, wei = weightpipe.predict("tawpipe", c, w, comp), weightpipe.predict("weipipe", c, w, comp)
+    assert wei.bubble > 0.2  # the ring fills and drains over P - 1 slots
+    assert taw.bubble < wei.bubble - 0.1  # TawPipe idles N - 1 = 1 step per node
+
+
+# -- calibration, baselines, planner -----------------------------------------------------------------------------------
+def test_calibrate_cpu_reproduces_the_measured_compute_only_step():
+    w = Workload(ModelShape("t", 8, 256, 8, 4, 32, 1024, 256), 512, 1, 1, "32-true")
+    c = Cluster(2, 2, intra_bw=2e9, inter_bw=2.5e7, host_cores=2, mem_bw=5e9, collectives="gloo")
+    comp = calibrate_cpu(c, w, 1.2)
+    assert compute_only_time(c, w, comp) == pytest.approx(1.2)
+
+
+def test_fsdp_and_hsdp_bytes_per_node():
+    """Per layer: FULL_SHARD sends 3 x (P-1)/P of the layer out of every node (NCCL ring); HSDP 2(N-1)/N."""
+    m = ModelShape("t", 4, 64, 4, 4, 16, 256, 256)
+    w = Workload(m, 128, 1, 1, "32-true")
+    c = cluster(2, 4)
+    layer_bytes = [n * 4 for n in m.unit_params()]
+    f, h = analytic.fsdp(c, w, ComputeModel(1e9, 1e9)), analytic.fsdp(c, w, ComputeModel(1e9, 1e9), hybrid=True)
+    assert f.inter_node_bytes_per_node == pytest.approx(3 * 7 / 8 * sum(layer_bytes))
+    assert h.inter_node_bytes_per_node == pytest.approx(2 * 1 / 2 * sum(layer_bytes))
+
+
+def test_block_params_match_litgpt():
+    """Parameter counts from the config alone equal those of real LitGPT blocks (gpu_single.json's block_params)."""
+    paper = ModelShape.from_litgpt("tiny-llama-1.1b", n_embd=1024, n_head=16, n_query_groups=16,
+                                   intermediate_size=4096)
+    assert paper.block_params == 16_779_264
+    assert ModelShape.from_litgpt("Llama-3.1-8B").block_params == 218_112_000
+
+
+def test_parse_rate():
+    assert parse_rate("10gbit") == 1.25e9
+    assert parse_rate("25GbE") == 25e9 / 8
+    assert parse_rate("200mbit") == 25e6
+    assert parse_rate("150GB") == 150e9
+    with pytest.raises(ValueError):
+        parse_rate("fast")
+
+
+def test_plan_recommends_hsdp_when_it_fits_and_warns():
+    m = ModelShape("t", 8, 256, 8, 4, 32, 1024, 256)
+    w = Workload(m, 256, 1, 2, "bf16-mixed")
+    c = Cluster(2, 4, intra_bw=100e9, inter_bw=1.25e9, nics_per_node=4, device_flops=100e12)
+    p = plan(c, w, prefetch=(1,))
+    assert {x.strategy for x in p.predictions} == {"tawpipe", "weipipe", "fsdp", "hsdp", "1f1b", "ddp"}
+    assert p.recommended == min((x for x in p.predictions if x.fits), key=lambda x: x.step_time).strategy
+    text = " ".join(p.warnings)
+    assert "multi-rail" in text and "HYBRID_SHARD" in text and "1F1B" in text
+
+
+def test_plan_respects_memory():
+    m = ModelShape.from_litgpt("Llama-3.1-8B")
+    w = Workload(m, 4096, 1, 1, "bf16-mixed")
+    c = Cluster(2, 8, intra_bw=150e9, inter_bw=1.25e9, device_memory=80e9)
+    p = plan(c, w, prefetch=(1,), strategies=("tawpipe", "ddp", "hsdp"))
+    assert not p.get("ddp").fits  # 16 bytes x 8 B params on one device
+    assert p.recommended != "ddp"
+
+
+# -- scale ------------------------------------------------------------------------------------------------------------
+def test_large_weipipe_and_tawpipe_build_validate_and_simulate():
+    """128 ranks (16 nodes x 8) in-process; 1024 ranks is timed by the CLI-free script in the README section."""
+    topo = Topology(16, 8)
+    c = Cluster(16, 8, intra_bw=150e9, inter_bw=3e9)
+    for builder in (build_tawpipe, build_weipipe):
+        s = builder(topo, 1)
+        validate(s)
+        r = simulate(s, c, costs(128, f=1e-3, b=2e-3, wbytes=5e7, gbytes=1e8))
+        assert r.makespan > 2 * 128 * 1.5e-3
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------------
+def test_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["--nodes", "2", "--devices", "2", "--inter", "10gbit", "--model", "tiny-llama-1.1b", "--override",
+               "n_layer=4", "n_embd=256", "n_head=4", "n_query_groups=4", "intermediate_size=1024", "--seq", "1024",
+               "--microbatches", "2", "--prefetch", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "recommended:" in text and "tawpipe" in text and "hsdp" in text
+    data = json.loads(out.read_text())
+    assert {p["strategy"] for p in data["predictions"]} >= {"tawpipe", "weipipe", "fsdp", "hsdp", "1f1b"}
+    assert all(p["step_time"] > 0 for p in data["predictions"])
