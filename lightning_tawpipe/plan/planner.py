@@ -45,30 +45,45 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
     """Predict ``strategies`` (TawPipe for every prefetch x group size) and recommend one."""
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
+    skipped: list[str] = []
     for s in strategies:
-        if s == "tawpipe":
-            preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g)
-                      for d in prefetch for g in group_sizes]
-        elif s == "weipipe":
-            preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch)))
-        elif s == "fsdp":
-            preds.append(analytic.fsdp(cluster, workload, compute))
-        elif s == "hsdp":
-            preds.append(analytic.fsdp(cluster, workload, compute, hybrid=True))
-            if workload.n_microbatches > 1:
-                preds.append(analytic.fsdp(cluster, workload, compute, hybrid=True, defer_allreduce=True))
-        elif s == "1f1b":
-            preds.append(analytic.onef1b(cluster, workload, compute))
-        elif s == "ddp":
-            preds.append(analytic.ddp(cluster, workload, compute))
-        else:
-            raise ValueError(f"unknown strategy {s!r}; choose from {STRATEGIES}")
+        try:
+            preds += _predict(s, cluster, workload, compute, prefetch, group_sizes)
+        except ValueError as err:  # e.g. fewer pipeline units than ranks: the strategy cannot run here
+            if s not in STRATEGIES:
+                raise
+            skipped.append(f"{s} not applicable: {err}")
+    if not preds:
+        raise ValueError("no strategy applies: " + "; ".join(skipped))
     for p in preds:
         p.fits = p.memory.total <= cluster.device_memory
     best, reason = _recommend(preds, cluster)
     result = Plan(cluster, workload, compute, preds, best, reason)
-    result.warnings = warnings(result)
+    result.warnings = skipped + warnings(result)
     return result
+
+
+def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: tuple[int, ...],
+             group_sizes: tuple[int | None, ...]) -> list[Prediction]:
+    preds: list[Prediction] = []
+    if s == "tawpipe":
+        preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g)
+                  for d in prefetch for g in group_sizes]
+    elif s == "weipipe":
+        preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch)))
+    elif s == "fsdp":
+        preds.append(analytic.fsdp(cluster, workload, compute))
+    elif s == "hsdp":
+        preds.append(analytic.fsdp(cluster, workload, compute, hybrid=True))
+        if workload.n_microbatches > 1:
+            preds.append(analytic.fsdp(cluster, workload, compute, hybrid=True, defer_allreduce=True))
+    elif s == "1f1b":
+        preds.append(analytic.onef1b(cluster, workload, compute))
+    elif s == "ddp":
+        preds.append(analytic.ddp(cluster, workload, compute))
+    else:
+        raise ValueError(f"unknown strategy {s!r}; choose from {STRATEGIES}")
+    return preds
 
 
 def _recommend(preds: list[Prediction], cluster: Cluster) -> tuple[str, str]:
