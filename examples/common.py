@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -462,6 +463,8 @@ def export_checkpoint(trainer: L.Trainer, module: LitGPTExample, out_dir: Path, 
     if trainer.is_global_zero:
         path = save_litgpt_checkpoint(state, module.config, out_dir / "final", tokenizer_dir=tokenizer_dir,
                                       prompt_style=prompt_style)
+        if module.lora:  # the adapters alone too, as litgpt finetune_lora writes them
+            torch.save({k: v.cpu() for k, v in state.items() if "lora_" in k}, path / "lit_model.pth.lora")
     trainer.strategy.barrier()
     return path
 
@@ -581,3 +584,19 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
             print(f"sample for {sample_prompt!r}:\n{text}")
     finish_distributed(trainer)
     return checkpoint
+
+
+def cli(function: Any) -> Any:
+    """``jsonargparse.CLI(function)`` with flat flags; a bare boolean flag (``--lora``) means ``--lora true``."""
+    import inspect
+    import typing
+
+    from jsonargparse import CLI, set_parsing_settings
+
+    hints = typing.get_type_hints(function)
+    flags = {f"--{name}" for name in inspect.signature(function).parameters if hints.get(name) is bool}
+    argv = sys.argv[1:]
+    args = [f"{a}=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
+            for i, a in enumerate(argv)]
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    return CLI(function, args=args, as_positional=False)

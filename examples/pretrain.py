@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     LitGPTExample,
     TrainArgs,
     build_config,
+    cli,
     run_training,
     set_cpu_threads,
 )
@@ -149,7 +150,4 @@ def setup(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    CLI(setup, as_positional=False)
+    cli(setup)
