@@ -63,10 +63,10 @@ def device_name() -> str:
 
 
 # -- 1. parity ---------------------------------------------------------------------------------------------------
-def parity() -> dict:
+def parity(precision: str) -> dict:
     from lightning_tawpipe.demo import launch_worker
 
-    args = ["--accelerator", "cuda", "--devices", "1", "--num_nodes", "1", "--group_size", "0", "--n_layer", "5",
+    args = ["--precision", precision, "--accelerator", "cuda", "--devices", "1", "--num_nodes", "1", "--group_size", "0", "--n_layer", "5",
             "--n_embd", "128", "--n_head", "4", "--n_query_groups", "2", "--seq_length", "128", "--batch_size", "8",
             "--n_microbatches", "2", "--steps", "10", "--val_batches", "2"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,9 +234,9 @@ def write_report(out: str, result: dict) -> None:
     with open(os.path.join(out, "gpu_single.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"# Single-GPU results — {result['device']} (torch {result['torch']})", ""]
-    if "parity" in result:
-        p = result["parity"]
-        lines += ["## Parity, tawpipe (nccl, 1 rank) vs ddp, fp32, TF32 off", "",
+    for key in [k for k in result if k.startswith("parity")]:
+        p = result[key]
+        lines += [f"## Parity, tawpipe (nccl, 1 rank) vs ddp, {key.partition('_')[2] or '32-true'}, TF32 off", "",
                   f"max relative loss difference over {len(p['ddp_losses'])} steps: {p['max_rel_loss_diff']:.2e}; "
                   f"max |weight difference|: {p['max_abs_weight_diff']:.2e}", ""]
     for key in [k for k in result if k.startswith("overhead")]:
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.path.exists(path):  # add parts to an earlier run's results
         result = {**json.load(open(path)), **result}
     if "parity" in parts:
-        result["parity"] = parity()
+        result["parity" if a.precision == "32-true" else f"parity_{a.precision}"] = parity(a.precision)
         write_report(a.out, result)
     if "overhead" in parts:
         result["overhead" if a.precision == "32-true" else f"overhead_{a.precision}"] = overhead(a, _strip(argv))

@@ -11,6 +11,7 @@ communication TawPipe measured. Same seed, same global batch: the two columns mu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--param_groups", action="store_true", help="two AdamW groups (decay 0.1 / none) + warmup schedule")
     p.add_argument("--clip_algorithm", default="norm", choices=["norm", "value"])
+    p.add_argument("--precision", default="32-true", help="Trainer precision (32-true, bf16-mixed, 16-mixed, bf16-true)")
+    p.add_argument("--init_scale", type=float, default=2.0**16, help="16-mixed: the gradient scaler's initial scale")
+    p.add_argument("--lora", action="store_true", help="a LitGPT LoRA model: only the LoRA matrices train")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--val_batches", type=int, default=0, help="validation batches after training (0: none)")
@@ -62,7 +66,7 @@ def run_worker(a: argparse.Namespace) -> None:
     from lightning.pytorch.callbacks import Callback
 
     import lightning_tawpipe  # noqa: F401  registers "tawpipe"
-    from lightning_tawpipe import TawPipeStrategy
+    from lightning_tawpipe import TawPipePrecision, TawPipeStrategy
     from lightning_tawpipe.data import EmbeddedTextDataModule
     from lightning_tawpipe.module import DecayGroupsLitGPTModule, LitGPTModule, ManualLitGPTModule, tiny_llama_config
 
@@ -79,11 +83,23 @@ def run_worker(a: argparse.Namespace) -> None:
     L.seed_everything(a.seed, verbose=False)
     cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
                             block_size=a.seq_length)
+    model = None
+    if a.lora:
+        from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, mark_only_lora_as_trainable
+
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+        cfg = LoRAConfig(**{**fields, "lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True,
+                            "lora_projection": True})
+        model = LoRAGPT(cfg)
+        for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapters do something at once
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        mark_only_lora_as_trainable(model)
     if a.param_groups:
         module = DecayGroupsLitGPTModule(cfg, learning_rate=a.lr, weight_decay=0.1, warmup_steps=a.warmup_steps)
     else:
         module = (ManualLitGPTModule if a.manual else LitGPTModule)(cfg, learning_rate=a.lr, weight_decay=a.weight_decay,
-                                                                   warmup_steps=a.warmup_steps)
+                                                                   warmup_steps=a.warmup_steps, model=model)
     data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
     strategy = a.strategy
     if a.strategy == "tawpipe":
@@ -91,7 +107,18 @@ def run_worker(a: argparse.Namespace) -> None:
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    activation_checkpointing=a.activation_checkpointing)
     record = Record()
+    plugins = []
+    if a.precision == "16-mixed" and a.accelerator == "cpu":  # Lightning turns Trainer(precision="16-mixed") into bf16
+        if a.strategy == "tawpipe":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            plugins = [TawPipePrecision("16-mixed", ShardedGradScaler("cpu", init_scale=a.init_scale))]
+        else:
+            from lightning.pytorch.plugins.precision import MixedPrecision
+
+            plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=a.init_scale))]
     trainer = L.Trainer(accelerator=a.accelerator, devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
+                        precision=None if plugins else a.precision, plugins=plugins,
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
                         gradient_clip_val=a.clip_val, gradient_clip_algorithm=a.clip_algorithm,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -117,11 +144,17 @@ def run_worker(a: argparse.Namespace) -> None:
         torch.tensor([[c.get("tawpipe/inter_node_bytes", 0.0), c.get("tawpipe/intra_node_bytes", 0.0)]
                       for c in record.comm], dtype=torch.float64, device=device)
     ).tolist()
+    grad_bytes = trainer.strategy.all_gather(
+        torch.tensor([c.get("tawpipe/grad_bytes", 0.0) for c in record.comm], dtype=torch.float64, device=device)
+    ).tolist()
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
     if trainer.global_rank == 0 and a.out:
         os.makedirs(a.out, exist_ok=True)
         result = {"losses": record.losses, "model_state_bytes": [r[0] for r in per_rank],
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
                   "validation": {k: float(v) for k, v in val.items()},
+                  "grad_bytes_per_rank": grad_bytes,
+                  "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
         torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}}, os.path.join(a.out, "result.pt"))
         with open(os.path.join(a.out, "result.json"), "w") as f:

@@ -124,20 +124,15 @@ class TawPipeStrategy(ParallelStrategy):
     @property
     @override
     def precision_plugin(self) -> TawPipePrecision:
-        return self._precision_plugin if self._precision_plugin is not None else TawPipePrecision()
+        if self._precision_plugin is None:
+            self._precision_plugin = TawPipePrecision()
+        return self._precision_plugin
 
     @precision_plugin.setter
     @override
     def precision_plugin(self, plugin: Optional[Precision]) -> None:
-        if plugin is not None and type(plugin) is Precision:  # what Lightning builds for precision="32-true"
-            plugin = TawPipePrecision()
-        if plugin is not None and not isinstance(plugin, TawPipePrecision):
-            raise TypeError(
-                f"TawPipe works with precision='32-true' (its TawPipePrecision plugin) for now; got "
-                f"{type(plugin).__name__}. Mixed and half precision (weights and gradients travelling in bf16/fp16 "
-                "with fp32 masters on their owners) are not supported yet: use precision='32-true'."
-            )
-        self._precision_plugin = plugin
+        # Lightning builds Precision / MixedPrecision / HalfPrecision from Trainer(precision=...): take their meaning
+        self._precision_plugin = None if plugin is None else TawPipePrecision.from_lightning(plugin)
 
     # -- ranks, devices, process group (as ddp) ----------------------------------------------------------------
     @property
@@ -243,6 +238,8 @@ class TawPipeStrategy(ParallelStrategy):
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.pipeline is None:
+            precision = self.precision_plugin
+            precision.bind_device(self.root_device.type)
             self.pipeline = Pipeline(
                 model,
                 self.topology,
@@ -250,12 +247,14 @@ class TawPipeStrategy(ParallelStrategy):
                 prefetch=self.prefetch,
                 partition=self.partition,
                 device=self.root_device,
+                param_dtype=precision.param_dtype,
+                master_dtype=precision.master_dtype,
                 validate_schedules=self.validate_schedules,
                 p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
                 activation_checkpointing=self.activation_checkpointing,
             )
             rank_zero_info(self.pipeline.describe())
-            self.precision_plugin.replicated = set(self.pipeline.replicated)
+            precision.replicated = set(self.pipeline.replicated)
             if self.schedule == "weipipe" and self.topology.world_size >= 3:
                 rank_zero_warn(
                     "schedule='weipipe' on 3+ ranks: the ring couples ranks across micro-batches, so a collective "
@@ -276,12 +275,13 @@ class TawPipeStrategy(ParallelStrategy):
             engine.end()
             return out
         batch, rest = args[0], args[1:]
+        precision = self.precision_plugin
         micro_batches = split_batch(batch, self.n_microbatches)
         scale = 1.0 / (self.n_microbatches * self.lightning_module.trainer.accumulate_grad_batches)
         engine.begin(train=True, n_microbatches=self.n_microbatches)
 
         def run_micro_batch(i: int):
-            with self.precision_plugin.train_step_context():
+            with precision.train_step_context():
                 output = module.training_step(micro_batches[i], *rest, **kwargs)
             loss = output["loss"] if isinstance(output, Mapping) else output
             if not isinstance(loss, Tensor):
@@ -289,7 +289,7 @@ class TawPipeStrategy(ParallelStrategy):
                     "TawPipe needs training_step to return a loss tensor for every micro-batch (skipping a batch by "
                     "returning None would leave the other ranks waiting for this rank's weights and gradients)."
                 )
-            self.precision_plugin.backward(loss * scale, module, None)
+            precision.backward(precision.scale_loss(loss * scale), module, None)
             return loss.detach(), output
 
         results = MicrobatchRunner(engine).run(len(micro_batches), run_micro_batch)

@@ -249,7 +249,45 @@ def test_default_precision_plugin_is_tawpipe_precision():
     assert isinstance(trainer.precision_plugin, TawPipePrecision)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
+@pytest.mark.parametrize(
+    "precision, param_dtype, master_dtype, peak_dtype",
+    [("32-true", torch.float32, torch.float32, torch.float32),
+     ("bf16-mixed", torch.bfloat16, torch.float32, torch.bfloat16),
+     ("bf16-true", torch.bfloat16, torch.bfloat16, torch.bfloat16),
+     ("16-true", torch.float16, torch.float16, torch.float16)],
+)
+def test_trainer_precision_becomes_tawpipe_precision(precision, param_dtype, master_dtype, peak_dtype):
+    """Trainer(precision=...) gives a TawPipePrecision with the right traffic/master dtypes, and ThroughputMonitor
+    measures MFU against the peak of the dtype the model really computes in (not fp32 for a bf16 run)."""
+    from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+    from lightning_tawpipe import TawPipePrecision
+
+    trainer = L.Trainer(strategy="tawpipe", accelerator="cpu", devices=2, precision=precision, logger=False)
+    plugin = trainer.precision_plugin
+    assert isinstance(plugin, TawPipePrecision) and plugin.precision == precision
+    assert (plugin.param_dtype, plugin.master_dtype) == (param_dtype, master_dtype)
+    assert _plugin_to_compute_dtype(plugin) == peak_dtype
+
+
+def test_16_mixed_gets_a_sharded_scaler():
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from lightning_tawpipe import TawPipePrecision
+
+    plugin = TawPipePrecision("16-mixed")
+    plugin.bind_device("cpu")
+    assert isinstance(plugin.scaler, ShardedGradScaler)  # its inf/nan check is all-reduced over every rank
+
+
+@pytest.mark.parametrize("precision", ["64-true"])
 def test_unsupported_precision_raises_at_construction(precision):
-    with pytest.raises(TypeError, match="32-true"):
+    with pytest.raises((TypeError, ValueError), match="TawPipe"):
         L.Trainer(strategy="tawpipe", accelerator="cpu", devices=2, precision=precision, logger=False)
+
+
+def test_unknown_precision_string_for_the_plugin():
+    from lightning_tawpipe import TawPipePrecision
+
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        TawPipePrecision("fp8")

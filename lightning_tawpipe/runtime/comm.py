@@ -37,12 +37,13 @@ class CommStats:
 
     intra_node_bytes: int = 0
     inter_node_bytes: int = 0
+    grad_bytes: int = 0  # the part of both that carried gradients (the rest carried weights)
     comm_wait_s: float = 0.0
     messages: int = 0
     wait_by_op: dict[str, float] = field(default_factory=dict)  # seconds blocked, by the kind of op waited for
 
     def reset(self) -> None:
-        self.intra_node_bytes = self.inter_node_bytes = self.messages = 0
+        self.intra_node_bytes = self.inter_node_bytes = self.grad_bytes = self.messages = 0
         self.comm_wait_s = 0.0
         self.wait_by_op = {}
 
@@ -50,6 +51,7 @@ class CommStats:
         return {
             "intra_node_bytes": float(self.intra_node_bytes),
             "inter_node_bytes": float(self.inter_node_bytes),
+            "grad_bytes": float(self.grad_bytes),
             "comm_wait_s": self.comm_wait_s,
         }
 
@@ -117,12 +119,7 @@ class Comm:
 
     def isend(self, tensor: torch.Tensor, peer: int, lane: str):
         group, group_peer = self._p2p_target(lane, self.rank, peer)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.topo.same_group(peer, self.rank):
-            self.stats.intra_node_bytes += nbytes
-        else:
-            self.stats.inter_node_bytes += nbytes
-        self.stats.messages += 1
+        self._count(tensor.numel() * tensor.element_size(), self.topo.same_group(peer, self.rank), lane)
         return dist.isend(tensor, group=group, group_dst=group_peer)
 
     def irecv(self, tensor: torch.Tensor, peer: int, lane: str):
@@ -132,17 +129,24 @@ class Comm:
     # -- intra-node collectives -----------------------------------------------------------------------------------
     def broadcast(self, tensor: torch.Tensor, root: int, lane: str):
         if root == self.rank:
-            self.stats.intra_node_bytes += tensor.numel() * tensor.element_size() * (self.topo.group_size - 1)
-            self.stats.messages += 1
+            self._count(tensor.numel() * tensor.element_size() * (self.topo.group_size - 1), True, lane)
         group = self.lanes[lane].node_group
         return dist.broadcast(tensor, group=group, group_src=self.topo.local_index(root), async_op=True)
 
     def reduce(self, tensor: torch.Tensor, root: int, lane: str):
         if root != self.rank:
-            self.stats.intra_node_bytes += tensor.numel() * tensor.element_size()
-            self.stats.messages += 1
+            self._count(tensor.numel() * tensor.element_size(), True, lane)
         group = self.lanes[lane].node_group
         return dist.reduce(tensor, group=group, group_dst=self.topo.local_index(root), op=dist.ReduceOp.SUM, async_op=True)
+
+    def _count(self, nbytes: int, intra_node: bool, lane: str) -> None:
+        if intra_node:
+            self.stats.intra_node_bytes += nbytes
+        else:
+            self.stats.inter_node_bytes += nbytes
+        if lane == "grads":
+            self.stats.grad_bytes += nbytes
+        self.stats.messages += 1
 
     def wait(self, work, what: str = "other") -> None:
         """Block until ``work`` is done, counting the time as communication wait (attributed to ``what``)."""

@@ -46,6 +46,10 @@ _POSTED = {
 }
 
 
+# actions that move or combine gradients: they cover only a chunk's trainable prefix (see ChunkLayout)
+_GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G)
+
+
 @dataclass(frozen=True)
 class _SavedWeight:
     """What autograd keeps for a saved view of a working buffer: the chunk and the view's geometry."""
@@ -74,6 +78,8 @@ class Engine:
         self._build_schedule = build_schedule
         self._schedules: dict[tuple[bool, int], Schedule] = {}
         self.compute_dtype, self.device = compute_dtype, device
+        # what the owner serves its chunk from: the master itself, or a copy in the compute (traffic) dtype
+        self._own = shard.weights if shard.weights.dtype == compute_dtype else shard.weights.to(compute_dtype)
         self.activation_checkpointing = activation_checkpointing
         self.token = torch.zeros((), device=device, requires_grad=True)
         self._buffers: dict[str, torch.Tensor] = {}
@@ -98,12 +104,19 @@ class Engine:
     def active(self) -> bool:
         return self._program is not None
 
+    @property
+    def training_iteration(self) -> bool:
+        """Whether the running iteration has backward steps."""
+        return self._program is not None and self._train
+
     def begin(self, train: bool, n_microbatches: int) -> None:
         """Start an iteration: ``n_microbatches`` forward (and, if ``train``, backward) passes will follow."""
         if self._program is not None:
             raise RuntimeError("A TawPipe iteration is already running; each step must finish before the next.")
         schedule = self.schedule(train, n_microbatches)
         self._ensure_buffers(schedule)
+        if self._own is not self.shard.weights:  # the optimizer stepped the masters since the last iteration
+            self._own.copy_(self.shard.weights)
         self._program, self._pc, self._current = schedule.program(self.rank), 0, None
         self._train = train
 
@@ -190,16 +203,20 @@ class Engine:
     def _ensure_buffers(self, schedule: Schedule) -> None:
         n = self.layout.max_numel
         wanted = {f"s{i}": self.compute_dtype for i in range(schedule.n_slots)}
-        wanted.update({f"g{i}": torch.float32 for i in range(schedule.n_grad_buffers if schedule.train else 0)})
-        wanted.update({f"q{i}": torch.float32 for i in range(schedule.n_recv_buffers if schedule.train else 0)})
+        # gradients are produced, reduced and sent in the compute dtype; owners accumulate them in the master dtype
+        wanted.update({f"g{i}": self.compute_dtype for i in range(schedule.n_grad_buffers if schedule.train else 0)})
+        wanted.update({f"q{i}": self.compute_dtype for i in range(schedule.n_recv_buffers if schedule.train else 0)})
         for name, dtype in wanted.items():
             if name not in self._buffers:
                 self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
 
     def _view(self, buf: str, chunk: int) -> torch.Tensor:
         if buf == "own":
-            return self.shard.weights
+            return self._own
         return self._buffers[buf][: self.layout.numel[chunk]]
+
+    def _grad_view(self, buf: str, chunk: int) -> torch.Tensor:
+        return self._buffers[buf][: self.layout.n_trainable[chunk]]
 
     def _run_until_compute(self) -> Action | None:
         program = self._program
@@ -220,7 +237,8 @@ class Engine:
             self._bound[action.buf] = action.chunk
         self._detach_grads()
         if action.op is Op.BACKWARD:
-            grad = self._view(action.buf2, action.chunk).zero_()
+            self._grad_view(action.buf2, action.chunk).zero_()
+            grad = self._view(action.buf2, action.chunk)
             for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
                 if e.param.requires_grad:
                     e.param.grad = view
@@ -251,9 +269,12 @@ class Engine:
         reads, writes = a.reads_writes(self.rank)
         self._wait_conflicts(reads, writes)
         op, work = a.op, None
+        if op in _GRADIENT_OPS and self.layout.n_trainable[a.chunk] == 0:
+            return  # a frozen chunk: no gradient to move (every rank's layout agrees, so peers skip it too)
         if op in _POSTED:
             method, lane = _POSTED[op]
-            work = getattr(self.comm, method)(self._view(a.buf, a.chunk), a.peer, lane)
+            view = self._grad_view(a.buf, a.chunk) if op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
+            work = getattr(self.comm, method)(view, a.peer, lane)
         elif op is Op.RELEASE:
             if self._bound.get(a.buf) == a.chunk:
                 self.layout.unbind(a.chunk)
@@ -261,9 +282,9 @@ class Engine:
         elif op is Op.COPY_W:
             self._view(a.buf, a.chunk).copy_(self.shard.weights)
         elif op is Op.ACC_G:
-            self.shard.grad_acc.add_(self._view(a.buf, a.chunk))
+            self.shard.grad_acc.add_(self._grad_view(a.buf, a.chunk))
         elif op is Op.ADD_G:
-            self._view(a.buf, a.chunk).add_(self._view(a.buf2, a.chunk))
+            self._grad_view(a.buf, a.chunk).add_(self._grad_view(a.buf2, a.chunk))
         else:
             raise RuntimeError(f"the engine cannot execute {a}")
         if work is not None:

@@ -40,7 +40,8 @@ class Pipeline:
         prefetch: int = 1,
         partition: str = "parameters",
         device: torch.device,
-        compute_dtype: torch.dtype = torch.float32,
+        param_dtype: torch.dtype = torch.float32,
+        master_dtype: torch.dtype = torch.float32,
         validate_schedules: bool = True,
         p2p_groups: str = "rail",
         activation_checkpointing: bool = False,
@@ -55,17 +56,33 @@ class Pipeline:
         self.chunk_units = ranges
         self.chunk_of_unit = [c for c, r in enumerate(ranges) for _ in r]
         self.layout = ChunkLayout([[np for u in r for np in self.units[u].named_parameters()] for r in ranges])
+        self._check_same_model_everywhere()
         self.owners = [self._owner(c) for c in range(topo.world_size)]
         self.owned_chunk = self.owners.index(self.rank)
-        self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights(device))
+        self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights(device), master_dtype)
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
             dist.broadcast(p.data, src=0)
         self._validate = validate_schedules
-        self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, compute_dtype, device,
+        self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, param_dtype, device,
                              activation_checkpointing=activation_checkpointing)
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
+
+    def _check_same_model_everywhere(self) -> None:
+        """Every rank must have cut the same model the same way, or transfers would silently mismatch in size."""
+        mine = [(e.name, tuple(e.shape), str(e.dtype), e.param.requires_grad) for es in self.layout.entries for e in es]
+        everyone: list = [None] * self.topo.world_size
+        dist.all_gather_object(everyone, mine)
+        for rank, theirs in enumerate(everyone):
+            if theirs != everyone[0]:
+                diff = next((f"{a} vs {b}" for a, b in zip(everyone[0], theirs) if a != b),
+                            f"{len(everyone[0])} vs {len(theirs)} parameters")
+                raise RuntimeError(
+                    f"Rank {rank} built a different model than rank 0 (parameter name, shape, dtype, requires_grad: "
+                    f"{diff}). Every rank must construct the same model with the same config and freeze the same "
+                    "parameters before fit."
+                )
 
     # -- placement and schedules -----------------------------------------------------------------------------------
     def _owner(self, chunk: int) -> int:
@@ -165,7 +182,7 @@ class Pipeline:
         works, flats = [], {}
         for c, owner in enumerate(self.owners):
             if self.rank == dst:
-                flats[c] = torch.empty(self.layout.numel[c], dtype=torch.float32, device=self.shard.weights.device)
+                flats[c] = torch.empty(self.layout.numel[c], dtype=self.shard.weights.dtype, device=self.shard.weights.device)
                 if owner == dst:
                     flats[c].copy_(self.shard.weights)
                 if owner != dst:
@@ -179,7 +196,7 @@ class Pipeline:
         state = {k: v for k, v in root.state_dict().items()}
         for c, flat in flats.items():
             for e, view in zip(self.layout.entries[c], self.layout.views(c, flat)):
-                state[e.name] = view.clone().to(e.param.dtype)
+                state[e.name] = view.clone().to(e.dtype)
         return state
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -25,20 +25,27 @@ class FlatEntry:
     offset: int
     numel: int
     shape: torch.Size
+    dtype: torch.dtype  # the parameter's own dtype (a low-precision working copy is bound only during compute)
 
 
 class ChunkLayout:
-    """Flat layout of every chunk: ``entries[c]`` in order, ``numel[c]`` elements."""
+    """Flat layout of every chunk: ``entries[c]`` in order, ``numel[c]`` elements.
+
+    Trainable parameters come first in each chunk, so a chunk's gradients are the prefix ``[:n_trainable[c]]`` of
+    its flat buffer: frozen parameters (``requires_grad=False``, e.g. a LoRA base model) send no gradient bytes and
+    owners keep no gradient accumulator for them. Which parameters are frozen is read when the layout is built.
+    """
 
     def __init__(self, chunk_params: list[list[tuple[str, nn.Parameter]]]) -> None:
         self.entries: list[list[FlatEntry]] = []
         for params in chunk_params:
             offset, entries = 0, []
-            for name, p in params:
-                entries.append(FlatEntry(name, p, offset, p.numel(), p.shape))
+            for name, p in sorted(params, key=lambda np: not np[1].requires_grad):  # stable: trainable first
+                entries.append(FlatEntry(name, p, offset, p.numel(), p.shape, p.dtype))
                 offset += p.numel()
             self.entries.append(entries)
         self.numel = [sum(e.numel for e in entries) for entries in self.entries]
+        self.n_trainable = [sum(e.numel for e in entries if e.param.requires_grad) for entries in self.entries]
         self._empty: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
@@ -70,19 +77,24 @@ class ChunkLayout:
     def unbind(self, chunk: int) -> None:
         """Drop the chunk's parameters to zero-size storage: not resident, no memory, loud misuse."""
         for e in self.entries[chunk]:
-            key = (e.param.dtype, e.param.device)
+            key = (e.dtype, e.param.device)
             if key not in self._empty:
-                self._empty[key] = torch.empty(0, dtype=e.param.dtype, device=e.param.device)
+                self._empty[key] = torch.empty(0, dtype=e.dtype, device=e.param.device)
             e.param.data = self._empty[key]
 
 
 class OwnedShard:
-    """The chunk this rank owns: fp32 master weights, gradient accumulator, and the optimizer's parameters."""
+    """The chunk this rank owns: master weights, gradient accumulator, and the optimizer's parameters.
 
-    def __init__(self, layout: ChunkLayout, chunk: int, initial: torch.Tensor) -> None:
+    Masters are fp32 unless the precision is a "true" low precision (then they are in that dtype, as ``ddp`` keeps
+    them); the gradient accumulator covers only the trainable prefix of the chunk.
+    """
+
+    def __init__(self, layout: ChunkLayout, chunk: int, initial: torch.Tensor,
+                 master_dtype: torch.dtype = torch.float32) -> None:
         self.layout, self.chunk = layout, chunk
-        self.weights = initial.detach().to(torch.float32).clone()
-        self.grad_acc = torch.zeros_like(self.weights)
+        self.weights = initial.detach().to(master_dtype).clone()
+        self.grad_acc = torch.zeros(layout.n_trainable[chunk], dtype=master_dtype, device=self.weights.device)
         self.params: dict[nn.Parameter, nn.Parameter] = {}
         for e, w in zip(layout.entries[chunk], layout.views(chunk, self.weights)):
             master = nn.Parameter(w, requires_grad=e.param.requires_grad)
@@ -95,9 +107,9 @@ class OwnedShard:
     def attach_grads(self, scale: float) -> None:
         """Scale the accumulated gradient and expose it as ``.grad`` of the master parameters."""
         self.grad_acc.mul_(scale)
-        for e, g in zip(self.layout.entries[self.chunk], self.layout.views(self.chunk, self.grad_acc)):
+        for e in self.layout.entries[self.chunk]:
             master = self.params[e.param]
-            master.grad = g if master.requires_grad else None
+            master.grad = self.grad_acc[e.offset : e.offset + e.numel].view(e.shape) if master.requires_grad else None
 
     def zero_grad(self) -> None:
         self.grad_acc.zero_()

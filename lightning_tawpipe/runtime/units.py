@@ -108,6 +108,23 @@ class _UnitFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
+class _JoinGraph(torch.autograd.Function):
+    """Identity that puts a unit's output into the autograd graph (through the engine's token).
+
+    A frozen first unit (e.g. a LoRA model's embedding) gets integer token ids and has no trainable weights, so its
+    output would not require grad: its backward would never run and the schedule's backward step for it would
+    never be requested. Joining the graph makes autograd reach it like every other unit.
+    """
+
+    @staticmethod
+    def forward(ctx, token: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None
+
+
 class _UnitRunner:
     """Binds one unit module call (its non-tensor arguments) to the engine."""
 
@@ -176,6 +193,8 @@ def _make_wrapper(engine, chunk: int, original: Callable) -> Callable:
                 out = original(*args, **kwargs)
             if not torch.is_tensor(out):
                 raise TypeError(f"TawPipe units must return one tensor; {type(module).__name__} returned {type(out)}")
+            if not out.requires_grad and engine.training_iteration and out.is_floating_point():
+                out = _JoinGraph.apply(engine.token, out)
             if out.requires_grad:
                 out.register_hook(enter_backward)
             return out

@@ -23,6 +23,8 @@ Per rank the program does, in order:
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 from dataclasses import dataclass
 
 from lightning_tawpipe.schedule.actions import Action, Op
@@ -61,6 +63,7 @@ def build_tawpipe(
     n_chunks, n_slots = topo.world_size, prefetch + 1
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
     steps = sample_major_steps(n_chunks, n_microbatches, train)
+    backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
     builders = [ProgramBuilder(len(steps)) for _ in range(topo.world_size)]
     weight_sends: dict[int, list[tuple[int, int, Action]]] = {r: [] for r in range(topo.world_size)}
     arrivals: dict[int, list[_GradArrival]] = {r: [] for r in range(topo.world_size)}
@@ -81,11 +84,13 @@ def build_tawpipe(
                 tick = issue + node
                 weight_sends[owner].append((tick, root, Action(Op.SEND_W, load.chunk, peer=root, buf="own")))
                 bcast_point = min(issue + 1, load.first - 1)
+            computes = [(j, _compute_action(steps[j], slot, backward_before[j], grad_buffers))
+                        for j in range(load.first, load.last + 1)]
             for r in ranks:
                 if topo.group_size > 1:
                     builders[r].at(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
-                for j in range(load.first, load.last + 1):
-                    builders[r].compute[j] = _compute_action(steps[j], slot, j, steps, grad_buffers)
+                for j, action in computes:
+                    builders[r].compute[j] = action
                 builders[r].at(load.last).append(Action(Op.RELEASE, load.chunk, buf=slot))
         if train:
             _place_gradients(topo, node, steps, owners, builders, arrivals, grad_buffers)
@@ -107,10 +112,9 @@ def build_tawpipe(
     )
 
 
-def _compute_action(step, slot: str, j: int, steps, grad_buffers: int) -> Action:
+def _compute_action(step, slot: str, n_backward_before: int, grad_buffers: int) -> Action:
     if step.op is Op.FORWARD:
         return Action(Op.FORWARD, step.chunk, mb=step.mb, buf=slot)
-    n_backward_before = sum(1 for s in steps[:j] if s.op is Op.BACKWARD)
     return Action(Op.BACKWARD, step.chunk, mb=step.mb, buf=slot, buf2=f"g{n_backward_before % grad_buffers}")
 
 
