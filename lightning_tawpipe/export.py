@@ -67,6 +67,7 @@ def merge_lora_state_dict(state_dict: Mapping[str, Tensor], config: Config) -> d
 
     Loads the weights into a CPU ``litgpt.lora.GPT(config)``, merges with ``litgpt.lora.merge_lora_weights`` and
     returns the non-LoRA entries with the ``linear.`` wrapper prefix dropped, exactly as ``litgpt merge_lora`` does.
+    ``state_dict`` is not modified.
     """
     from litgpt.lora import GPT as LoRAGPT
     from litgpt.lora import Config as LoRAConfig
@@ -76,7 +77,8 @@ def merge_lora_state_dict(state_dict: Mapping[str, Tensor], config: Config) -> d
         raise TypeError(f"merge_lora_state_dict needs a litgpt.lora.Config, got {type(config).__name__}")
     with torch.device("meta"):
         model = LoRAGPT(config)
-    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    # copies: merging adds to the base weights in place, and the caller's tensors must stay untouched
+    model.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=True, assign=True)
     model.eval()  # no dropout; merge_lora_weights only merges, but keep the module in inference mode
     merge_lora_weights(model)
     return {k.replace("linear.", ""): v.detach().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
