@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from litgpt import Config
@@ -569,7 +569,7 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
         num_sanity_val_steps=0,
         log_every_n_steps=args.log_interval,
         logger=CSVLogger(out_dir, name="logs"),
-        callbacks=[throughput, report],
+        callbacks=[throughput, report] + ([TQDMProgressBar()] if args.progress_bar else []),
         enable_checkpointing=False,
         enable_progress_bar=args.progress_bar,
         enable_model_summary=False,

@@ -122,7 +122,7 @@ def setup(
         accelerator: ``cpu``, ``gpu`` or ``auto``.
         devices: Processes per node.
         num_nodes: Number of nodes.
-        precision: Lightning precision flag (TawPipe: ``32-true``).
+        precision: Lightning precision flag (``32-true``, ``bf16-mixed``...; whatever the strategy supports).
         max_steps: Optimizer steps.
         batch_size: Samples per process per step.
         max_seq_length: Longest tokenized sample (longer ones are truncated). Default: the model's block size.

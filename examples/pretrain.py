@@ -99,7 +99,7 @@ def setup(
         accelerator: ``cpu``, ``gpu`` or ``auto``.
         devices: Processes per node.
         num_nodes: Number of nodes (set ``NODE_RANK`` per node, or let SLURM/torchrun set the ranks).
-        precision: Lightning precision flag (TawPipe: ``32-true``).
+        precision: Lightning precision flag (``32-true``, ``bf16-mixed``...; whatever the strategy supports).
         max_steps: Optimizer steps.
         batch_size: Samples per process per step.
         max_seq_length: Tokens per sample.
