@@ -296,14 +296,15 @@ class LitGPTExample(LitGPTModule):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def measure_cpu_peak_flops(size: int = 384, trials: int = 8, seconds_per_trial: float = 0.04) -> float:
-    """Achieved fp32 FLOP/s of a square matmul with this process's threads: the MFU reference on a CPU.
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 384, trials: int = 8,
+                           seconds_per_trial: float = 0.04) -> float:
+    """Achieved FLOP/s of a square ``dtype`` matmul with this process's threads: the MFU reference on a CPU.
 
     Lightning knows the peak FLOP/s of GPUs and TPUs but not of CPUs, so on a CPU the examples report MFU against
     this measured matmul rate (an achievable peak, not a datasheet number). The best of several short trials is
     kept, so a moment of contention from other processes does not deflate the reference.
     """
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(trials):
@@ -334,7 +335,9 @@ class TokenThroughput(ThroughputMonitor):
         if self.available_flops is None and trainer.strategy.root_device.type == "cpu":
             # every rank measures at the same moment, so the reference is one process's share of a busy machine
             trainer.strategy.barrier()
-            self.available_flops = measure_cpu_peak_flops()
+            # fp32 whatever the precision: CPUs without native bf16/fp16 matmuls run those slower than the model's
+            # autocast mix, which would put MFU above 100%
+            self.available_flops = measure_cpu_peak_flops(torch.float32)
             self.peak_source = "measured CPU matmul"
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.available_flops
@@ -563,7 +566,7 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate_grad_batches,
         gradient_clip_val=args.max_norm,
-        val_check_interval=args.eval_interval,
+        val_check_interval=args.eval_interval * args.accumulate_grad_batches,  # counted in batches, not steps
         check_val_every_n_epoch=None,
         limit_val_batches=args.eval_iters,
         num_sanity_val_steps=0,
