@@ -10,6 +10,8 @@ bit-identical batches and their losses can be compared step by step.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -163,19 +165,53 @@ class EmbeddedTextDataModule(DataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup()
-        return self._make_loader(self.train_dataset)
+        return self._make_loader(self.train_dataset, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
             self.setup()
         return self._make_loader(self.val_dataset)
 
-    def _make_loader(self, dataset: Dataset) -> DataLoader:
+    def _make_loader(self, dataset: Dataset, resumable: bool = False) -> DataLoader:
         """In-order loader: no shuffling and no ragged last batch, for reproducibility."""
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            drop_last=True,
-            num_workers=self.num_workers,
-        )
+        kwargs = dict(batch_size=self.batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers)
+        if resumable:
+            return ResumableDataLoader(dataset, progress=self.batches_done_in_epoch, **kwargs)
+        return DataLoader(dataset, **kwargs)
+
+    def batches_done_in_epoch(self) -> int:
+        """Training batches of the current epoch already consumed by optimizer steps (0 without a Trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not math.isfinite(trainer.num_training_batches) or trainer.num_training_batches < 1:
+            return 0
+        return (trainer.global_step * trainer.accumulate_grad_batches) % int(trainer.num_training_batches)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning can checkpoint mid-epoch, so a resumed run sees exactly the batches an
+    uninterrupted one would have seen.
+
+    It implements Lightning's stateful-loader protocol (``state_dict``/``load_state_dict``, saved with the fit
+    loop). The position comes from ``progress()`` - the Trainer's own count of batches consumed by optimizer steps -
+    rather than from the iterator, because Lightning's data fetcher reads one batch ahead of training. On resume the
+    first epoch's iterator skips that many batches of the same (seeded, per-epoch) sampler order. Checkpoints taken
+    at optimizer-step boundaries (``ModelCheckpoint``, ``trainer.save_checkpoint`` after fit) resume exactly.
+    """
+
+    def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done_in_epoch": int(self.progress()) if self.progress is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_done_in_epoch", 0))
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):
+            next(iterator)
+        return iterator

@@ -14,9 +14,11 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+from datetime import timedelta
 
 import torch
 
@@ -48,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--param_groups", action="store_true", help="two AdamW groups (decay 0.1 / none) + warmup schedule")
     p.add_argument("--clip_algorithm", default="norm", choices=["norm", "value"])
     p.add_argument("--precision", default="32-true", help="Trainer precision (32-true, bf16-mixed, 16-mixed, bf16-true)")
+    p.add_argument("--meta_init", action="store_true", help="tawpipe: build on the meta device, init by the chunk")
+    p.add_argument("--seeded_init", action="store_true",
+                   help="initialize an ordinary model as meta_init does (name-seeded reset_parameters)")
     p.add_argument("--init_scale", type=float, default=2.0**16, help="16-mixed: the gradient scaler's initial scale")
     p.add_argument("--lora", action="store_true", help="a LitGPT LoRA model: only the LoRA matrices train")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -55,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val_batches", type=int, default=0, help="validation batches after training (0: none)")
     p.add_argument("--save_ckpt", default=None, help="worker: save a checkpoint here after fit")
     p.add_argument("--resume", default=None, help="worker: resume fit from this checkpoint")
+    p.add_argument("--state_dict_type", default="sharded", choices=["sharded", "full"], help="tawpipe checkpoints")
+    p.add_argument("--checkpoint_dir", default=None, help="worker: ModelCheckpoint directory (every_n_steps, last)")
+    p.add_argument("--every_n_steps", type=int, default=0, help="worker: ModelCheckpoint every_n_train_steps")
+    p.add_argument("--crash_on_save", type=int, default=0,
+                   help="fault injection for tests: rank 1 dies at the start of its N-th checkpoint save")
+    p.add_argument("--timeout_s", type=float, default=None, help="collective timeout in seconds (tawpipe)")
     p.add_argument("--out", default=None, help="directory for result.pt / result.json")
     p.add_argument("--worker", action="store_true", help="run one training job (used by the compare mode and tests)")
     return p
@@ -63,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_worker(a: argparse.Namespace) -> None:
     """One Lightning job; global rank 0 writes ``result.pt`` (losses, full weights, per-rank state bytes)."""
     import lightning as L
+    import psutil
     from lightning.pytorch.callbacks import Callback
 
     import lightning_tawpipe  # noqa: F401  registers "tawpipe"
@@ -74,6 +86,14 @@ def run_worker(a: argparse.Namespace) -> None:
         def __init__(self) -> None:
             self.losses: list[float] = []
             self.comm: list[dict[str, float]] = []
+            self.setup_growth_mb = 0.0
+
+        def setup(self, trainer, pl_module, stage) -> None:  # before configure_model
+            self._rss = psutil.Process().memory_info().rss
+
+        def on_fit_start(self, trainer, pl_module) -> None:  # after the strategy built (and sharded) the model
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.setup_growth_mb = max(0, peak - self._rss) / 2**20
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
@@ -83,7 +103,27 @@ def run_worker(a: argparse.Namespace) -> None:
     L.seed_everything(a.seed, verbose=False)
     cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
                             block_size=a.seq_length)
+    from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO
+
+    class CrashingCheckpointIO(TawPipeCheckpointIO):
+        """Fault injection: rank 1 dies once every rank has agreed on the staging directory of the N-th save."""
+
+        saves = 0
+
+        def _write_shards(self, shards, staging) -> None:
+            CrashingCheckpointIO.saves += 1
+            if CrashingCheckpointIO.saves == a.crash_on_save and torch.distributed.get_rank() == 1:
+                os._exit(13)
+            super()._write_shards(shards, staging)
+
     model = None
+    if a.seeded_init:
+        from litgpt import GPT
+
+        from lightning_tawpipe.init import seeded_reset_parameters
+
+        model = GPT(cfg)
+        seeded_reset_parameters(model, a.seed, prefix="model")  # names as inside the LightningModule
     if a.lora:
         from litgpt.lora import GPT as LoRAGPT, Config as LoRAConfig, mark_only_lora_as_trainable
 
@@ -101,28 +141,41 @@ def run_worker(a: argparse.Namespace) -> None:
         module = (ManualLitGPTModule if a.manual else LitGPTModule)(cfg, learning_rate=a.lr, weight_decay=a.weight_decay,
                                                                    warmup_steps=a.warmup_steps, model=model)
     data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
-    strategy = a.strategy
+    strategy, plugins = a.strategy, []
     if a.strategy == "tawpipe":
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
-                                   activation_checkpointing=a.activation_checkpointing)
+                                   activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
+                                   state_dict_type=a.state_dict_type,
+                                   checkpoint_io=CrashingCheckpointIO() if a.crash_on_save else None,
+                                   **({"timeout": timedelta(seconds=a.timeout_s)} if a.timeout_s else {}))
+    elif a.resume and os.path.isdir(a.resume):  # another strategy resuming from a sharded TawPipe checkpoint
+        plugins.append(TawPipeCheckpointIO())
     record = Record()
-    plugins = []
+    callbacks = [record]
+    if a.checkpoint_dir:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=a.checkpoint_dir, every_n_train_steps=a.every_n_steps or None,
+                                         save_top_k=-1, save_last=True))
+    precision = a.precision
     if a.precision == "16-mixed" and a.accelerator == "cpu":  # Lightning turns Trainer(precision="16-mixed") into bf16
         if a.strategy == "tawpipe":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-            plugins = [TawPipePrecision("16-mixed", ShardedGradScaler("cpu", init_scale=a.init_scale))]
+            plugins.append(TawPipePrecision("16-mixed", ShardedGradScaler("cpu", init_scale=a.init_scale)))
         else:
             from lightning.pytorch.plugins.precision import MixedPrecision
 
-            plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=a.init_scale))]
+            plugins.append(MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=a.init_scale)))
+        precision = None
     trainer = L.Trainer(accelerator=a.accelerator, devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
-                        precision=None if plugins else a.precision, plugins=plugins,
+                        precision=precision, plugins=plugins,
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
                         gradient_clip_val=a.clip_val, gradient_clip_algorithm=a.clip_algorithm,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=a.val_batches, callbacks=[record])
+                        enable_checkpointing=bool(a.checkpoint_dir), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=a.val_batches,
+                        callbacks=callbacks)
     trainer.fit(module, data, ckpt_path=a.resume)
     if a.save_ckpt:
         trainer.save_checkpoint(a.save_ckpt)
@@ -147,6 +200,7 @@ def run_worker(a: argparse.Namespace) -> None:
     grad_bytes = trainer.strategy.all_gather(
         torch.tensor([c.get("tawpipe/grad_bytes", 0.0) for c in record.comm], dtype=torch.float64, device=device)
     ).tolist()
+    setup_growth = trainer.strategy.all_gather(torch.tensor(record.setup_growth_mb, device=device)).reshape(-1)
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if trainer.global_rank == 0 and a.out:
         os.makedirs(a.out, exist_ok=True)
@@ -154,6 +208,7 @@ def run_worker(a: argparse.Namespace) -> None:
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
                   "validation": {k: float(v) for k, v in val.items()},
                   "grad_bytes_per_rank": grad_bytes,
+                  "setup_peak_growth_mb": setup_growth.tolist(),
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
         torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}}, os.path.join(a.out, "result.pt"))

@@ -18,13 +18,15 @@ mean over equally sized micro-batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
 from lightning.fabric.utilities.distributed import _sync_ddp_if_available
@@ -38,6 +40,8 @@ from typing_extensions import override
 
 from lightning.pytorch.plugins.precision import Precision
 
+from lightning_tawpipe import init
+from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_save, check_checkpoint, load_local_shards
 from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
@@ -67,6 +71,13 @@ class TawPipeStrategy(ParallelStrategy):
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
             backward: less activation memory, one more forward of compute).
+        meta_init: build the model in ``configure_model`` on the meta device and let each owner materialize and
+            initialize only its own chunk (``bool``, default False), so no rank ever holds the whole model. Weights
+            are then initialized per module from a generator seeded by the run's seed and the module's name
+            (``lightning_tawpipe.init.seeded_reset_parameters`` reproduces them on an ordinary model).
+        state_dict_type: ``"sharded"`` (default: every rank writes its own part with ``torch.distributed.checkpoint``
+            into a checkpoint directory, see :mod:`lightning_tawpipe.checkpoint_io`) or ``"full"`` (rank 0 writes one
+            ordinary Lightning file with the gathered weights and unsharded optimizer state).
         p2p_groups: ``"rail"`` (one group per rail; right for gloo), ``"directed"`` (one communicator per direction
             of every peer pair; needed by NCCL, which runs a communicator's operations in order) or ``None``
             (``"directed"`` on nccl, ``"rail"`` otherwise).
@@ -88,6 +99,8 @@ class TawPipeStrategy(ParallelStrategy):
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,
+        meta_init: bool = False,
+        state_dict_type: Literal["sharded", "full"] = "sharded",
         accelerator=None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
@@ -113,6 +126,10 @@ class TawPipeStrategy(ParallelStrategy):
             raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
         self.p2p_groups = p2p_groups
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.meta_init = bool(meta_init)
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
+        self.state_dict_type = state_dict_type
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -213,8 +230,19 @@ class TawPipeStrategy(ParallelStrategy):
 
     # -- setup -------------------------------------------------------------------------------------------------
     @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        """``configure_model`` runs in here: on the meta device with ``meta_init`` (each owner materializes its chunk
+        at setup), else directly on this rank's device."""
+        device = torch.device("meta") if self.meta_init else self.root_device
+        with device, self.precision_plugin.tensor_init_context():
+            yield
+
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
+        if init.has_meta_tensors(self.model):  # materialized by the pipeline, one chunk per rank
+            return
         self.model.to(self.root_device)
 
     @override
@@ -254,6 +282,12 @@ class TawPipeStrategy(ParallelStrategy):
                 activation_checkpointing=self.activation_checkpointing,
             )
             rank_zero_info(self.pipeline.describe())
+            if self.meta_init and not self.pipeline.meta_init:
+                rank_zero_warn(
+                    "meta_init=True, but the model had no meta tensors at setup: it was built outside "
+                    "configure_model (e.g. in __init__), so every rank materialized all of it. Build it in "
+                    "configure_model to keep each rank at its own chunk."
+                )
             precision.replicated = set(self.pipeline.replicated)
             if self.schedule == "weipipe" and self.topology.world_size >= 3:
                 rank_zero_warn(
@@ -375,12 +409,24 @@ class TawPipeStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    # -- state ---------------------------------------------------------------------------------------------------
+    # -- state and checkpoints --------------------------------------------------------------------------------------
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
         """Checkpoints load into the sharded pipeline, which exists only after setup."""
         return True
+
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = TawPipeCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    @override
+    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
+        self._checkpoint_io = io
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The LightningModule's full state dict gathered on global rank 0 (``{}`` on the others)."""
@@ -388,22 +434,47 @@ class TawPipeStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.state_dict_type == "sharded":
+            return self.pipeline.local_state_dict(self.lightning_module)
         return self.full_state_dict()
 
     @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        self.pipeline.load_full_state_dict(checkpoint["state_dict"])
-
-    @override
     def optimizer_state(self, optimizer) -> dict[str, Any]:
-        """The unsharded optimizer state (standard ``torch.optim`` layout) on rank 0: loadable at any topology."""
+        """Sharded: this rank's state by parameter name. Full: the unsharded ``torch.optim`` state on rank 0."""
         index = [o if not hasattr(o, "_optimizer") else o._optimizer for o in self.optimizers].index(
             getattr(optimizer, "_optimizer", optimizer))
+        if self.state_dict_type == "sharded":
+            return optim_state.local_state_by_name(optimizer, self._local_names, self._full_group_names[index])
         return optim_state.gather_full_state(optimizer, self._local_names, self._full_group_names[index])
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        checkpoint["tawpipe"] = self.pipeline.describe_for_checkpoint()
+        if self.state_dict_type == "sharded":
+            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # every rank
+        elif self.is_global_zero:
+            atomic_torch_save(checkpoint, filepath)
+
+    @override
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """A sharded directory: each rank reads only its own part. A file (any strategy's): read whole."""
+        path = check_checkpoint(checkpoint_path)
+        if path.is_file():
+            return self.checkpoint_io.load_checkpoint(path)
+        local = self.pipeline.local_state_dict(self.lightning_module)
+        names = [[self._local_names[p] for group in opt.param_groups for p in group["params"]]
+                 for opt in self.optimizers] if self.lightning_module.trainer.state.fn == TrainerFn.FITTING else []
+        return load_local_shards(path, local, names)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        self.pipeline.load_state_dict(self.lightning_module, checkpoint["state_dict"])
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, names, state in zip(self.optimizers, self._full_group_names, checkpoint["optimizer_states"]):
+            if any(isinstance(k, str) for k in state["state"]):  # by name (sharded checkpoints): to torch's layout
+                state = optim_state.indexed_from_named(state)
             optim_state.load_local_state(optimizer, state, self._local_names, names)
 
     def model_state_bytes(self) -> int:

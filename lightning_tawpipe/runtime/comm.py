@@ -90,8 +90,14 @@ class Comm:
         lanes = {}
         for name in LANES:
             mesh = build_device_mesh(topo, device_type)
+            # The lane's own communicators, not the mesh's: DeviceMesh hands out the default (world) group for a
+            # dimension that spans every rank (e.g. the rail when each node has one rank), and sharing it with the
+            # other lane or with Lightning's collectives would interleave their messages.
+            node_group, _ = dist.new_subgroups_by_enumeration([topo.group_ranks(n) for n in range(topo.n_groups)])
+            rail_group, _ = dist.new_subgroups_by_enumeration(
+                [[topo.rank(n, k) for n in range(topo.n_groups)] for k in range(topo.group_size)])
             world = dist.new_group(list(range(topo.world_size))) if ring_peers and p2p_groups == "rail" else None
-            lane = _Lane(mesh, mesh.get_group("local"), mesh.get_group("node"), world)
+            lane = _Lane(mesh, node_group, rail_group, world)
             if p2p_groups == "directed":
                 for src, dst in _peer_pairs(topo, ring_peers):
                     lane.directed[(src, dst)] = dist.new_group([src, dst])

@@ -72,3 +72,32 @@ def load_local_state(optimizer: Optimizer, full: dict, local_name: dict, full_na
 
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def local_state_by_name(optimizer: Optimizer, local_name: dict, full_names: list[list[str]]) -> dict:
+    """This rank's optimizer state keyed by parameter name, with the unsharded param groups (names, not indices).
+
+    This is the sharded checkpoint's ``optimizer_<i>`` entry (the layout of FSDP's sharded optimizer state): every
+    rank contributes the state of the parameters it owns; the param groups, identical everywhere, list every
+    parameter of the unsharded optimizer by name, so the state can be resharded onto any topology or strategy.
+    """
+    state = {local_name[p]: dict(s) for p, s in optimizer.state.items() if s}
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
+              for names, group in zip(full_names, optimizer.param_groups)]
+    return {"state": state, "param_groups": groups}
+
+
+def indexed_from_named(named: dict) -> dict:
+    """A name-keyed optimizer state (as sharded checkpoints store it) in ``torch.optim``'s index-keyed layout."""
+    index_of: dict[str, int] = {}
+    groups = []
+    for group in named["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            index_of[name] = len(index_of)
+            ids.append(index_of[name])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    unknown = [n for n in named["state"] if n not in index_of]
+    if unknown:
+        raise ValueError(f"Optimizer state for parameters that are in no param group, e.g. {unknown[:3]}.")
+    return {"state": {index_of[n]: s for n, s in named["state"].items()}, "param_groups": groups}

@@ -12,10 +12,13 @@ This is everything the Lightning strategy (and, later, a Fabric strategy) needs,
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_tawpipe import init
 from lightning_tawpipe.partition import partition_units
 from lightning_tawpipe.runtime import units as unit_hooks
 from lightning_tawpipe.runtime.comm import Comm
@@ -51,6 +54,7 @@ class Pipeline:
         self.topo, self.schedule_name, self.prefetch = topo, schedule, prefetch
         self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups)
         self.rank = self.comm.rank
+        self.root = root
         self.units = unit_hooks.find_units(root)
         ranges = partition_units([u.numel() for u in self.units], topo.world_size, partition)
         self.chunk_units = ranges
@@ -59,7 +63,9 @@ class Pipeline:
         self._check_same_model_everywhere()
         self.owners = [self._owner(c) for c in range(topo.world_size)]
         self.owned_chunk = self.owners.index(self.rank)
-        self.shard = OwnedShard(self.layout, self.owned_chunk, self._initial_weights(device), master_dtype)
+        self.meta_init = init.has_meta_tensors(root)
+        initial = self._materialize_owned_chunk(root, device) if self.meta_init else self._initial_weights(device)
+        self.shard = OwnedShard(self.layout, self.owned_chunk, initial, master_dtype)
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
@@ -101,6 +107,40 @@ class Pipeline:
             if self.schedule_name == "tawpipe":  # TawPipe promises to survive collectives in user code
                 validate(with_user_barriers(schedule))
         return schedule
+
+    def _materialize_owned_chunk(self, root: nn.Module, device: torch.device) -> torch.Tensor:
+        """Meta-device model: initialize only this rank's chunk (name-seeded, see ``lightning_tawpipe.init``).
+
+        Units of other chunks get one-element placeholders with the right shapes; parameters and buffers outside
+        the units (small: rope caches, anything replicated) are materialized on every rank, identically.
+        """
+        seed = torch.initial_seed()
+        owned = set(self.chunk_units[self.owned_chunk])
+        entries = self.layout.entries[self.owned_chunk]
+        flat_dtype = entries[0].dtype if len({e.dtype for e in entries}) == 1 else torch.float32
+        flat = torch.empty(self.layout.numel[self.owned_chunk], dtype=flat_dtype, device=device)
+        # owned parameters are initialized directly inside the flat buffer that becomes the master copy
+        views = self.layout.views(self.owned_chunk, flat)
+        storage = {e.param: v for e, v in zip(entries, views) if e.dtype == flat_dtype}
+        for u, unit in enumerate(self.units):
+            for name, module in unit.modules:
+                if any(b.is_meta for b in module.buffers()):
+                    raise TypeError(
+                        f"{name} has buffers on the meta device; TawPipe streams only parameters, so meta_init needs "
+                        "units without buffers (LitGPT blocks have none). Build the model on a real device instead."
+                    )
+                if u in owned:
+                    init.materialize(module, device, seed, name, storage=storage)
+                else:
+                    for p in module.parameters():
+                        init.swap_in(p, init.placeholder(p, device))
+        for name, module in root.named_modules():  # the rest: identical on every rank
+            init.materialize(module, device, seed, name, recurse=False)
+        if len(storage) < len(entries):  # mixed dtypes in one chunk: copy the stragglers in
+            self.layout.gather(self.owned_chunk, flat)
+        for e in entries:  # the master copy is all this rank keeps
+            init.swap_in(e.param, init.placeholder(e.param, device))
+        return flat
 
     def _initial_weights(self, device: torch.device) -> torch.Tensor:
         """This rank's chunk with rank 0's values: rank 0 sends every other owner its chunk."""
@@ -199,13 +239,49 @@ class Pipeline:
                 state[e.name] = view.clone().to(e.dtype)
         return state
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Take this rank's chunk (and the replicated parameters) from a full state dict."""
-        missing = [e.name for e in self.layout.entries[self.owned_chunk] if e.name not in state]
+    def local_state_dict(self, root: nn.Module) -> dict[str, torch.Tensor]:
+        """What this rank contributes to a sharded checkpoint: its chunk's masters (in each parameter's own dtype),
+        plus everything outside the chunks (replicated parameters, persistent buffers), which every rank holds."""
+        in_chunks = {e.name for entries in self.layout.entries for e in entries}
+        state = {k: v for k, v in root.state_dict().items() if k not in in_chunks}
+        entries = self.layout.entries[self.owned_chunk]
+        for e, view in zip(entries, self.layout.views(self.owned_chunk, self.shard.weights)):
+            state[e.name] = view.to(e.dtype)
+        return state
+
+    def load_state_dict(self, root: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Take this rank's chunk and everything outside the chunks from a (full or this rank's) state dict."""
+        entries = self.layout.entries[self.owned_chunk]
+        missing = [e.name for e in entries if e.name not in state]
         if missing:
-            raise KeyError(f"The checkpoint lacks {len(missing)} parameter(s) of this rank's chunk, e.g. {missing[:3]}")
-        for e, view in zip(self.layout.entries[self.owned_chunk], self.layout.views(self.owned_chunk, self.shard.weights)):
-            view.copy_(state[e.name].reshape(e.shape))
+            raise KeyError(
+                f"The checkpoint lacks {len(missing)} parameter(s) of this rank's chunk, e.g. {missing[:3]}: it was "
+                "saved from another model."
+            )
+        for e, view in zip(entries, self.layout.views(self.owned_chunk, self.shard.weights)):
+            saved = state[e.name]
+            if saved.shape != e.shape:
+                raise ValueError(
+                    f"{e.name} has shape {tuple(saved.shape)} in the checkpoint and {tuple(e.shape)} in this model: "
+                    "the checkpoint was saved from a different model config."
+                )
+            view.copy_(saved.reshape(e.shape))
+        in_chunks = {e.name for es in self.layout.entries for e in es}
+        rest = {k: v for k, v in state.items() if k not in in_chunks}
+        own = {k: v for k, v in root.state_dict().items() if k not in in_chunks}
+        for name, value in own.items():
+            if name in rest:
+                value.copy_(rest[name])
+
+    def describe_for_checkpoint(self) -> dict:
+        """Plain data saved with every checkpoint: the layout it was written from and the LitGPT config (export)."""
+        gpt = unit_hooks.find_gpt(self.root)
+        config = getattr(gpt, "config", None)
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init} if config else None
+        return {"world_size": self.topo.world_size, "group_size": self.topo.group_size,
+                "schedule": self.schedule_name, "litgpt_config": fields,
+                "litgpt_lora": type(config).__module__.startswith("litgpt.lora") if config else False}
+
 
     def teardown(self) -> None:
         unit_hooks.uninstall(self.units)

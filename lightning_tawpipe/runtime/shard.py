@@ -93,12 +93,20 @@ class OwnedShard:
     def __init__(self, layout: ChunkLayout, chunk: int, initial: torch.Tensor,
                  master_dtype: torch.dtype = torch.float32) -> None:
         self.layout, self.chunk = layout, chunk
-        self.weights = initial.detach().to(master_dtype).clone()
-        self.grad_acc = torch.zeros(layout.n_trainable[chunk], dtype=master_dtype, device=self.weights.device)
+        self.weights = initial.detach().to(master_dtype)  # ``initial`` is a fresh buffer: no copy when dtypes match
+        self._grad_acc: torch.Tensor | None = None  # allocated by the first backward: eval-only runs never need it
         self.params: dict[nn.Parameter, nn.Parameter] = {}
         for e, w in zip(layout.entries[chunk], layout.views(chunk, self.weights)):
             master = nn.Parameter(w, requires_grad=e.param.requires_grad)
             self.params[e.param] = master
+
+    @property
+    def grad_acc(self) -> torch.Tensor:
+        """The owner's gradient accumulator (trainable prefix of the chunk, master dtype)."""
+        if self._grad_acc is None:
+            n = self.layout.n_trainable[self.chunk]
+            self._grad_acc = torch.zeros(n, dtype=self.weights.dtype, device=self.weights.device)
+        return self._grad_acc
 
     def names(self) -> dict[nn.Parameter, str]:
         """Master parameter -> the module parameter's fully qualified name."""
@@ -112,11 +120,12 @@ class OwnedShard:
             master.grad = self.grad_acc[e.offset : e.offset + e.numel].view(e.shape) if master.requires_grad else None
 
     def zero_grad(self) -> None:
-        self.grad_acc.zero_()
+        if self._grad_acc is not None:
+            self._grad_acc.zero_()
 
     def state_bytes(self, optimizer_state: dict | None = None) -> int:
         """Bytes of model state held here: master weights + gradient accumulator (+ the optimizer's tensors)."""
-        total = self.weights.nbytes + self.grad_acc.nbytes
+        total = self.weights.nbytes + (self._grad_acc.nbytes if self._grad_acc is not None else 0)
         for master in self.params.values():
             for value in (optimizer_state or {}).get(master, {}).values():
                 if torch.is_tensor(value):

@@ -71,6 +71,12 @@ def find_units(root: nn.Module) -> list[Unit]:
     return units
 
 
+def find_gpt(root: nn.Module) -> nn.Module | None:
+    """The one LitGPT-style GPT inside ``root`` (``None`` if there is not exactly one)."""
+    gpts = [m for _, m in root.named_modules() if _looks_like_gpt(m)]
+    return gpts[0] if len(gpts) == 1 else None
+
+
 def _looks_like_gpt(m: nn.Module) -> bool:
     t = getattr(m, "transformer", None)
     return (
