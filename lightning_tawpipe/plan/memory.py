@@ -2,8 +2,8 @@
 
 Model states follow mixed-precision AdamW accounting: an owner keeps master weights, a gradient accumulator and two
 moments in the master dtype (16 bytes per parameter in fp32). Working buffers are what the strategy allocates to
-move weights and gradients (for TawPipe/WeiPipe: the schedule's weight slots in the compute dtype, plus fp32
-gradient and receive buffers, each the size of the largest chunk, as ``runtime/engine.py`` allocates them).
+move weights and gradients (for TawPipe/WeiPipe: the schedule's weight slots, gradient and receive buffers, all in
+the compute dtype and each the size of the largest chunk, as ``runtime/engine.py`` allocates them).
 Activations: a full-depth micro-batch for the data-parallel family (TawPipe runs every chunk on its own micro-batch,
 one micro-batch at a time), the in-flight micro-batches of the first stage for 1F1B. With activation checkpointing
 only unit inputs are kept, plus one block's internals during its recompute. The logits of the loss (fp32) are
@@ -42,7 +42,7 @@ def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel
     states = biggest * state_bytes_per_param(w)
     working = schedule.n_slots * biggest * w.weight_bytes
     if schedule.train:
-        working += (schedule.n_grad_buffers + schedule.n_recv_buffers) * biggest * 4
+        working += (schedule.n_grad_buffers + schedule.n_recv_buffers) * biggest * w.weight_bytes
     in_flight = 1.0 if kind == "tawpipe" else min(w.n_microbatches, 2)  # WeiPipe overlaps two micro-batches
     return Memory(states, working, activations(w, w.model.n_layer, in_flight))
 

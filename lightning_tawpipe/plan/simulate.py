@@ -19,7 +19,7 @@ This is the validator's execution model (``schedule/validate.py``) with duration
 * ``CW/AG/GA`` are local copies/adds costing their bytes over the device memory bandwidth; ``X`` is free;
 * the iteration ends when every rank has run its program and every operation it posted has finished.
 
-Message sizes: weights travel in the compute dtype, gradients in fp32 (the engine's gradient buffers are fp32).
+Message sizes: weights and gradients travel in the compute dtype (bf16 under bf16-mixed), as the engine sends them.
 """
 
 from __future__ import annotations

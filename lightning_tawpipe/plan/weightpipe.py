@@ -24,7 +24,6 @@ from lightning_tawpipe.schedule.weipipe import build_weipipe
 from lightning_tawpipe.topology import Topology
 
 OPTIMIZER_BYTES_PER_PARAM = 32.0
-GRAD_BYTES = 4  # the engine's gradient and receive buffers are fp32 whatever the precision
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int, partit
         forward=tuple(sum(times[u][0] for u in r) for r in ranges),
         backward=tuple(sum(times[u][1] for u in r) for r in ranges),
         weight_bytes=tuple(float(n * workload.weight_bytes) for n in numel),
-        grad_bytes=tuple(float(n * GRAD_BYTES) for n in numel),
+        grad_bytes=tuple(float(n * workload.weight_bytes) for n in numel),  # gradients travel in the compute dtype
     )
     return Chunks(ranges, numel, costs)
 
