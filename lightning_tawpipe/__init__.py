@@ -6,11 +6,12 @@ Lightning's ``StrategyRegistry``, so ``Trainer(strategy="tawpipe")`` works; regi
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_tawpipe.checkpoint_io import CheckpointError, TawPipeCheckpointIO
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.strategy import TawPipeStrategy
 from lightning_tawpipe.topology import Topology
 
-__all__ = ["TawPipePrecision", "TawPipeStrategy", "Topology", "register"]
+__all__ = ["CheckpointError", "TawPipeCheckpointIO", "TawPipePrecision", "TawPipeStrategy", "Topology", "register"]
 __version__ = "0.1.0"
 
 
