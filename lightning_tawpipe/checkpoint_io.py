@@ -61,10 +61,23 @@ def check_checkpoint(path: str | Path) -> Path:
                 f"{path} is not a complete sharded checkpoint: it lacks {', '.join(missing)}. It was not written by a "
                 "finished Lightning/TawPipe save (or files were removed); resume from another checkpoint."
             )
-        shards = list(path.glob("*.distcp"))
-        if not shards:
-            raise CheckpointError(f"{path} has no shard files (*.distcp): the checkpoint is incomplete.")
+        referenced = {info.relative_path for info in _storage_data(path).values()}
+        absent = sorted(name for name in referenced if not (path / name).is_file())
+        if absent or not referenced:
+            raise CheckpointError(
+                f"{path} is incomplete: shard file(s) {', '.join(absent) or '*.distcp'} listed in its index are "
+                "missing (a rank's write was lost or the files were moved). Resume from another checkpoint."
+            )
     return path
+
+
+def _storage_data(path: Path) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(path)).read_metadata().storage_data or {}
+    except Exception as e:
+        raise CheckpointError(f"Could not read the shard index {path / DCP_INDEX} (corrupt?): {e}") from e
 
 
 def read_meta(path: Path) -> dict[str, Any]:

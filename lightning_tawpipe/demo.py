@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--every_n_steps", type=int, default=0, help="worker: ModelCheckpoint every_n_train_steps")
     p.add_argument("--crash_on_save", type=int, default=0,
                    help="fault injection for tests: rank 1 dies at the start of its N-th checkpoint save")
+    p.add_argument("--fault", default=None, choices=["kill", "nan", "ragged", "mismatch"],
+                   help="fault injection for tests: on --fault_rank at --fault_step, SIGKILL mid-forward / NaN loss / "
+                        "a different batch size / a different model")
+    p.add_argument("--fault_rank", type=int, default=1)
+    p.add_argument("--fault_step", type=int, default=1)
     p.add_argument("--timeout_s", type=float, default=None, help="collective timeout in seconds (tawpipe)")
     p.add_argument("--out", default=None, help="directory for result.pt / result.json")
     p.add_argument("--worker", action="store_true", help="run one training job (used by the compare mode and tests)")
@@ -99,9 +105,24 @@ def run_worker(a: argparse.Namespace) -> None:
             self.losses.append(float(outputs["loss"]))
             self.comm.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tawpipe/")})
 
+    class Fault(Callback):
+        """Fault injection (tests): kill this rank in the middle of a forward, or make its loss NaN."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_rank != a.fault_rank or trainer.global_step != a.fault_step:
+                return
+            if a.fault == "kill":
+                last_block = pl_module.model.transformer.h[-1]
+                last_block.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+            elif a.fault == "nan":
+                pl_module.model.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    rank_from_env = int(os.environ.get("NODE_RANK", 0)) * a.devices + int(os.environ.get("LOCAL_RANK", 0))
+    faulty = a.fault is not None and rank_from_env == a.fault_rank
     torch.set_num_threads(1)
     L.seed_everything(a.seed, verbose=False)
-    cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
+    n_layer = a.n_layer + int(faulty and a.fault == "mismatch")
+    cfg = tiny_llama_config(n_layer=n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
                             block_size=a.seq_length)
     from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO
 
@@ -140,7 +161,8 @@ def run_worker(a: argparse.Namespace) -> None:
     else:
         module = (ManualLitGPTModule if a.manual else LitGPTModule)(cfg, learning_rate=a.lr, weight_decay=a.weight_decay,
                                                                    warmup_steps=a.warmup_steps, model=model)
-    data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
+    batch = a.batch_size + int(faulty and a.fault == "ragged")
+    data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=batch)
     strategy, plugins = a.strategy, []
     if a.strategy == "tawpipe":
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
@@ -152,7 +174,7 @@ def run_worker(a: argparse.Namespace) -> None:
     elif a.resume and os.path.isdir(a.resume):  # another strategy resuming from a sharded TawPipe checkpoint
         plugins.append(TawPipeCheckpointIO())
     record = Record()
-    callbacks = [record]
+    callbacks = [record, Fault()] if a.fault in ("kill", "nan") else [record]
     if a.checkpoint_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -237,7 +259,7 @@ def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float
                 q.kill()
             raise RuntimeError(f"worker {cmd} timed out after {timeout}s")
     if any(proc.returncode for proc in procs):
-        raise RuntimeError(f"worker {' '.join(cmd)} failed:\n" + "\n".join(log[-4000:] for log in logs))
+        raise RuntimeError(f"worker {' '.join(cmd)} failed:\n" + "\n".join(log[-12000:] for log in logs))
     result = torch.load(os.path.join(out, "result.pt"), weights_only=True)
     result["log"] = "\n".join(logs)
     return result

@@ -25,7 +25,6 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
@@ -45,11 +44,16 @@ from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_sa
 from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
-from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
+from lightning_tawpipe.runtime import health
+from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
 from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
 from lightning_tawpipe.topology import Topology
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+"""Collective timeout: bounds how long ranks wait for a peer that died before they stop (Lightning's default is 30
+minutes; a weight pipeline touches every rank every step, so a dead peer is noticed within one step anyway)."""
 
 
 class TawPipeStrategy(ParallelStrategy):
@@ -82,7 +86,10 @@ class TawPipeStrategy(ParallelStrategy):
             of every peer pair; needed by NCCL, which runs a communicator's operations in order) or ``None``
             (``"directed"`` on nccl, ``"rail"`` otherwise).
         process_group_backend: ``"gloo"``, ``"nccl"`` or ``None`` (gloo on CPU, nccl on CUDA).
-        timeout: collective timeout (``datetime.timedelta``).
+        timeout: collective timeout (``datetime.timedelta``, default 10 minutes): the longest any rank waits for a
+            peer that died or hangs before it stops, naming the failed rank and step.
+        check_finite_loss: stop every rank together, with the step number, when any rank's loss is NaN/inf
+            (``bool``, default True; one tiny all-gather per step).
         start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for ``ddp``.
         log_comm_stats: log ``tawpipe/*`` communication metrics every training step (``bool``, default True).
     """
@@ -107,9 +114,10 @@ class TawPipeStrategy(ParallelStrategy):
         checkpoint_io=None,
         precision_plugin=None,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         log_comm_stats: bool = True,
+        check_finite_loss: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -134,7 +142,9 @@ class TawPipeStrategy(ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._start_method = start_method
+        self.check_finite_loss = bool(check_finite_loss)
         self.pipeline: Optional[Pipeline] = None
+        self._health: Optional[health.Health] = None
         self._backward_done = False
 
     # -- precision ------------------------------------------------------------------------------------------------
@@ -210,6 +220,11 @@ class TawPipeStrategy(ParallelStrategy):
         self._process_group_backend = backend
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        self._health = health.Health(self.global_rank, self.world_size)
+        if self.group_size is None and self.world_size > 1:  # groups are nodes: they must be equal
+            nodes: list = [None] * self.world_size
+            dist.all_gather_object(nodes, self.cluster_environment.node_rank())
+            health.check_equal_nodes(nodes)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -301,14 +316,27 @@ class TawPipeStrategy(ParallelStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any):
         assert self.lightning_module is not None and self.pipeline is not None
+        step = self.lightning_module.trainer.global_step
+        self._health.step_started(step)
+        try:
+            return self._training_step(step, *args, **kwargs)
+        except Exception as error:
+            failure = self._health.failure(step, error)
+            if failure is error:
+                raise
+            raise failure from error
+
+    def _training_step(self, step: int, *args: Any, **kwargs: Any):
         module, engine = self.lightning_module, self.pipeline.engine
         self.pipeline.comm.stats.reset()
+        batch, rest = args[0], args[1:]
+        health.check_step_inputs(step, batch_size(batch), self.root_device)
         if not module.automatic_optimization:
             engine.begin(train=True, n_microbatches=1)
             out = super().training_step(*args, **kwargs)
             engine.end()
+            self._log_comm_stats()
             return out
-        batch, rest = args[0], args[1:]
         precision = self.precision_plugin
         micro_batches = split_batch(batch, self.n_microbatches)
         scale = 1.0 / (self.n_microbatches * self.lightning_module.trainer.accumulate_grad_batches)
@@ -332,6 +360,8 @@ class TawPipeStrategy(ParallelStrategy):
         self._backward_done = True
         self._log_comm_stats()
         mean = torch.stack(losses).mean()
+        if self.check_finite_loss:
+            health.check_loss_finite(step, mean)
         return {**output, "loss": mean} if isinstance(output, Mapping) else mean
 
     @override

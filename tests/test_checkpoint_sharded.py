@@ -132,6 +132,11 @@ def test_bad_checkpoints_are_refused_clearly(trained, tmp_path):
     os.remove(broken / ".metadata")
     with pytest.raises(CheckpointError, match="lacks .metadata"):
         check_checkpoint(broken)
+    lost_shard = tmp_path / "lost-shard.ckpt"
+    shutil.copytree(good, lost_shard)
+    os.remove(lost_shard / "__2_0.distcp")
+    with pytest.raises(CheckpointError, match="__2_0.distcp listed in its index are missing"):
+        check_checkpoint(lost_shard)
     truncated = tmp_path / "truncated.ckpt"
     shutil.copytree(good, truncated)
     with open(truncated / "meta.pt", "r+b") as f:

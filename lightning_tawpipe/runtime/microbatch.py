@@ -87,15 +87,20 @@ class MicrobatchRunner:
         self._wait_for_turn(mine)
 
 
-def split_batch(batch: Any, n: int) -> list[Any]:
-    """Split every tensor in ``batch`` into ``n`` equal micro-batches along dim 0 (raises if it does not divide)."""
+def batch_size(batch: Any) -> int:
+    """The common leading size of the tensors in ``batch`` (raises if there is none or they differ)."""
     sizes = set()
     apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]))
     if not sizes:
         raise ValueError("TawPipe could not find a tensor in the batch to split into micro-batches.")
     if len(sizes) > 1:
         raise ValueError(f"Batch tensors have different leading sizes {sorted(sizes)}; cannot split micro-batches.")
-    size = sizes.pop()
+    return sizes.pop()
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """Split every tensor in ``batch`` into ``n`` equal micro-batches along dim 0 (raises if it does not divide)."""
+    size = batch_size(batch)
     if n > size or size % n:
         raise ValueError(
             f"n_microbatches={n} must divide the per-rank batch size {size}; choose a divisor of {size} or change "

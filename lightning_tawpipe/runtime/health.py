@@ -1,0 +1,140 @@
+"""Fail fast, and say who failed: per-step checks, heartbeats and failure records in the rendezvous store.
+
+A weight pipeline couples every rank to every other one each step, so a rank that dies or raises leaves the others
+blocked in a transfer. They are released by the peer's closed connection (gloo notices at once) or, at worst, by the
+collective timeout. What they cannot know by themselves is *why*; this module makes every rank leave a trace in the
+store the process group was rendezvoused with (Lightning's ``MASTER_ADDR:MASTER_PORT`` TCP store):
+
+* ``tawpipe/step/<rank>``: the last step the rank started (a heartbeat, one small write per step);
+* ``tawpipe/failed/<rank>``: what a rank raised and at which step, written before it re-raises;
+* ``tawpipe/alive/<step>/<rank>``: written by ranks that hit a communication error, so the ones that never write
+  it are the ones that died.
+
+The step-level checks are collective (one small all-gather before and after each step): every rank sees the same
+verdict and stops together, with the step number, instead of one rank stopping and the others hanging.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+_COMM_ERRORS = ("Connection closed", "Connection reset", "timed out", "Timed out", "Timeout", "NCCL", "gloo",
+                "Broken pipe", "Socket")
+
+
+def default_store():
+    """The store the default process group was rendezvoused with (``None`` if it cannot be reached)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+class Health:
+    """Heartbeats, failure records and diagnosis for this rank."""
+
+    def __init__(self, rank: int, world_size: int, store=None, grace_s: float = 5.0) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.store = store if store is not None else default_store()
+        self.grace_s = grace_s
+
+    def step_started(self, step: int) -> None:
+        self._set(f"tawpipe/step/{self.rank}", str(step))
+
+    def failure(self, step: int, error: BaseException) -> BaseException:
+        """The exception to raise for ``error`` met at ``step``: communication failures get a diagnosis naming the
+        rank(s) that failed; this rank's own errors are recorded for the others and returned unchanged."""
+        if not is_comm_error(error):
+            self._set(f"tawpipe/failed/{self.rank}", f"step {step}: {type(error).__name__}: {error}"[:1000])
+            return error
+        return RuntimeError(
+            f"TawPipe stopped at step {step} on rank {self.rank}: {self.diagnose(step)}. Communication error: "
+            f"{str(error).splitlines()[0][:300]}"
+        )
+
+    def diagnose(self, step: int) -> str:
+        if self.store is None:
+            return "the rendezvous store is unavailable, so the failed rank cannot be named"
+        try:
+            failed = [(r, self._get(f"tawpipe/failed/{r}")) for r in range(self.world_size)
+                      if self.store.check([f"tawpipe/failed/{r}"])]
+            if failed:
+                return "; ".join(f"rank {r} raised at {msg}" for r, msg in failed)
+            self._set(f"tawpipe/alive/{step}/{self.rank}", "1")
+            deadline = time.monotonic() + self.grace_s
+            while True:
+                alive = {r for r in range(self.world_size) if self.store.check([f"tawpipe/alive/{step}/{r}"])}
+                if len(alive) == self.world_size or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            missing = sorted(set(range(self.world_size)) - alive)
+            last = {r: self._get(f"tawpipe/step/{r}") if self.store.check([f"tawpipe/step/{r}"]) else "none"
+                    for r in missing}
+            if not missing:
+                return "every rank is still alive; a transfer failed or timed out (see the error below)"
+            return ", ".join(f"rank {r} stopped responding (last step it started: {last[r]})" for r in missing)
+        except Exception:  # the store lives in rank 0's process
+            return "the rendezvous store is gone with its host, rank 0, which failed"
+
+    def _set(self, key: str, value: str) -> None:
+        if self.store is not None:
+            try:
+                self.store.set(key, value)
+            except Exception:
+                pass
+
+    def _get(self, key: str) -> str:
+        return self.store.get(key).decode(errors="replace")
+
+
+def is_comm_error(error: BaseException) -> bool:
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _COMM_ERRORS)
+
+
+def check_equal_nodes(node_of_rank: list[int]) -> None:
+    """TawPipe's groups are nodes of equal size: refuse a launch where nodes run different numbers of ranks."""
+    counts: dict[int, int] = {}
+    for node in node_of_rank:
+        counts[node] = counts.get(node, 0) + 1
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"Nodes run different numbers of ranks ({dict(sorted(counts.items()))} ranks per node). TawPipe groups "
+            "ranks by node and needs every node to run the same number: launch the same --nproc_per_node / "
+            "devices on every node, or regroup with TawPipeStrategy(group_size=...)."
+        )
+
+
+def check_step_inputs(step: int, batch_size: int, device: torch.device) -> None:
+    """Every rank must feed the same per-rank batch size (owners average gradients over ranks like ``ddp``)."""
+    sizes = _gather(torch.tensor([batch_size], dtype=torch.int64, device=device))
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"Step {step}: ranks got different batch sizes {dict(enumerate(sizes))}. TawPipe averages gradients "
+            "over ranks as ddp does, which needs equal per-rank batches: use drop_last=True (or equal shards) in "
+            "the training DataLoader."
+        )
+
+
+def check_loss_finite(step: int, loss: torch.Tensor) -> None:
+    """Stop every rank together, naming the step and the ranks, when any rank's loss is NaN or infinite."""
+    finite = _gather(torch.isfinite(loss.detach()).reshape(1).to(torch.int64))
+    bad = [r for r, ok in enumerate(finite) if not ok]
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite loss at step {step} on rank(s) {bad}; training stopped on every rank before the optimizer "
+            "step. Lower the learning rate, clip gradients, or pass TawPipeStrategy(check_finite_loss=False) to "
+            "continue anyway."
+        )
+
+
+def _gather(t: torch.Tensor) -> list[int]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [int(t.item())]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
