@@ -19,9 +19,11 @@ by name. Everything is loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -106,10 +108,17 @@ class TawPipeCheckpointIO(CheckpointIO):
     loads only each rank's own part (see ``TawPipeStrategy.load_checkpoint``).
     """
 
+    def __init__(self, async_save: bool = False) -> None:
+        super().__init__()
+        self.async_save = async_save
+        self._pending = None  # the last asynchronous save: its future and rank 0's commit outcome
+        self._group = None  # a gloo group of its own for background saves (never shared with training)
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"TawPipeCheckpointIO takes no storage_options, got {storage_options!r}.")
+        self.wait()  # one save at a time; the previous one's error surfaces here
         path = Path(path)
         checkpoint = dict(checkpoint)
         shards = {"model": checkpoint.pop("state_dict")}
@@ -119,11 +128,62 @@ class TawPipeCheckpointIO(CheckpointIO):
         if _rank() == 0:
             staging.mkdir(parents=True)
         _barrier()
-        self._write_shards(shards, staging)
+        if not self.async_save:
+            self._write_shards(shards, staging)
+            if _rank() == 0:
+                torch.save(checkpoint, staging / META_FILE)
+                _commit(staging, path)
+            _barrier()
+            return
+        self._start_async(_snapshot(shards), checkpoint, staging, path)
+
+    def _start_async(self, shards: dict[str, Any], checkpoint: dict[str, Any], staging: Path, path: Path) -> None:
+        """Write in a background thread; rank 0 commits once every rank's shard is on disk (DCP's coordinator only
+        finishes after gathering every rank's write results)."""
+        from torch.distributed.checkpoint import async_save
+
+        meta = io.BytesIO()
+        torch.save(checkpoint, meta)  # serialized now: the Trainer's state keeps changing while the write runs
+        if dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        future = async_save(shards, checkpoint_id=str(staging), process_group=self._group)
+        future = getattr(future, "upload_completion", future)
+        outcome: dict[str, BaseException] = {}
+        committed = threading.Event()
         if _rank() == 0:
-            torch.save(checkpoint, staging / META_FILE)
-            _commit(staging, path)
-        _barrier()
+            def commit(done) -> None:
+                try:
+                    if done.exception() is None:
+                        (staging / META_FILE).write_bytes(meta.getvalue())
+                        _commit(staging, path)
+                except BaseException as e:  # surfaced by wait()
+                    outcome["error"] = e
+                finally:
+                    committed.set()
+
+            future.add_done_callback(commit)
+        else:
+            committed.set()
+        self._pending = (future, committed, outcome, path)
+
+    def wait(self) -> None:
+        """Block until the last asynchronous save is committed; raise its error, if any (on every rank that saw it)."""
+        if self._pending is None:
+            return
+        future, committed, outcome, path = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except Exception as e:
+            raise CheckpointError(f"The asynchronous save of {path} failed; it was not committed: {e}") from e
+        finally:
+            committed.wait()  # rank 0's commit runs in a callback after the future resolves
+        if "error" in outcome:
+            raise CheckpointError(f"Committing the asynchronous save of {path} failed: {outcome['error']}")
+
+    @override
+    def teardown(self) -> None:
+        self.wait()
 
     def _write_shards(self, shards: dict[str, Any], staging: Path) -> None:
         from torch.distributed.checkpoint import save
@@ -153,6 +213,17 @@ class TawPipeCheckpointIO(CheckpointIO):
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def _snapshot(tree: Any) -> Any:
+    """Copies of every tensor in ``tree``: an asynchronous save must not see the optimizer's next updates."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_snapshot(v) for v in tree)
+    return tree
 
 
 def _commit(staging: Path, path: Path) -> None:

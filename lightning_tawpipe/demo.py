@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save_ckpt", default=None, help="worker: save a checkpoint here after fit")
     p.add_argument("--resume", default=None, help="worker: resume fit from this checkpoint")
     p.add_argument("--state_dict_type", default="sharded", choices=["sharded", "full"], help="tawpipe checkpoints")
+    p.add_argument("--async_save", action="store_true", help="tawpipe: write checkpoints in the background")
     p.add_argument("--checkpoint_dir", default=None, help="worker: ModelCheckpoint directory (every_n_steps, last)")
     p.add_argument("--every_n_steps", type=int, default=0, help="worker: ModelCheckpoint every_n_train_steps")
     p.add_argument("--crash_on_save", type=int, default=0,
@@ -168,8 +169,8 @@ def run_worker(a: argparse.Namespace) -> None:
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
-                                   state_dict_type=a.state_dict_type,
-                                   checkpoint_io=CrashingCheckpointIO() if a.crash_on_save else None,
+                                   state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,
+                                   checkpoint_io=CrashingCheckpointIO(a.async_save) if a.crash_on_save else None,
                                    **({"timeout": timedelta(seconds=a.timeout_s)} if a.timeout_s else {}))
     elif a.resume and os.path.isdir(a.resume):  # another strategy resuming from a sharded TawPipe checkpoint
         plugins.append(TawPipeCheckpointIO())

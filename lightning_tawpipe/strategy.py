@@ -32,7 +32,7 @@ from lightning.fabric.utilities.distributed import _sync_ddp_if_available
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -82,6 +82,8 @@ class TawPipeStrategy(ParallelStrategy):
         state_dict_type: ``"sharded"`` (default: every rank writes its own part with ``torch.distributed.checkpoint``
             into a checkpoint directory, see :mod:`lightning_tawpipe.checkpoint_io`) or ``"full"`` (rank 0 writes one
             ordinary Lightning file with the gathered weights and unsharded optimizer state).
+        async_checkpointing: write sharded checkpoints in a background thread (``bool``, default False): training
+            continues while the shards go to disk; a save's error surfaces at the next save or at teardown.
         p2p_groups: ``"rail"`` (one group per rail; right for gloo), ``"directed"`` (one communicator per direction
             of every peer pair; needed by NCCL, which runs a communicator's operations in order) or ``None``
             (``"directed"`` on nccl, ``"rail"`` otherwise).
@@ -108,6 +110,7 @@ class TawPipeStrategy(ParallelStrategy):
         activation_checkpointing: bool = False,
         meta_init: bool = False,
         state_dict_type: Literal["sharded", "full"] = "sharded",
+        async_checkpointing: bool = False,
         accelerator=None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
@@ -138,6 +141,7 @@ class TawPipeStrategy(ParallelStrategy):
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
         self.state_dict_type = state_dict_type
+        self.async_checkpointing = bool(async_checkpointing)
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -450,7 +454,7 @@ class TawPipeStrategy(ParallelStrategy):
     @override
     def checkpoint_io(self) -> CheckpointIO:
         if self._checkpoint_io is None:
-            self._checkpoint_io = TawPipeCheckpointIO()
+            self._checkpoint_io = TawPipeCheckpointIO(async_save=self.async_checkpointing)
         return self._checkpoint_io
 
     @checkpoint_io.setter
@@ -482,6 +486,9 @@ class TawPipeStrategy(ParallelStrategy):
         checkpoint["tawpipe"] = self.pipeline.describe_for_checkpoint()
         if self.state_dict_type == "sharded":
             self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # every rank
+            if self.lightning_module.trainer.state.status != TrainerStatus.RUNNING and hasattr(self.checkpoint_io,
+                                                                                                 "wait"):
+                self.checkpoint_io.wait()  # saved after fit/validate returned: nothing would wait for it later
         elif self.is_global_zero:
             atomic_torch_save(checkpoint, filepath)
 

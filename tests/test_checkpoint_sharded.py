@@ -122,6 +122,45 @@ def test_killed_save_leaves_the_previous_checkpoint(train_job, trained, tmp_path
     assert survivor["global_step"] == 3
 
 
+def test_async_save_does_not_change_training_and_resumes_exactly(train_job, trained, tmp_path):
+    """Shards are written by a background thread from a snapshot; training goes on meanwhile and gives the same
+    losses, and its step-3 checkpoint resumes bit for bit like the synchronous one."""
+    result, _ = trained
+    ckpt_dir = tmp_path / "async"
+    run = train_job(*ARGS, *TAW_2X2, "--steps", "6", "--checkpoint_dir", str(ckpt_dir), "--every_n_steps", "3",
+                    "--async_save", node_ranks=2)
+    assert run["losses"] == result["losses"]
+    assert {p.name for p in ckpt_dir.iterdir()} == {"epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"}
+    resumed = train_job(*ARGS, *TAW_2X2, "--steps", "6", "--resume", str(ckpt_dir / "epoch=0-step=3.ckpt"),
+                        node_ranks=2)
+    assert resumed["losses"] == result["losses"][3:]
+
+
+def test_async_save_error_surfaces_at_the_next_save_or_teardown(tmp_path, monkeypatch):
+    from concurrent.futures import Future
+
+    import torch.distributed.checkpoint as dcp
+
+    io = TawPipeCheckpointIO(async_save=True)
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "step": 1}, tmp_path / "good.ckpt")
+
+    def background_write_fails(*args, **kwargs):
+        future = Future()
+        future.set_exception(OSError("No space left on device"))
+        return future
+
+    monkeypatch.setattr(dcp, "async_save", background_write_fails)
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "step": 2}, tmp_path / "bad.ckpt")  # returns at once
+    with pytest.raises(CheckpointError, match="bad.ckpt failed.*No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "step": 3}, tmp_path / "next.ckpt")
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "step": 4}, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match="last.ckpt failed"):
+        io.teardown()
+    assert not (tmp_path / "bad.ckpt").exists() and not (tmp_path / "last.ckpt").exists()
+    good = io.load_checkpoint(tmp_path / "good.ckpt")
+    assert good["step"] == 1 and torch.equal(good["state_dict"]["w"], torch.ones(3))
+
+
 def test_bad_checkpoints_are_refused_clearly(trained, tmp_path):
     _, ckpt_dir = trained
     good = ckpt_dir / "epoch=0-step=3.ckpt"
