@@ -1,4 +1,4 @@
-"""``lightning.fabric`` support: ``Fabric(strategy="tawpipe")`` with a plain Fabric loop (``examples/fabric_pretrain.py``).
+"""``Fabric(strategy="tawpipe")``: a plain ``lightning.fabric`` loop (``examples/fabric_pretrain.py``) under TawPipe.
 
 The multi-process tests launch the example itself (real processes, gloo, Fabric's own launcher) and compare it with
 the same loop under Fabric's ``ddp``: per-iteration losses, gradient norms from ``fabric.clip_gradients``,
@@ -83,7 +83,7 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
     assert worst <= atol, worst
 
 
-# -- in-process: registration, configuration, the loop's semantics on one rank ------------------------------------------
+# -- in-process: registration, configuration, the loop's semantics on one rank ---------------------------------------
 def test_registered_in_fabrics_registry_and_built_from_flags():
     import lightning_tawpipe  # noqa: F401
 
@@ -114,8 +114,9 @@ def one_rank_fabric():
         os.environ.update(saved)
 
 
-def test_one_rank_loop_semantics_match_plain_pytorch(one_rank_fabric):
-    """Accumulation, global clipping, zero_grad(set_to_none=False), eval/no_grad forwards, and clear misuse errors."""
+def test_one_rank_loop_semantics_match_plain_pytorch(one_rank_fabric, tmp_path):
+    """Accumulation, global clipping, zero_grad(set_to_none=False), eval/no_grad forwards, clear misuse errors, and a
+    sharded save/load round trip through ``fabric.save``/``fabric.load``."""
     from litgpt.model import GPT
     from litgpt.utils import chunked_cross_entropy
 
@@ -127,8 +128,7 @@ def test_one_rank_loop_semantics_match_plain_pytorch(one_rank_fabric):
     piped = GPT(reference.config)
     piped.load_state_dict(reference.state_dict())
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    model = fabric.setup(piped)
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    model, optimizer = fabric.setup(piped, torch.optim.AdamW(piped.parameters(), lr=1e-2))  # joint setup
     data = torch.randint(0, 256, (8, 2, 17), generator=torch.Generator().manual_seed(1))
 
     def loss_of(m, batch):
@@ -158,9 +158,24 @@ def test_one_rank_loop_semantics_match_plain_pytorch(one_rank_fabric):
     with pytest.raises(RuntimeError, match="called again before `fabric.backward"):
         model(data[1, :, :-1])
     fabric.backward(loss)  # the pending iteration still completes
+    optimizer.zero_grad()
+
+    saved_weights = {k: v.clone() for k, v in fabric.strategy.full_state_dict().items()}
+    saved_moments = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
+    fabric.save(tmp_path / "ckpt", {"model": model, "optimizer": optimizer, "iter_num": 8})
+    assert (tmp_path / "ckpt").is_dir()
+    fabric.backward(loss_of(model, data[2]))  # move on, then restore
+    optimizer.step()
+    state = {"model": model, "optimizer": optimizer, "iter_num": 0}
+    assert fabric.load(tmp_path / "ckpt", state) == {} and state["iter_num"] == 8
+    _assert_same_weights(fabric.strategy.full_state_dict(), saved_weights, atol=0.0)
+    assert all(torch.equal(v["exp_avg"], saved_moments[k]) for k, v in optimizer.state_dict()["state"].items())
+    whole = fabric.load(tmp_path / "ckpt")  # no state: everything, under the saved keys
+    assert whole.keys() == {"model", "optimizer", "iter_num"}
+    _assert_same_weights(whole["model"], saved_weights, atol=0.0)
 
 
-# -- multi-process: parity with ddp, checkpoints, resharding ----------------------------------------------------------------
+# -- multi-process: parity with ddp, checkpoints, resharding ---------------------------------------------------------
 def test_two_ranks_match_ddp_with_accumulation_clipping_and_validation(runs):
     ddp, taw = runs("ddp"), runs("tawpipe")
     assert len(ddp["losses"]) == 12 and len(ddp["grad_norms"]) == 6 and len(ddp["val_losses"]) == 2
