@@ -172,6 +172,13 @@ class EmbeddedTextDataModule(DataModule):
             self.setup()
         return self._make_loader(self.val_dataset)
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out windows (the same split as validation: the corpus has no third part)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def _make_loader(self, dataset: Dataset, resumable: bool = False) -> DataLoader:
         """In-order loader: no shuffling and no ragged last batch, for reproducibility."""
         kwargs = dict(batch_size=self.batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers)

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save_ckpt", default=None, help="worker: save a checkpoint here after fit")
     p.add_argument("--resume", default=None, help="worker: resume fit from this checkpoint")
     p.add_argument("--state_dict_type", default="sharded", choices=["sharded", "full"], help="tawpipe checkpoints")
+    p.add_argument("--eval_loops", action="store_true",
+                   help="worker: sanity-check validation before fit, then trainer.test and trainer.predict after it")
+    p.add_argument("--save_top_k", type=int, default=-1, help="worker: ModelCheckpoint save_top_k (by train_loss)")
     p.add_argument("--async_save", action="store_true", help="tawpipe: write checkpoints in the background")
     p.add_argument("--checkpoint_dir", default=None, help="worker: ModelCheckpoint directory (every_n_steps, last)")
     p.add_argument("--every_n_steps", type=int, default=0, help="worker: ModelCheckpoint every_n_train_steps")
@@ -180,7 +183,8 @@ def run_worker(a: argparse.Namespace) -> None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         callbacks.append(ModelCheckpoint(dirpath=a.checkpoint_dir, every_n_train_steps=a.every_n_steps or None,
-                                         save_top_k=-1, save_last=True))
+                                         save_top_k=a.save_top_k, save_last=True,
+                                         monitor="train_loss" if a.save_top_k >= 0 else None))
     precision = a.precision
     if a.precision == "16-mixed" and a.accelerator == "cpu":  # Lightning turns Trainer(precision="16-mixed") into bf16
         if a.strategy == "tawpipe":
@@ -197,12 +201,17 @@ def run_worker(a: argparse.Namespace) -> None:
                         max_steps=a.steps, accumulate_grad_batches=a.accumulate, logger=False,
                         gradient_clip_val=a.clip_val, gradient_clip_algorithm=a.clip_algorithm,
                         enable_checkpointing=bool(a.checkpoint_dir), enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=a.val_batches,
+                        enable_model_summary=False, num_sanity_val_steps=2 if a.eval_loops else 0,
+                        limit_val_batches=a.val_batches, limit_test_batches=2, limit_predict_batches=2,
                         callbacks=callbacks)
     trainer.fit(module, data, ckpt_path=a.resume)
     if a.save_ckpt:
         trainer.save_checkpoint(a.save_ckpt)
     val = trainer.validate(module, data, verbose=False)[0] if a.val_batches else {}
+    tested, predicted = {}, []
+    if a.eval_loops:
+        tested = trainer.test(module, data, verbose=False)[0]
+        predicted = [p.cpu() for p in trainer.predict(module, data)]
     if a.strategy == "tawpipe":
         state = trainer.strategy.full_state_dict()
         state_bytes = trainer.strategy.model_state_bytes()
@@ -231,10 +240,12 @@ def run_worker(a: argparse.Namespace) -> None:
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
                   "validation": {k: float(v) for k, v in val.items()},
                   "grad_bytes_per_rank": grad_bytes,
+                  "test": {k: float(v) for k, v in tested.items()},
                   "setup_peak_growth_mb": setup_growth.tolist(),
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
-        torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}}, os.path.join(a.out, "result.pt"))
+        torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}, "predictions": predicted},
+                   os.path.join(a.out, "result.pt"))
         with open(os.path.join(a.out, "result.json"), "w") as f:
             json.dump(result, f)
     # Exit cleanly: with gloo's threads still alive at interpreter exit, a process can abort in C++ teardown

@@ -136,6 +136,15 @@ class LitGPTModule(pl.LightningModule):
         self.log("val_ppl", self.val_ppl, on_step=False, on_epoch=True)
         return loss
 
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(self(batch["input_ids"]), batch["labels"])
+        self.log("test_loss", loss, sync_dist=True, on_step=False, on_epoch=True)
+        return loss
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The most likely next token at every position."""
+        return self(batch["input_ids"]).argmax(dim=-1)
+
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
             self.param_groups(),

@@ -122,6 +122,19 @@ def test_killed_save_leaves_the_previous_checkpoint(train_job, trained, tmp_path
     assert survivor["global_step"] == 3
 
 
+def test_top_k_keeps_the_best_checkpoint_directories(train_job, tmp_path):
+    """``ModelCheckpoint(save_top_k=2, monitor="train_loss")`` removes sharded directories it no longer keeps."""
+    ckpt_dir = tmp_path / "topk"
+    run = train_job(*ARGS, "--strategy", "tawpipe", "--devices", "1", "--group_size", "0", "--steps", "4",
+                    "--checkpoint_dir", str(ckpt_dir), "--every_n_steps", "1", "--save_top_k", "2")
+    kept = sorted(p.name for p in ckpt_dir.iterdir())
+    assert len(run["losses"]) == 4
+    # four step checkpoints were written; the two that fell out of the top 2 were removed, directories and all
+    assert len(kept) == 3 and "last.ckpt" in kept and all(n.startswith("epoch=0-step=") for n in kept if n != "last.ckpt")
+    for name in kept:
+        check_checkpoint(ckpt_dir / name)
+
+
 def test_async_save_does_not_change_training_and_resumes_exactly(train_job, trained, tmp_path):
     """Shards are written by a background thread from a snapshot; training goes on meanwhile and gives the same
     losses, and its step-3 checkpoint resumes bit for bit like the synchronous one."""

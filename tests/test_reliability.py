@@ -21,15 +21,21 @@ def _fails(train_job, *args, node_ranks=1) -> tuple[str, float]:
     return str(info.value), time.monotonic() - start
 
 
-def test_a_killed_rank_stops_every_node_within_the_timeout(train_job):
-    """Rank 2 (node 1) is SIGKILLed in the middle of a forward at step 1: every process of both nodes exits non-zero
-    well within 2 x the 20 s collective timeout, and the survivors name the dead rank and the step."""
+def test_a_killed_rank_stops_every_node_within_the_timeout(train_job, tmp_path):
+    """Rank 2 (node 1) is SIGKILLed in the middle of a forward at step 2: every process of both nodes exits non-zero
+    well within 2 x the 20 s collective timeout, the survivors name the dead rank and the step, and the checkpoint
+    of the last completed step loads and resumes."""
+    ckpt_dir = tmp_path / "ckpts"
     log, elapsed = _fails(train_job, "--devices", "2", "--num_nodes", "2", "--group_size", "0", "--fault", "kill",
-                          "--fault_rank", "2", "--fault_step", "1", node_ranks=2)
+                          "--fault_rank", "2", "--fault_step", "2", "--checkpoint_dir", str(ckpt_dir),
+                          "--every_n_steps", "1", node_ranks=2)
     assert elapsed < 20 + 2 * 20  # start-up (~15 s here) + 2 x timeout
-    stopped = [line for line in log.splitlines() if "TawPipe stopped at step 1" in line]
+    stopped = [line for line in log.splitlines() if "TawPipe stopped at step 2" in line]
     assert stopped, log[-3000:]
     assert any("rank 2 stopped responding" in line or "rank 0, which failed" in line for line in stopped)
+    assert not (ckpt_dir / "epoch=0-step=3.ckpt").exists()
+    resumed = train_job(*ARGS, "--devices", "4", "--group_size", "2", "--resume", str(ckpt_dir / "epoch=0-step=2.ckpt"))
+    assert len(resumed["losses"]) == 2  # steps 3 and 4 of 4
 
 
 @pytest.mark.parametrize("fault, message", [

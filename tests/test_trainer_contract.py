@@ -54,3 +54,20 @@ def test_param_groups_and_lr_scheduler_match_ddp(train_job, tmp_path):
     groups = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert all(g["lr"] == pytest.approx(3e-3) for g in groups)  # warmup of 3 steps finished after 5 steps
+
+
+def test_sanity_check_test_and_predict_match_ddp(train_job):
+    """The sanity check before fit, then ``trainer.validate``, ``trainer.test`` and ``trainer.predict`` after it:
+    sharded weights stream through the forward-only schedule; metrics (synced) and every predicted token equal ddp's."""
+    loops = ("--eval_loops", "--val_batches", "2")
+    result = train_job(*ARGS, *TAWPIPE, *loops)
+    reference = train_job(*ARGS, "--strategy", "ddp", *loops)
+    for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
+        assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
+    for kind in ("validation", "test"):
+        assert result[kind] and set(result[kind]) == set(reference[kind])
+        for name, ref in reference[kind].items():
+            assert abs(result[kind][name] - ref) <= 1e-5 * abs(ref), f"{name}: {result[kind][name]} vs {ref}"
+    assert len(result["predictions"]) == len(reference["predictions"]) == 2
+    for mine, theirs in zip(result["predictions"], reference["predictions"]):
+        assert torch.equal(mine, theirs)
