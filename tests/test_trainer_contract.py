@@ -51,7 +51,9 @@ def test_param_groups_and_lr_scheduler_match_ddp(train_job, tmp_path):
         assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
     for name, ref in reference["state_dict"].items():
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
-    groups = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["param_groups"]
+    from lightning_tawpipe import TawPipeCheckpointIO
+
+    groups = TawPipeCheckpointIO().load_checkpoint(ckpt)["optimizer_states"][0]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert all(g["lr"] == pytest.approx(3e-3) for g in groups)  # warmup of 3 steps finished after 5 steps
 
