@@ -56,7 +56,8 @@ def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> li
     return ["--strategy", strategy, "--n_layer", str(a.n_layer), "--n_embd", str(a.n_embd), "--n_head", str(a.n_head),
             "--n_query_groups", str(a.n_query_groups), "--seq_length", str(seq), "--batch_size", str(a.batch_size),
             "--n_microbatches", str(n_microbatches), "--prefetch", str(a.prefetch), "--steps", str(a.steps),
-            "--warmup", str(a.warmup), "--out", str(out)]
+            "--warmup", str(a.warmup), "--out", str(out),
+            *([] if strategy == "1f1b" or a.precision == "32-true" else ["--precision", a.precision])]
 
 
 def run_on_nodes(strategy: str, a: argparse.Namespace, seq: int, out: Path, port: int) -> dict:
@@ -235,6 +236,7 @@ def main() -> None:
     p.add_argument("--n_microbatches", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--precision", default="32-true", help="Trainer precision of every Lightning strategy (1F1B: fp32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(HERE / "results"))

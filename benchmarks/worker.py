@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n_microbatches", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--precision", default="32-true", help="Trainer precision (bf16-mixed: weights/gradients in bf16)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--activation_checkpointing", action="store_true", help="tawpipe/weipipe: recompute each unit")
@@ -105,6 +106,7 @@ def main() -> None:
                              prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing)
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
+                        precision=a.precision,
                         max_steps=a.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
     data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=a.batch_size)
