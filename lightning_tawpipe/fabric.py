@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -57,7 +57,6 @@ from typing import Any, Literal, Optional, Union
 import lightning.fabric.wrappers as fabric_wrappers
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
@@ -86,7 +85,8 @@ from lightning_tawpipe.precision import SUPPORTED_PRECISION, TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
 from lightning_tawpipe.runtime.pipeline import Pipeline
-from lightning_tawpipe.strategy import _check_knobs
+from lightning_tawpipe.runtime import health
+from lightning_tawpipe.strategy import DEFAULT_TIMEOUT, _check_knobs
 from lightning_tawpipe.topology import Topology
 
 # meta.pt keys written by this strategy next to the user's own objects
@@ -248,7 +248,10 @@ class TawPipeFabricStrategy(ParallelStrategy):
             (``lightning_tawpipe.init.seeded_reset_parameters`` reproduces it on an ordinary model).
         state_dict_type: ``"sharded"`` (default; each rank writes its part) or ``"full"`` (rank 0 writes one file).
         process_group_backend: ``"gloo"``, ``"nccl"`` or ``None`` (gloo on CPU, nccl on CUDA).
-        timeout: collective timeout. start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"``, ``"forkserver"``.
+        timeout: collective timeout (default 10 minutes): bounds how long ranks wait for a peer that died.
+        start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"``, ``"forkserver"``.
+        check_finite_loss: before each backward, stop every rank together (naming the iteration) when any rank's
+            loss is NaN/inf (one tiny all-gather per iteration; default True).
     """
 
     strategy_name = "tawpipe"
@@ -271,8 +274,9 @@ class TawPipeFabricStrategy(ParallelStrategy):
         checkpoint_io: Optional[CheckpointIO] = None,
         precision: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        check_finite_loss: bool = True,
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
@@ -298,6 +302,9 @@ class TawPipeFabricStrategy(ParallelStrategy):
         self._released = False
         self._grads_final = False  # gradients exposed to the optimizers (averaged) since the last training forward
         self._in_train_step = False
+        self.check_finite_loss = bool(check_finite_loss)
+        self._health: Optional[health.Health] = None
+        self._iteration = 0  # training iterations started (Fabric has no global step): named in failure messages
 
     # -- precision and checkpoint IO ---------------------------------------------------------------------------------
     @property
@@ -372,6 +379,11 @@ class TawPipeFabricStrategy(ParallelStrategy):
         )
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        self._health = health.Health(self.global_rank, self.world_size)
+        if self.group_size is None and self.world_size > 1:  # groups are nodes: they must be equal
+            nodes: list = [None] * self.world_size
+            dist.all_gather_object(nodes, self.cluster_environment.node_rank())
+            health.check_equal_nodes(nodes)
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -480,10 +492,16 @@ class TawPipeFabricStrategy(ParallelStrategy):
             )
         self._release_module_weights()
         if torch.is_grad_enabled() and module.training:
-            self._start_accumulating()
-            self.pipeline.comm.stats.reset()
-            engine.begin(train=True, n_microbatches=1)
-            return module(*args, **kwargs)
+            self._iteration += 1
+            self._health.step_started(self._iteration)
+            inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+            with self._reporting_failures():
+                if inputs:  # owners average gradients over ranks like ddp: every rank needs the same batch size
+                    health.check_step_inputs(self._iteration, inputs[0].shape[0], self.root_device)
+                self._start_accumulating()
+                self.pipeline.comm.stats.reset()
+                engine.begin(train=True, n_microbatches=1)
+                return module(*args, **kwargs)
         engine.begin(train=False, n_microbatches=1)
         with torch.no_grad():
             out = module(*args, **kwargs)
@@ -495,11 +513,27 @@ class TawPipeFabricStrategy(ParallelStrategy):
         """Back-propagate (the engine streams the chunks back in, gradients go to their owners) and end the
         iteration the training forward began."""
         engine = self.pipeline.engine if self.pipeline is not None else None
-        self.precision.pre_backward(tensor, module)
-        self.precision.backward(tensor, module, *args, **kwargs)
-        self.precision.post_backward(tensor, module)
-        if engine is not None and engine.training_iteration and not self._in_train_step:
-            engine.end()
+        with self._reporting_failures():
+            if self.check_finite_loss and engine is not None and not self._in_train_step:
+                health.check_loss_finite(self._iteration, tensor)  # every rank stops together, before any gradient
+            self.precision.pre_backward(tensor, module)
+            self.precision.backward(tensor, module, *args, **kwargs)
+            self.precision.post_backward(tensor, module)
+            if engine is not None and engine.training_iteration and not self._in_train_step:
+                engine.end()
+
+    @contextmanager
+    def _reporting_failures(self):
+        """A communication error names the rank that failed; this rank's own errors are recorded for the others."""
+        try:
+            yield
+        except Exception as error:
+            if self._health is None:
+                raise
+            failure = self._health.failure(self._iteration, error)
+            if failure is error:
+                raise
+            raise failure from error
 
     def train_step(self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor],
                    n_microbatches: Optional[int] = None) -> Tensor:

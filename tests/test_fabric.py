@@ -174,6 +174,11 @@ def test_one_rank_loop_semantics_match_plain_pytorch(one_rank_fabric, tmp_path):
     assert whole.keys() == {"model", "optimizer", "iter_num"}
     _assert_same_weights(whole["model"], saved_weights, atol=0.0)
 
+    iteration = fabric.strategy._iteration + 1
+    bad = loss_of(model, data[3]) * float("nan")  # stopped before any gradient moves, naming the iteration
+    with pytest.raises(FloatingPointError, match=f"Non-finite loss at step {iteration} on rank"):
+        fabric.backward(bad)
+
 
 # -- multi-process: parity with ddp, checkpoints, resharding ---------------------------------------------------------
 def test_two_ranks_match_ddp_with_accumulation_clipping_and_validation(runs):
