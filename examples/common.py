@@ -243,7 +243,8 @@ class LitGPTExample(LitGPTModule):
             model = LoRAGPT(self.config)
         else:
             model = GPT(self.config)
-        if self.init_weights is not None:
+        if self.init_weights is not None and not getattr(self.trainer.strategy, "init_weights", None):
+            # (TawPipe reads the file itself: each rank copies only the chunk it owns into a meta-built model)
             state = torch.load(self.init_weights, map_location="cpu", mmap=True, weights_only=True)
             state = state.get("model", state)
             # LoRA models have extra lora_A/lora_B entries (initialised, B = 0): everything else must match.
@@ -432,13 +433,19 @@ def plot_loss_curve(steps: list[int], losses: list[float], val: list[dict[str, f
 
 
 def build_strategy(name: str, devices: int, num_nodes: int, n_microbatches: int = 1,
-                   group_size: Optional[int] = None) -> Any:
+                   group_size: Optional[int] = None, init_weights: Optional[Path] = None, lora: bool = False) -> Any:
     """``tawpipe`` (with its knobs), ``fsdp`` (FSDP2 via ``ModelParallelStrategy``: runs on CPU and GPU, as in
-    ``litgpt finetune_lora``), or any other Lightning strategy name (``ddp``...) passed through."""
+    ``litgpt finetune_lora``), or any other Lightning strategy name (``ddp``...) passed through.
+
+    With ``init_weights`` (a LitGPT ``lit_model.pth``), TawPipe builds the model on the meta device and each rank
+    copies only the chunk it owns out of the memory-mapped file: no rank holds the whole pretrained model."""
     if name == "tawpipe":
         from lightning_tawpipe import TawPipeStrategy
 
-        return TawPipeStrategy(n_microbatches=n_microbatches, group_size=group_size)
+        return TawPipeStrategy(n_microbatches=n_microbatches, group_size=group_size,
+                               meta_init=init_weights is not None,
+                               init_weights=str(init_weights) if init_weights is not None else None,
+                               init_weights_strict=not lora)
     if name == "fsdp":
         return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
     return name
@@ -561,7 +568,8 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
         accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=args.num_nodes,
-        strategy=build_strategy(args.strategy, args.devices, args.num_nodes, args.n_microbatches, args.group_size),
+        strategy=build_strategy(args.strategy, args.devices, args.num_nodes, args.n_microbatches, args.group_size,
+                                init_weights=module.init_weights, lora=module.lora),
         precision=args.precision,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate_grad_batches,

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_algorithm", default="norm", choices=["norm", "value"])
     p.add_argument("--precision", default="32-true", help="Trainer precision (32-true, bf16-mixed, 16-mixed, bf16-true)")
     p.add_argument("--meta_init", action="store_true", help="tawpipe: build on the meta device, init by the chunk")
+    p.add_argument("--init_weights", default=None,
+                   help="start from this LitGPT lit_model.pth (tawpipe: each owner reads only its chunk)")
     p.add_argument("--seeded_init", action="store_true",
                    help="initialize an ordinary model as meta_init does (name-seeded reset_parameters)")
     p.add_argument("--init_scale", type=float, default=2.0**16, help="16-mixed: the gradient scaler's initial scale")
@@ -142,6 +144,11 @@ def run_worker(a: argparse.Namespace) -> None:
             super()._write_shards(shards, staging)
 
     model = None
+    if a.init_weights and a.strategy != "tawpipe":  # the reference: an ordinary model loads the whole file
+        from litgpt import GPT
+
+        model = GPT(cfg)
+        model.load_state_dict(torch.load(a.init_weights, weights_only=True))
     if a.seeded_init:
         from litgpt import GPT
 
@@ -173,6 +180,7 @@ def run_worker(a: argparse.Namespace) -> None:
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
                                    state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,
+                                   init_weights=a.init_weights,
                                    checkpoint_io=CrashingCheckpointIO(a.async_save) if a.crash_on_save else None,
                                    **({"timeout": timedelta(seconds=a.timeout_s)} if a.timeout_s else {}))
     elif a.resume and os.path.isdir(a.resume):  # another strategy resuming from a sharded TawPipe checkpoint

@@ -40,7 +40,13 @@ from typing_extensions import override
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_tawpipe import init
-from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_save, check_checkpoint, load_local_shards
+from lightning_tawpipe.checkpoint_io import (
+    CheckpointError,
+    TawPipeCheckpointIO,
+    atomic_torch_save,
+    check_checkpoint,
+    load_local_shards,
+)
 from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
@@ -79,6 +85,11 @@ class TawPipeStrategy(ParallelStrategy):
             initialize only its own chunk (``bool``, default False), so no rank ever holds the whole model. Weights
             are then initialized per module from a generator seeded by the run's seed and the module's name
             (``lightning_tawpipe.init.seeded_reset_parameters`` reproduces them on an ordinary model).
+        init_weights: a state dict file (e.g. LitGPT's ``lit_model.pth``) to start from. It is memory-mapped and each
+            owner copies only its own chunk, so with ``meta_init=True`` no rank ever holds the whole pretrained
+            model. Keys may be relative to the GPT (as LitGPT saves them) or to the LightningModule.
+        init_weights_strict: require every parameter in ``init_weights`` (``bool``, default True); False lets
+            parameters the file lacks (e.g. LoRA adapters) keep their initialization.
         state_dict_type: ``"sharded"`` (default: every rank writes its own part with ``torch.distributed.checkpoint``
             into a checkpoint directory, see :mod:`lightning_tawpipe.checkpoint_io`) or ``"full"`` (rank 0 writes one
             ordinary Lightning file with the gathered weights and unsharded optimizer state).
@@ -111,6 +122,8 @@ class TawPipeStrategy(ParallelStrategy):
         meta_init: bool = False,
         state_dict_type: Literal["sharded", "full"] = "sharded",
         async_checkpointing: bool = False,
+        init_weights: Optional[str] = None,
+        init_weights_strict: bool = True,
         accelerator=None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
@@ -142,6 +155,7 @@ class TawPipeStrategy(ParallelStrategy):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
         self.state_dict_type = state_dict_type
         self.async_checkpointing = bool(async_checkpointing)
+        self.init_weights, self.init_weights_strict = init_weights, bool(init_weights_strict)
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -299,6 +313,8 @@ class TawPipeStrategy(ParallelStrategy):
                 validate_schedules=self.validate_schedules,
                 p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
                 activation_checkpointing=self.activation_checkpointing,
+                initial_state=self._read_init_weights(),
+                initial_state_strict=self.init_weights_strict,
             )
             rank_zero_info(self.pipeline.describe())
             if self.meta_init and not self.pipeline.meta_init:
@@ -315,6 +331,16 @@ class TawPipeStrategy(ParallelStrategy):
                     "in training_step, or use schedule='tawpipe', which is safe."
                 )
         return model
+
+    def _read_init_weights(self) -> Optional[dict[str, Tensor]]:
+        if self.init_weights is None:
+            return None
+        path = check_checkpoint(self.init_weights)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"Could not read the initial weights {path} (corrupt or not a state dict): {e}") from e
+        return state.get("model", state) if isinstance(state.get("model"), Mapping) else state
 
     # -- the training step -------------------------------------------------------------------------------------
     @override

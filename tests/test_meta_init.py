@@ -29,6 +29,26 @@ def test_meta_init_holds_one_chunk_per_rank_and_matches_ddp(train_job):
         assert growth <= 0.4 * model_mb, f"rank {rank} grew by {growth:.0f} MB during setup (model {model_mb:.0f} MB)"
 
 
+def test_pretrained_weights_load_by_the_chunk(train_job, tmp_path):
+    """``TawPipeStrategy(meta_init=True, init_weights="lit_model.pth")``: each owner copies only its chunk out of the
+    memory-mapped LitGPT file (GPT-relative keys); training equals ddp started from the same file."""
+    from litgpt import GPT
+
+    from lightning_tawpipe.module import tiny_llama_config
+
+    torch.manual_seed(5)
+    path = tmp_path / "lit_model.pth"
+    torch.save(GPT(tiny_llama_config(n_layer=4, n_embd=32, block_size=32)).state_dict(), path)
+    args = ("--n_layer", "4", "--n_embd", "32", "--seq_length", "32", "--steps", "3", "--devices", "4",
+            "--init_weights", str(path))
+    result = train_job(*args, "--strategy", "tawpipe", "--group_size", "2", "--meta_init")
+    reference = train_job(*args, "--strategy", "ddp")
+    for step, (x, y) in enumerate(zip(result["losses"], reference["losses"])):
+        assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: loss {x} vs ddp {y}"
+    for name, ref in reference["state_dict"].items():
+        torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+
+
 def _tiny_gpt(device=None):
     from litgpt import GPT
 

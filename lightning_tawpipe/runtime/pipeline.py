@@ -48,6 +48,8 @@ class Pipeline:
         validate_schedules: bool = True,
         p2p_groups: str = "rail",
         activation_checkpointing: bool = False,
+        initial_state: dict[str, torch.Tensor] | None = None,
+        initial_state_strict: bool = True,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
@@ -66,6 +68,8 @@ class Pipeline:
         self.meta_init = init.has_meta_tensors(root)
         initial = self._materialize_owned_chunk(root, device) if self.meta_init else self._initial_weights(device)
         self.shard = OwnedShard(self.layout, self.owned_chunk, initial, master_dtype)
+        if initial_state is not None:
+            self._load_initial_state(root, initial_state, initial_state_strict)
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
@@ -141,6 +145,49 @@ class Pipeline:
         for e in entries:  # the master copy is all this rank keeps
             init.swap_in(e.param, init.placeholder(e.param, device))
         return flat
+
+    def _load_initial_state(self, root: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
+        """Copy pretrained weights (e.g. LitGPT's ``lit_model.pth``, memory-mapped) into this rank's chunk only.
+
+        Keys may be relative to the GPT (``transformer.h.0...``, as LitGPT saves them) or to the LightningModule, and
+        LitGPT LoRA layers (``qkv.linear.weight``) read the base checkpoint's ``qkv.weight``. With ``strict=False``,
+        *trainable* parameters the file lacks keep their initialization (LoRA adapters on a base model); a missing
+        frozen one is still an error, since it would silently stay random.
+        """
+        gpt = unit_hooks.find_gpt(root)
+        prefix = next((f"{n}." for n, m in root.named_modules() if m is gpt and n), "") if gpt is not None else ""
+
+        def key_of(name: str) -> str:
+            for candidate in (name, name[len(prefix):] if name.startswith(prefix) else name):
+                # LitGPT's LoRA layers wrap the original Linear as ``.linear``; base checkpoints lack that level
+                for key in (candidate, candidate.replace(".linear.", ".")):
+                    if key in state:
+                        return key
+            return name
+
+        entries = self.layout.entries[self.owned_chunk]
+        names = {e.name: key_of(e.name) for e in entries}
+        missing = [e for e in entries if names[e.name] not in state]
+        # without strict, only trainable parameters (adapters) may be absent: frozen ones would stay random
+        refused = missing if strict else [e for e in missing if not e.param.requires_grad]
+        if refused:
+            raise KeyError(
+                f"The initial weights lack {len(refused)} parameter(s) of this rank's chunk, e.g. "
+                f"{[e.name for e in refused[:3]]}: they were saved from another model"
+                f"{'' if not strict else ' (pass init_weights_strict=False to let trainable adapters keep their init)'}."
+            )
+        for e, view in zip(entries, self.layout.views(self.owned_chunk, self.shard.weights)):
+            key = names[e.name]
+            if key not in state:
+                continue
+            if tuple(state[key].shape) != tuple(e.shape):
+                raise ValueError(f"{key} has shape {tuple(state[key].shape)} in the initial weights and "
+                                 f"{tuple(e.shape)} in this model: the file belongs to another model config.")
+            view.copy_(state[key].reshape(e.shape))
+        in_chunks = {e.name for es in self.layout.entries for e in es}
+        for name, p in root.named_parameters():  # replicated parameters: every rank copies them
+            if name not in in_chunks and key_of(name) in state:
+                p.data.copy_(state[key_of(name)])
 
     def _initial_weights(self, device: torch.device) -> torch.Tensor:
         """This rank's chunk with rank 0's values: rank 0 sends every other owner its chunk."""
