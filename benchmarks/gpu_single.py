@@ -181,7 +181,7 @@ def _time_cuda(fn, repeats: int = 10, warmup: int = 3) -> float:
 def block_times(seq_lengths: list[int]) -> list[dict]:
     """Forward and forward+backward seconds of one block and of the head, micro-batch 1."""
     from litgpt import Config
-    from litgpt.model import GPT, Block, build_rope_cache
+    from litgpt.model import Block, build_rope_cache
 
     rows = []
     for label, (name, overrides) in BLOCK_CONFIGS.items():
@@ -224,7 +224,7 @@ def block_times(seq_lengths: list[int]) -> list[dict]:
                 finally:
                     x = None
                     torch.cuda.empty_cache()
-            del block, norm, head
+            block = norm = head = None  # free before the next config (the closures above are done with them)
             torch.cuda.empty_cache()
     return rows
 

@@ -38,7 +38,7 @@ from torchmetrics.text import Perplexity
 
 import lightning_tawpipe  # noqa: F401  registers strategy="tawpipe"
 from lightning_tawpipe.module import LitGPTModule, tiny_llama_config
-from lightning_tawpipe.tokenizer import EOS_TOKEN, corpus_documents
+from lightning_tawpipe.tokenizer import corpus_documents
 
 TINY_MODEL = "tawpipe-tiny"
 """Default ``--model_name``: LitGPT's ``tiny-llama-1.1b`` architecture (RMSNorm, SwiGLU, RoPE, GQA) shrunk to

@@ -10,9 +10,10 @@ from lightning_tawpipe.checkpoint_io import CheckpointError, TawPipeCheckpointIO
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.strategy import TawPipeStrategy
 from lightning_tawpipe.topology import Topology
-from lightning_tawpipe.fabric import TawPipeFabricStrategy  # noqa: E402,F401  registers "tawpipe" with lightning.fabric
+from lightning_tawpipe.fabric import TawPipeFabricStrategy  # noqa: E402  importing registers it with lightning.fabric
 
-__all__ = ["CheckpointError", "TawPipeCheckpointIO", "TawPipePrecision", "TawPipeStrategy", "Topology", "register"]
+__all__ = ["CheckpointError", "TawPipeCheckpointIO", "TawPipeFabricStrategy", "TawPipePrecision", "TawPipeStrategy",
+           "Topology", "register"]
 __version__ = "0.1.0"
 
 

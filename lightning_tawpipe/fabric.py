@@ -85,9 +85,9 @@ from lightning_tawpipe.precision import SUPPORTED_PRECISION, TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
 from lightning_tawpipe.runtime.pipeline import Pipeline
+from lightning_tawpipe.environment import TawPipeEnvironment
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.strategy import DEFAULT_TIMEOUT, _check_knobs
-from lightning_tawpipe.topology import Topology
 
 # meta.pt keys written by this strategy next to the user's own objects
 _LAYOUT_KEY = "tawpipe_fabric"  # which state keys held the model and the optimizers
@@ -227,7 +227,7 @@ class _TawPipeBackwardSyncControl(_BackwardSyncControl):
         return nullcontext()
 
 
-class TawPipeFabricStrategy(ParallelStrategy):
+class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
     """Topology-aware weight pipeline parallelism (TawPipe) for ``lightning.fabric`` and LitGPT models.
 
     Every rank trains its own batches through the whole model; each rank owns ~1/world of the weights, gradients
@@ -331,39 +331,10 @@ class TawPipeFabricStrategy(ParallelStrategy):
     def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
         self._checkpoint_io = io
 
-    # -- ranks, devices, process group (as ddp) ----------------------------------------------------------------------
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
-
-    @property
-    def topology(self) -> Topology:
-        """Groups of ranks: ``group_size`` if given, else one group per node (processes per node)."""
-        return Topology.from_world(self.num_nodes * self.num_processes, self.group_size or self.num_processes)
-
+    # -- ranks, devices, process group (as ddp; shared parts in TawPipeEnvironment) ---------------------------------
     @override
     def _configure_launcher(self) -> None:
         self._check_accelerator()
-        self.topology  # noqa: B018 - raises if group_size does not divide the world size
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -379,28 +350,11 @@ class TawPipeFabricStrategy(ParallelStrategy):
         )
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
-        self._health = health.Health(self.global_rank, self.world_size)
-        if self.group_size is None and self.world_size > 1:  # groups are nodes: they must be equal
-            nodes: list = [None] * self.world_size
-            dist.all_gather_object(nodes, self.cluster_environment.node_rank())
-            health.check_equal_nodes(nodes)
+        self._health = self._start_health()
 
     def _set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        self._assign_world_ranks()
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
-
-    def _check_accelerator(self) -> None:
-        device = self.root_device.type
-        supported = {"cpu": ("gloo",), "cuda": ("nccl", "gloo")}
-        if device not in supported:
-            raise ValueError(f"TawPipe runs on CPU (gloo) or CUDA (nccl); got a {device!r} accelerator.")
-        backend = self._process_group_backend
-        if backend is not None and backend not in supported[device]:
-            raise ValueError(
-                f"TawPipe cannot use process_group_backend={backend!r} on {device}: use one of {supported[device]}."
-            )
 
     # -- model and optimizer setup -----------------------------------------------------------------------------------
     @override

@@ -40,6 +40,7 @@ from typing_extensions import override
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_tawpipe import init
+from lightning_tawpipe.environment import TawPipeEnvironment
 from lightning_tawpipe.checkpoint_io import (
     CheckpointError,
     TawPipeCheckpointIO,
@@ -53,7 +54,6 @@ from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
 from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
-from lightning_tawpipe.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 minutes; a weight pipeline touches every rank every step, so a dead peer is noticed within one step anyway)."""
 
 
-class TawPipeStrategy(ParallelStrategy):
+class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
     """Topology-aware weight pipeline parallelism (TawPipe, AAAI 2026) for LitGPT models.
 
     Every rank trains its own micro-batches through the whole model; each rank owns ~1/world of the weights,
@@ -185,35 +185,6 @@ class TawPipeStrategy(ParallelStrategy):
         return True
 
     @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
-
-    @property
-    def topology(self) -> Topology:
-        """Groups of ranks: ``group_size`` if given, else one group per node (processes per node)."""
-        world = self.num_nodes * self.num_processes
-        return Topology.from_world(world, self.group_size or self.num_processes)
-
-    @property
     def device_mesh(self):
         """The ``("node", "local")`` DeviceMesh of the weight lane (available after setup)."""
         return self.pipeline.comm.mesh if self.pipeline else None
@@ -222,7 +193,6 @@ class TawPipeStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         # the Trainer calls this in its constructor, once devices and num_nodes are known: fail before launching
         self._check_accelerator()
-        self.topology  # noqa: B018 - raises if group_size does not divide the world size
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -238,28 +208,11 @@ class TawPipeStrategy(ParallelStrategy):
         self._process_group_backend = backend
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-        self._health = health.Health(self.global_rank, self.world_size)
-        if self.group_size is None and self.world_size > 1:  # groups are nodes: they must be equal
-            nodes: list = [None] * self.world_size
-            dist.all_gather_object(nodes, self.cluster_environment.node_rank())
-            health.check_equal_nodes(nodes)
+        self._health = self._start_health()
 
     def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        self._assign_world_ranks()
         rank_zero_only.rank = self.global_rank
-
-    def _check_accelerator(self) -> None:
-        device = self.root_device.type
-        backend = self._process_group_backend
-        supported = {"cpu": ("gloo",), "cuda": ("nccl", "gloo")}
-        if device not in supported:
-            raise ValueError(f"TawPipe runs on CPU (gloo) or CUDA (nccl); got a {device!r} accelerator.")
-        if backend is not None and backend not in supported[device]:
-            raise ValueError(
-                f"TawPipe cannot use process_group_backend={backend!r} on {device}: use one of {supported[device]}."
-            )
 
     # -- setup -------------------------------------------------------------------------------------------------
     @override

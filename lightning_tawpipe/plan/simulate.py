@@ -242,7 +242,7 @@ class _Sim:
 
     def _p2p_transfer(self, send: _Posted, recv: _Posted, key: tuple) -> _Transfer:
         src, dst = send.rank, recv.rank
-        nbytes, P, topo, c = self._bytes(send.action), self.c.world_size, self.topo, self.c
+        nbytes, P, c = self._bytes(send.action), self.c.world_size, self.c
         if self._node(src) == self._node(dst):
             resources, latency, inter = (src, P + dst) + self.cpu_res, c.intra_latency, False
         else:
