@@ -120,6 +120,9 @@ def test_killed_save_leaves_the_previous_checkpoint(train_job, trained, tmp_path
     for name, value in reference["state_dict"].items():
         torch.testing.assert_close(survivor["state_dict"][name], value, rtol=0, atol=0, msg=name)
     assert survivor["global_step"] == 3
+    resumed = train_job(*ARGS, *TAW_2X2, "--steps", "6", "--resume", str(ckpt_dir / "epoch=0-step=3.ckpt"),
+                        node_ranks=2)
+    assert resumed["losses"] == result["losses"][3:]  # training goes on as if nothing had happened
 
 
 def test_top_k_keeps_the_best_checkpoint_directories(train_job, tmp_path):
