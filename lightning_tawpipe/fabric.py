@@ -81,7 +81,7 @@ from typing_extensions import override
 from lightning_tawpipe import init
 from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_save, check_checkpoint, load_local_shards
 from lightning_tawpipe.checkpoint_io import read_meta
-from lightning_tawpipe.precision import SUPPORTED_PRECISION, TawPipePrecision
+from lightning_tawpipe.precision import TawPipePrecision, plugin_precision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
 from lightning_tawpipe.runtime.pipeline import Pipeline
@@ -111,18 +111,8 @@ class TawPipeFabricPrecision(Precision):
         """The TawPipe equivalent of the plugin Fabric's connector built for ``Fabric(precision=...)``."""
         if isinstance(plugin, cls):
             return plugin
-        if type(plugin) is Precision:
-            return cls("32-true")
-        if type(plugin) is MixedPrecision:  # its GradScaler checks for infs per rank: replaced by a sharded one
-            return cls(plugin.precision, device=plugin.device)
-        if type(plugin) is HalfPrecision:
-            return cls(plugin.precision)
-        raise TypeError(
-            f"TawPipe needs its own precision plugin (TawPipeFabricPrecision), which it builds from "
-            f"Fabric(precision=...) for {SUPPORTED_PRECISION}; got {type(plugin).__name__}"
-            f"{' (' + str(plugin.precision) + ')' if hasattr(plugin, 'precision') else ''}. Pass one of those "
-            "precision strings, or plugins=[TawPipeFabricPrecision(...)]."
-        )
+        precision, device = plugin_precision(plugin, Precision, MixedPrecision, HalfPrecision, cls, "Fabric")
+        return cls(precision, device=device)
 
     @property
     def param_dtype(self) -> torch.dtype:

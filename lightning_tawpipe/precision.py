@@ -52,6 +52,27 @@ _PARAM_DTYPE = {
 }
 
 
+def plugin_precision(plugin, plain: type, mixed: type, half: type, ours: type, where: str) -> tuple[str, str | None]:
+    """``(precision, autocast device)`` of a plugin Lightning or Fabric built from ``precision=...``.
+
+    ``plain``/``mixed``/``half`` are that library's ``Precision``/``MixedPrecision``/``HalfPrecision`` classes (the
+    Trainer and Fabric each have their own). A mixed plugin's ``GradScaler`` checks for infs per rank, so only its
+    precision and device are kept: TawPipe builds a sharded scaler. Anything else is refused with a ``TypeError``.
+    """
+    if type(plugin) is plain:
+        return "32-true", None
+    if type(plugin) is mixed:
+        return plugin.precision, plugin.device
+    if type(plugin) is half:
+        return plugin.precision, None
+    raise TypeError(
+        f"TawPipe needs its own precision plugin ({ours.__name__}), which it builds from {where}(precision=...) for "
+        f"{SUPPORTED_PRECISION}; got {type(plugin).__name__}"
+        f"{' (' + str(plugin.precision) + ')' if hasattr(plugin, 'precision') else ''}. Pass one of those precision "
+        f"strings, or plugins=[{ours.__name__}(...)]."
+    )
+
+
 class TawPipePrecision(FSDPPrecision):
     """Precision for TawPipe: what travels and computes in low precision, what owners keep in full precision.
 
@@ -80,18 +101,8 @@ class TawPipePrecision(FSDPPrecision):
         """The TawPipe equivalent of the plugin Lightning's connector built for ``Trainer(precision=...)``."""
         if isinstance(plugin, cls):
             return plugin
-        if type(plugin) is Precision:
-            return cls("32-true")
-        if type(plugin) is MixedPrecision:  # its GradScaler checks for infs per rank: replaced by a sharded one
-            return cls(plugin.precision, device=plugin.device)
-        if type(plugin) is HalfPrecision:
-            return cls(plugin.precision)
-        raise TypeError(
-            f"TawPipe needs its own precision plugin (TawPipePrecision), which it builds from "
-            f"Trainer(precision=...) for {SUPPORTED_PRECISION}; got {type(plugin).__name__}"
-            f"{' (' + plugin.precision + ')' if hasattr(plugin, 'precision') else ''}. Pass one of those precision "
-            "strings, or plugins=[TawPipePrecision(...)]."
-        )
+        precision, device = plugin_precision(plugin, Precision, MixedPrecision, HalfPrecision, cls, "Trainer")
+        return cls(precision, device=device)
 
     # -- what the pipeline needs to know -------------------------------------------------------------------------
     @property
