@@ -9,7 +9,9 @@ Layout (Lightning's sharded layout, the one its FSDP strategy writes, so
         meta.pt                   everything else Lightning saves (loops, schedulers, callbacks, hyperparameters)
 
 DCP keys: ``model`` (the LightningModule's state dict, by parameter name) and ``optimizer_<i>`` (state keyed by
-parameter name, param groups listing parameter names). TawPipe owns whole parameters, so a rank's shard is a set of
+parameter name, param groups listing parameter names). With several replicas these hold replica 0's state;
+replica ``r``'s own weights and optimizer state are under ``replica<r>.model`` / ``replica<r>.optimizer_<i>`` and
+every replica's outer-loop state under ``outer.replica<r>`` (anchors, error feedback or momentum, step counters). TawPipe owns whole parameters, so a rank's shard is a set of
 names; nothing in the files depends on the topology, and any topology (or ``ddp``) can read them back.
 
 Nothing is lost: a save writes into a hidden staging directory (``.<name>.partial-<token>``) and only a complete
@@ -35,6 +37,7 @@ from typing_extensions import override
 
 from lightning_tawpipe.runtime.optim_state import indexed_from_named
 
+SHARDED_EXTRA = "tawpipe_sharded"  # checkpoint entry whose tensors go into the DCP shards (never into meta.pt)
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 DCP_INDEX = ".metadata"
 _PARTIAL = re.compile(r"^\..+\.partial-[0-9a-f]+$")
@@ -124,6 +127,7 @@ class TawPipeCheckpointIO(CheckpointIO):
         shards = {"model": checkpoint.pop("state_dict")}
         for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
             shards[f"optimizer_{i}"] = state
+        shards.update(checkpoint.pop(SHARDED_EXTRA, {}))
         staging = path.parent / f".{path.name}.partial-{_shared_token()}"
         if _rank() == 0:
             staging.mkdir(parents=True)
@@ -257,20 +261,57 @@ def _shared_token() -> str:
     return box[0]
 
 
-def load_local_shards(path: Path, model: dict[str, torch.Tensor], optimizer_names: list[list[str]]) -> dict[str, Any]:
+def load_local_shards(path: Path, model: dict[str, torch.Tensor], optimizer_names: list[list[str]],
+                      replica: int = 0) -> dict[str, Any]:
     """Read only the named parts of a sharded checkpoint (a collective call: every rank asks for its own part).
 
     ``model`` maps the parameter names this rank needs to tensors of the expected shape (their dtype is what is
     returned); ``optimizer_names[i]`` lists the parameters whose ``optimizer_<i>`` state this rank steps. Returns
     Lightning's checkpoint dict with this rank's ``state_dict`` and name-keyed ``optimizer_states``. Missing
     parameters or different shapes (a checkpoint of another model) raise :class:`CheckpointError` before reading.
+    ``replica``: read that replica's own state (``replica<r>.*``) where the checkpoint has it, else replica 0's (a
+    checkpoint of fewer replicas: the new ones start from replica 0).
     """
     from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     path = check_checkpoint(path)
     meta = read_meta(path)
     index = tensor_index(path)
+    scope = f"replica{replica}"
+    if replica == 0 or not any(k.startswith(f"{scope}.model.") for k in index):
+        scope = ""
+    request = _local_request(path, index, model, optimizer_names, f"{scope}." if scope else "")
+    load({scope: request} if scope else request, checkpoint_id=str(path))
+    meta["state_dict"] = request.pop("model")
+    meta["optimizer_states"] = [request[f"optimizer_{i}"] for i in range(len(optimizer_names))]
+    return meta
+
+
+def load_tensors(path: Path, key: str, template: dict[str, Any]) -> dict[str, Any] | None:
+    """Read the subtree ``key`` (e.g. ``outer.replica1``) shaped like ``template`` (tensors of the right shapes;
+    ``None`` for plain values); ``None`` if the checkpoint has no such entry. A collective call: every rank reads
+    (possibly nothing) together, so ranks whose entry is missing do not leave the others waiting."""
+    from torch.distributed.checkpoint import load
+
+    index = tensor_index(check_checkpoint(path))
+    present = any(k.startswith(f"{key}.") for k in index)
+    request: Any = template if present else {}
+    for part in reversed(key.split(".")):
+        request = {part: request}
+    load(request if present else {}, checkpoint_id=str(path))
+    if not present:
+        return None
+    for part in key.split("."):
+        request = request[part]
+    return request
+
+
+def _local_request(path: Path, index: dict, model: dict[str, torch.Tensor], optimizer_names: list[list[str]],
+                   scope: str) -> dict[str, Any]:
+    """The DCP request for this rank's weights and optimizer state under ``scope`` (checked against the index)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    index = {k[len(scope):]: v for k, v in index.items() if k.startswith(scope)} if scope else index
     missing = [n for n in model if f"model.{n}" not in index]
     if missing:
         raise CheckpointError(
@@ -307,10 +348,7 @@ def load_local_shards(path: Path, model: dict[str, torch.Tensor], optimizer_name
                 j, _, field = rest[len("param_groups."):].partition(".")
                 groups.setdefault(int(j), {})[field] = None
         request[f"optimizer_{i}"] = {"state": state, "param_groups": [groups[j] for j in sorted(groups)]}
-    load(request, checkpoint_id=str(path))
-    meta["state_dict"] = request.pop("model")
-    meta["optimizer_states"] = [request[f"optimizer_{i}"] for i in range(len(optimizer_names))]
-    return meta
+    return request
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

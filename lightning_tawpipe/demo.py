@@ -78,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fault_rank", type=int, default=1)
     p.add_argument("--fault_step", type=int, default=1)
     p.add_argument("--timeout_s", type=float, default=None, help="collective timeout in seconds (tawpipe)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--replicas", default="1",
+                   help="tawpipe: a number of equal replicas, or shapes like 1x1,2x2 (nodes x ranks per node)")
+    p.add_argument("--replica_batch", type=int, default=0,
+                   help="samples per replica per step (per-rank batch = this / ranks of the replica); 0: --batch_size")
+    p.add_argument("--outer", default="sparseloco", choices=["sparseloco", "diloco", "none"])
+    p.add_argument("--sync_every", type=int, default=15)
+    p.add_argument("--density", type=float, default=0.03125)
+    p.add_argument("--quant_bits", type=int, default=2, help="0: float32 values")
+    p.add_argument("--outer_lr", type=float, default=None)
+    p.add_argument("--outer_momentum", type=float, default=0.9)
+    p.add_argument("--error_decay", type=float, default=0.95)
     p.add_argument("--out", default=None, help="directory for result.pt / result.json")
     p.add_argument("--worker", action="store_true", help="run one training job (used by the compare mode and tests)")
     return p
@@ -171,8 +184,15 @@ def run_worker(a: argparse.Namespace) -> None:
         module = DecayGroupsLitGPTModule(cfg, learning_rate=a.lr, weight_decay=0.1, warmup_steps=a.warmup_steps)
     else:
         module = (ManualLitGPTModule if a.manual else LitGPTModule)(cfg, learning_rate=a.lr, weight_decay=a.weight_decay,
-                                                                   warmup_steps=a.warmup_steps, model=model)
+                                                                   warmup_steps=a.warmup_steps, model=model,
+                                                                   optimizer=a.optimizer, momentum=a.momentum)
     batch = a.batch_size + int(faulty and a.fault == "ragged")
+    replicas = parse_replicas(a.replicas)
+    if a.replica_batch:  # equal samples per replica whatever its shape (see ReplicaLayout.sampler_slot)
+        from lightning_tawpipe.replicas import ReplicaLayout
+
+        layout = ReplicaLayout.parse(replicas, a.devices * a.num_nodes, a.group_size or a.devices)
+        batch = a.replica_batch // layout.topologies[layout.replica_of(rank_from_env)].world_size
     data = EmbeddedTextDataModule(seq_length=a.seq_length, batch_size=batch)
     strategy, plugins = a.strategy, []
     if a.strategy == "tawpipe":
@@ -180,7 +200,10 @@ def run_worker(a: argparse.Namespace) -> None:
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
                                    state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,
-                                   init_weights=a.init_weights,
+                                   init_weights=a.init_weights, replicas=replicas,
+                                   outer=None if a.outer == "none" else a.outer, sync_every=a.sync_every,
+                                   density=a.density, quant_bits=a.quant_bits or None, outer_lr=a.outer_lr,
+                                   outer_momentum=a.outer_momentum, error_decay=a.error_decay,
                                    checkpoint_io=CrashingCheckpointIO(a.async_save) if a.crash_on_save else None,
                                    **({"timeout": timedelta(seconds=a.timeout_s)} if a.timeout_s else {}))
     elif a.resume and os.path.isdir(a.resume):  # another strategy resuming from a sharded TawPipe checkpoint
@@ -241,6 +264,10 @@ def run_worker(a: argparse.Namespace) -> None:
         torch.tensor([c.get("tawpipe/grad_bytes", 0.0) for c in record.comm], dtype=torch.float64, device=device)
     ).tolist()
     setup_growth = trainer.strategy.all_gather(torch.tensor(record.setup_growth_mb, device=device)).reshape(-1)
+    losses_per_rank = trainer.strategy.all_gather(torch.tensor(record.losses, dtype=torch.float64, device=device))
+    outer = getattr(trainer.strategy, "outer", None)
+    outer_bytes = trainer.strategy.all_gather(torch.tensor(
+        [outer.stats.bytes_sent if outer else 0, outer.stats.exchanges if outer else 0], device=device)).tolist()
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if trainer.global_rank == 0 and a.out:
         os.makedirs(a.out, exist_ok=True)
@@ -251,6 +278,8 @@ def run_worker(a: argparse.Namespace) -> None:
                   "test": {k: float(v) for k, v in tested.items()},
                   "setup_peak_growth_mb": setup_growth.tolist(),
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
+                  "losses_per_rank": losses_per_rank.reshape(len(per_rank), -1).tolist(),
+                  "outer_bytes_per_rank": [b[0] for b in outer_bytes], "outer_exchanges": outer_bytes[0][1],
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
         torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}, "predictions": predicted},
                    os.path.join(a.out, "result.pt"))
@@ -260,6 +289,13 @@ def run_worker(a: argparse.Namespace) -> None:
     # ("terminate called without an active exception") after finishing its work.
     trainer.strategy.barrier()
     torch.distributed.destroy_process_group()
+
+
+def parse_replicas(text: str) -> int | list[tuple[int, int]]:
+    """``"2"`` -> 2; ``"1x1,2x2"`` -> [(1, 1), (2, 2)] (nodes x ranks per node)."""
+    if "x" not in text:
+        return int(text)
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
 
 
 def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float = 900) -> dict:

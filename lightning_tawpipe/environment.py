@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_tawpipe.runtime import health
+from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology
 
 SUPPORTED_BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo")}
@@ -41,12 +42,24 @@ class TawPipeEnvironment:
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+        """As ``ddp``; with several replicas, each replica reads its own stream (see ``ReplicaLayout.sampler_slot``)."""
+        layout = self.replica_layout
+        if layout.n_replicas == 1:
+            return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+        num_replicas, rank = layout.sampler_slot(self.global_rank)
+        return {"num_replicas": num_replicas, "rank": rank}
+
+    @property
+    def replica_layout(self) -> ReplicaLayout:
+        """The world as replicas (one unless the strategy was given ``replicas``), grouped into nodes."""
+        world = self.num_nodes * self.num_processes
+        return ReplicaLayout.parse(getattr(self, "replicas", 1), world, self.group_size or self.num_processes)
 
     @property
     def topology(self) -> Topology:
-        """Groups of ranks: ``group_size`` if given, else one group per node (processes per node)."""
-        return Topology.from_world(self.num_nodes * self.num_processes, self.group_size or self.num_processes)
+        """This rank's replica's groups: ``group_size`` if given, else one group per node (processes per node)."""
+        layout = self.replica_layout
+        return layout.topologies[layout.replica_of(self.global_rank)]
 
     def _check_accelerator(self) -> None:
         """Called before launching: fail on an accelerator/backend TawPipe cannot run, and on a bad grouping."""
@@ -59,7 +72,9 @@ class TawPipeEnvironment:
                 f"TawPipe cannot use process_group_backend={backend!r} on {device}: use one of "
                 f"{SUPPORTED_BACKENDS[device]}."
             )
-        self.topology  # noqa: B018 - raises if group_size does not divide the world size
+        if getattr(self, "replicas", 1) == 1:  # replicas are checked by ReplicaLayout.parse below
+            Topology.from_world(self.num_nodes * self.num_processes, self.group_size or self.num_processes)
+        self.topology  # noqa: B018 - raises if the replicas or group_size do not fit the world size
 
     def _assign_world_ranks(self) -> None:
         if self.cluster_environment is not None:

@@ -93,13 +93,18 @@ class LitGPTModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 0,
         model: GPT | None = None,
+        optimizer: str = "adamw",
+        momentum: float = 0.0,
     ) -> None:
         super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
         self.config = config
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
+        self.optimizer_name, self.momentum = optimizer, momentum
         # Config is a plain object, not a hyperparameter; record only the scalars.
         self.save_hyperparameters(ignore=["config", "model"])
         self.model: GPT | None = model
@@ -146,13 +151,17 @@ class LitGPTModule(pl.LightningModule):
         return self(batch["input_ids"]).argmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(
-            self.param_groups(),
-            lr=self.learning_rate,
-            weight_decay=self.weight_decay,
-            betas=self.betas,
-            foreach=False,
-        )
+        if self.optimizer_name == "sgd":  # SGD's reductions are exact (e.g. local SGD with sync_every=1 equals ddp)
+            optimizer = torch.optim.SGD(self.param_groups(), lr=self.learning_rate, momentum=self.momentum,
+                                        weight_decay=self.weight_decay, foreach=False)
+        else:
+            optimizer = torch.optim.AdamW(
+                self.param_groups(),
+                lr=self.learning_rate,
+                weight_decay=self.weight_decay,
+                betas=self.betas,
+                foreach=False,
+            )
         if self.warmup_steps <= 0:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps))

@@ -95,6 +95,7 @@ class TawPipePrecision(FSDPPrecision):
         self._desired_input_dtype = _PARAM_DTYPE[precision] if "true" in precision else torch.float32
         self.device = device
         self.replicated: set[torch.nn.Parameter] = set()  # set by the strategy: parameters every rank holds
+        self.group = None  # set by the strategy with several replicas: one replica's ranks (clipping, inf checks)
 
     @classmethod
     def from_lightning(cls, plugin: Precision) -> "TawPipePrecision":
@@ -153,7 +154,7 @@ class TawPipePrecision(FSDPPrecision):
         if owned:
             squared += torch.nn.utils.get_total_norm(owned, norm_type=2.0).double() ** 2
         if dist.is_initialized():
-            dist.all_reduce(squared)
+            dist.all_reduce(squared, group=self.group)
         if shared:  # identical on every rank after the all-reduce of their gradients: count them once
             squared += torch.nn.utils.get_total_norm(shared, norm_type=2.0).double() ** 2
         total = squared.sqrt().float()

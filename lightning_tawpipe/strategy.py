@@ -45,9 +45,12 @@ from lightning_tawpipe.checkpoint_io import (
     CheckpointError,
     TawPipeCheckpointIO,
     atomic_torch_save,
+    SHARDED_EXTRA,
     check_checkpoint,
     load_local_shards,
+    load_tensors,
 )
+from lightning_tawpipe.outer.loop import OuterConfig, OuterLoop
 from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
@@ -105,6 +108,25 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             (``bool``, default True; one tiny all-gather per step).
         start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for ``ddp``.
         log_comm_stats: log ``tawpipe/*`` communication metrics every training step (``bool``, default True).
+
+    Several replicas (see :mod:`lightning_tawpipe.outer.loop`): the world can be ``replicas`` TawPipe groups, each
+    holding one copy of the model sharded over its own ranks, that train apart and combine their progress every
+    ``sync_every`` steps over the (slow) links between them, each rank only with the owners of the same tensors.
+
+        replicas: ``1`` (default), a number of equal replicas (consecutive ranks), or each replica's shape in rank
+            order, ``[(nodes, ranks_per_node), ...]``, e.g. ``[(1, 1), (2, 2)]``: one process holding the whole
+            model next to a 2x2 TawPipe group. Each replica reads its own data; give its ranks per-rank batches of
+            (replica batch) / (its ranks) so every replica consumes the same tokens per step.
+        outer: ``"sparseloco"`` (default: Top-k + 2-bit pseudo-gradients with error feedback), ``"diloco"`` (dense
+            pseudo-gradient, Nesterov outer momentum) or ``None`` (average gradients across replicas every step).
+        sync_every: inner steps between outer steps (H, default 15).
+        density: SparseLoCo's Top-k fraction per 64x64 tile (default 0.03125, i.e. 128 of 4096).
+        quant_bits: SparseLoCo's bits per sent value (default 2; ``None`` sends float32 values).
+        outer_lr: outer learning rate (default 1.0 for SparseLoCo, 0.7 for DiLoCo).
+        outer_momentum: DiLoCo's Nesterov momentum (default 0.9).
+        error_decay: SparseLoCo's error-feedback decay beta (default 0.95).
+        sparse_aggregate: ``"contributors"`` (default: each coordinate averages the replicas that sent it, as the
+            SparseLoCo reference code) or ``"replicas"`` (divide by the number of replicas).
     """
 
     strategy_name = "tawpipe"
@@ -134,6 +156,15 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         log_comm_stats: bool = True,
         check_finite_loss: bool = True,
+        replicas: int | list[tuple[int, int]] = 1,
+        outer: Optional[Literal["sparseloco", "diloco"]] = "sparseloco",
+        sync_every: int = 15,
+        density: float = 0.03125,
+        quant_bits: Optional[int] = 2,
+        outer_lr: Optional[float] = None,
+        outer_momentum: float = 0.9,
+        error_decay: float = 0.95,
+        sparse_aggregate: Literal["contributors", "replicas"] = "contributors",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -161,6 +192,13 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self._timeout = timeout
         self._start_method = start_method
         self.check_finite_loss = bool(check_finite_loss)
+        self.replicas = replicas
+        self.outer_config = OuterConfig(outer, sync_every, outer_lr, outer_momentum, error_decay, density, quant_bits,
+                                        sparse_aggregate)
+        if replicas != 1 and state_dict_type != "sharded":
+            raise ValueError("With several replicas checkpoints must be sharded (each replica's state and the outer "
+                             "state are saved per rank): use state_dict_type='sharded'.")
+        self.outer: Optional[OuterLoop] = None
         self.pipeline: Optional[Pipeline] = None
         self._health: Optional[health.Health] = None
         self._backward_done = False
@@ -240,6 +278,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 "training_step) or automatic optimization."
             )
         super().setup(trainer)
+        if self.outer is not None and len(self.optimizers) > 1:
+            raise ValueError(f"With several replicas TawPipe supports one optimizer (the outer step follows its "
+                             f"steps); configure_optimizers returned {len(self.optimizers)}.")
         self.pipeline.release_module_weights()  # after configure_optimizers: it saw real parameter shapes
         if trainer.state.fn == TrainerFn.FITTING:
             name_of = {p: n for n, p in self.lightning_module.named_parameters()}
@@ -268,7 +309,13 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 activation_checkpointing=self.activation_checkpointing,
                 initial_state=self._read_init_weights(),
                 initial_state_strict=self.init_weights_strict,
+                replicas=self.replica_layout,
             )
+            if self.pipeline.replicas.n_replicas > 1:
+                self.outer = OuterLoop.build(self.pipeline, self.outer_config)
+                precision.group = self.pipeline.comm.replica_group
+                if hasattr(precision.scaler, "process_group"):  # inf checks: within the replica
+                    precision.scaler.process_group = self.pipeline.comm.replica_group
             rank_zero_info(self.pipeline.describe())
             if self.meta_init and not self.pipeline.meta_init:
                 rank_zero_warn(
@@ -313,7 +360,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         module, engine = self.lightning_module, self.pipeline.engine
         self.pipeline.comm.stats.reset()
         batch, rest = args[0], args[1:]
-        health.check_step_inputs(step, batch_size(batch), self.root_device)
+        health.check_step_inputs(step, batch_size(batch), self.root_device, group=self.pipeline.comm.replica_group)
+        if self.outer is not None:
+            self.outer.begin()
         if not module.automatic_optimization:
             engine.begin(train=True, n_microbatches=1)
             out = super().training_step(*args, **kwargs)
@@ -364,13 +413,20 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         pipeline = self.pipeline
         pipeline.engine.end()  # manual optimization steps inside training_step: drain the pipeline first
 
+        outer = self.outer
+
         def closure_then_gradients():
             result = closure()
             pipeline.finalize_gradients()
+            if outer is not None and outer.config.method is None:
+                outer.average_gradients()  # synchronous replicas: one data-parallel job
             return result
 
         output = super().optimizer_step(optimizer, closure_then_gradients, model, **kwargs)
         pipeline.zero_grad()
+        if outer is not None and outer.after_optimizer_step() and self.log_comm_stats:
+            self.lightning_module.log("tawpipe/outer_bytes", float(outer.stats.last_bytes), on_step=True,
+                                      on_epoch=False, batch_size=1)
         return output
 
     def _log_comm_stats(self) -> None:
@@ -463,6 +519,8 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         checkpoint["tawpipe"] = self.pipeline.describe_for_checkpoint()
+        if self.outer is not None:
+            checkpoint = self._with_replica_state(checkpoint)
         if self.state_dict_type == "sharded":
             self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # every rank
             if self.lightning_module.trainer.state.status != TrainerStatus.RUNNING and hasattr(self.checkpoint_io,
@@ -470,6 +528,17 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 self.checkpoint_io.wait()  # saved after fit/validate returned: nothing would wait for it later
         elif self.is_global_zero:
             atomic_torch_save(checkpoint, filepath)
+
+    def _with_replica_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Several replicas: replica 0's state stays where one replica's would be (so the checkpoint consolidates and
+        loads like any other); other replicas' go under ``replica<r>``, and everyone's outer state under ``outer``."""
+        r = self.pipeline.replica
+        extra: dict[str, Any] = {"outer": {f"replica{r}": self.outer.state_dict()}}
+        if r != 0:
+            extra[f"replica{r}"] = {"model": checkpoint["state_dict"],
+                                   **{f"optimizer_{i}": s for i, s in enumerate(checkpoint["optimizer_states"])}}
+            checkpoint = {**checkpoint, "state_dict": {}, "optimizer_states": []}
+        return {**checkpoint, SHARDED_EXTRA: extra}
 
     @override
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -480,7 +549,16 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         local = self.pipeline.local_state_dict(self.lightning_module)
         names = [[self._local_names[p] for group in opt.param_groups for p in group["params"]]
                  for opt in self.optimizers] if self.lightning_module.trainer.state.fn == TrainerFn.FITTING else []
-        return load_local_shards(path, local, names)
+        checkpoint = load_local_shards(path, local, names, replica=self.pipeline.replica)
+        if self.outer is not None:
+            key = f"outer.replica{self.pipeline.replica}"
+            template = {**self.outer.state_template(), "inner_steps": None, "outer_steps": None}
+            state = load_tensors(path, key, template)
+            if state is not None:
+                self.outer.load_state_dict(state)
+            else:  # a checkpoint without this replica's outer state: start a fresh outer round from its weights
+                self.outer.reset(inner_steps=int(checkpoint.get("global_step", 0)))
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

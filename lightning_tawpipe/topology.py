@@ -2,7 +2,7 @@
 
 TawPipe's whole advantage comes from knowing which ranks share a fast link (a *group*, normally one node) and which
 pairs of ranks cross the slow inter-node links. This module is pure arithmetic over that picture (no process group,
-no Lightning), plus one function that builds the matching ``DeviceMesh``.
+no Lightning).
 
 Vocabulary (fixed, used everywhere):
 
@@ -10,7 +10,8 @@ Vocabulary (fixed, used everywhere):
 * ``group_size`` (G): ranks per group.  ``world_size = N * G``.  Global rank ``r = n * G + k`` (group ``n``,
   local index ``k``).
 * mesh axes ``("node", "local")``: the ``"local"`` axis spans one group (intra-node collectives); the ``"node"`` axis
-  spans the ranks with the same local index across groups (one "rail": inter-node point-to-point).
+  spans the ranks with the same local index across groups (one "rail": inter-node point-to-point). With several
+  equal replicas (:mod:`lightning_tawpipe.replicas`) a leading ``"replica"`` axis is added.
 """
 
 from __future__ import annotations
@@ -87,16 +88,3 @@ def ring_owner(chunk: int, world_size: int) -> int:
     swap of the WeiPipe code unnecessary for the forward ring.
     """
     return (-chunk) % world_size
-
-
-def build_device_mesh(topo: Topology, device_type: str):
-    """A ``DeviceMesh`` shaped ``(N, G)`` with axes ``("node", "local")`` over the default process group.
-
-    Every call creates fresh sub-groups, which is how the engine gets independent communicators for weights and
-    gradients (collectives on one communicator must be issued in the same order on all members).
-    """
-    from torch.distributed.device_mesh import DeviceMesh
-    import torch
-
-    mesh = torch.arange(topo.world_size).view(topo.n_groups, topo.group_size)
-    return DeviceMesh(device_type, mesh, mesh_dim_names=MESH_AXES)

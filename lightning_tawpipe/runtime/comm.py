@@ -2,10 +2,10 @@
 
 Weights and gradients travel on separate communicators ("lanes"): collectives on one communicator must be issued in
 the same order on every member, and keeping the lanes apart means a gradient reduce never has to queue behind a
-weight broadcast. Each lane has a ``("node", "local")`` :class:`DeviceMesh`: its ``"local"`` axis is the intra-node
-group (broadcast, reduce) and its ``"node"`` axis is the rail of same-local-index ranks across nodes, which carries
-every TawPipe point-to-point transfer. Schedules whose peers are not on one rail (the WeiPipe ring) also get a
-world-wide group per lane.
+weight broadcast. Each lane has the two axes of the ``("node", "local")`` mesh as communicators of its own: the
+intra-node group (broadcast, reduce) and the rail of same-local-index ranks across nodes, which carries every
+TawPipe point-to-point transfer. Schedules whose peers are not on one rail (the WeiPipe ring) also get a
+replica-wide group per lane. Everything stays inside this rank's replica; only the outer loop crosses replicas.
 
 P2P lowering (``p2p_groups``): with gloo every pair of ranks is an independent channel, so one group per rail
 (``"rail"``) is enough. NCCL runs the operations of one communicator in issue order, so a send posted early (owners
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from lightning_tawpipe.topology import Topology, build_device_mesh
+from lightning_tawpipe.replicas import ReplicaLayout, build_device_mesh
+from lightning_tawpipe.topology import Topology
 
 LANES = ("weights", "grads")
 
@@ -61,7 +62,6 @@ P2P_GROUPINGS = ("rail", "directed")
 
 @dataclass
 class _Lane:
-    mesh: object
     node_group: object  # intra-node ("local" axis)
     rail_group: object  # same local index across nodes ("node" axis)
     world_group: object | None = None
@@ -70,44 +70,68 @@ class _Lane:
 
 @dataclass
 class Comm:
-    """Async communication for one rank, over the lanes built by :meth:`build`."""
+    """Async communication for one rank of one replica, over the lanes built by :meth:`build`.
+
+    Ranks here are *replica-local* (see :mod:`lightning_tawpipe.replicas`): ``rank`` and every peer are positions
+    inside this rank's replica, and ``base`` turns them into global ranks for the process-group API.
+    """
 
     topo: Topology
     rank: int
     lanes: dict[str, _Lane]
+    base: int = 0
+    replica: int = 0
+    replica_group: object = None  # every rank of this replica (replicated gradients, clipping, input checks)
+    mesh: object = None
     stats: CommStats = field(default_factory=CommStats)
 
     @classmethod
-    def build(cls, topo: Topology, device_type: str, ring_peers: bool, p2p_groups: str = "rail") -> Comm:
-        """Create every group this rank needs; a collective call, every rank must make it in the same order."""
-        if dist.get_world_size() != topo.world_size:
+    def build(cls, topo: Topology, device_type: str, ring_peers: bool, p2p_groups: str = "rail",
+              replicas: ReplicaLayout | None = None) -> Comm:
+        """Create every group this rank needs; a collective call, every rank must make it in the same order.
+
+        With several replicas every rank creates every replica's groups (``new_group`` is collective over the
+        world) and keeps its own replica's.
+        """
+        replicas = replicas or ReplicaLayout((topo,))
+        if dist.get_world_size() != replicas.world_size:
             raise RuntimeError(
-                f"The process group has {dist.get_world_size()} ranks but the topology {topo.n_groups}x"
-                f"{topo.group_size} needs {topo.world_size}."
+                f"The process group has {dist.get_world_size()} ranks but {replicas} need {replicas.world_size}."
             )
         if p2p_groups not in P2P_GROUPINGS:
-            raise ValueError(f"p2p_groups must be one of {P2P_GROUPINGS}, got {p2p_groups!r}")
+            raise ValueError(f"p2p_groups must be one of {P2P_GROUPINGS}, got {p2p_groups!r}.")
+        me = dist.get_rank()
+        replica = replicas.replica_of(me)
+        if replicas.topologies[replica] != topo:
+            raise RuntimeError(f"rank {me} is in replica {replica} ({replicas.topologies[replica]}), not in {topo}")
+        layouts = [(replicas.offset(r), t) for r, t in enumerate(replicas.topologies)]
         lanes = {}
         for name in LANES:
-            mesh = build_device_mesh(topo, device_type)
-            # The lane's own communicators, not the mesh's: DeviceMesh hands out the default (world) group for a
-            # dimension that spans every rank (e.g. the rail when each node has one rank), and sharing it with the
-            # other lane or with Lightning's collectives would interleave their messages.
-            node_group, _ = dist.new_subgroups_by_enumeration([topo.group_ranks(n) for n in range(topo.n_groups)])
+            # The lane's own communicators: sharing one with the other lane or with Lightning's collectives would
+            # interleave their messages (DeviceMesh, for one, hands out the world group for a dimension that spans
+            # every rank).
+            node_group, _ = dist.new_subgroups_by_enumeration(
+                [[o + r for r in t.group_ranks(n)] for o, t in layouts for n in range(t.n_groups)])
             rail_group, _ = dist.new_subgroups_by_enumeration(
-                [[topo.rank(n, k) for n in range(topo.n_groups)] for k in range(topo.group_size)])
-            world = dist.new_group(list(range(topo.world_size))) if ring_peers and p2p_groups == "rail" else None
-            lane = _Lane(mesh, node_group, rail_group, world)
+                [[o + t.rank(n, k) for n in range(t.n_groups)] for o, t in layouts for k in range(t.group_size)])
+            world = None
+            if ring_peers and p2p_groups == "rail":
+                world, _ = dist.new_subgroups_by_enumeration([list(range(o, o + t.world_size)) for o, t in layouts])
+            lane = _Lane(node_group, rail_group, world)
             if p2p_groups == "directed":
-                for src, dst in _peer_pairs(topo, ring_peers):
-                    lane.directed[(src, dst)] = dist.new_group([src, dst])
+                for o, t in layouts:
+                    for src, dst in _peer_pairs(t, ring_peers):
+                        group = dist.new_group([o + src, o + dst])
+                        if o == replicas.offset(replica):
+                            lane.directed[(src, dst)] = group
             lanes[name] = lane
-        return cls(topo, dist.get_rank(), lanes)
-
-    @property
-    def mesh(self):
-        """The weights lane's ``("node", "local")`` mesh, exposed to users like ``ModelParallelStrategy`` does."""
-        return self.lanes["weights"].mesh
+        if replicas.n_replicas == 1:
+            replica_group = dist.group.WORLD
+        else:
+            replica_group, _ = dist.new_subgroups_by_enumeration(
+                [replicas.ranks(r) for r in range(replicas.n_replicas)])
+        base = replicas.offset(replica)
+        return cls(topo, me - base, lanes, base, replica, replica_group, build_device_mesh(replicas, device_type))
 
     # -- point to point -------------------------------------------------------------------------------------------
     def _p2p_target(self, lane: str, src: int, dst: int) -> tuple[object, int]:
@@ -116,7 +140,7 @@ class Comm:
         peer = dst if src == self.rank else src
         if ln.directed:
             group = ln.directed[(src, dst)]
-            return group, dist.get_group_rank(group, peer)
+            return group, dist.get_group_rank(group, self.base + peer)
         if self.topo.local_index(peer) == self.topo.local_index(self.rank):
             return ln.rail_group, self.topo.group_of(peer)
         if ln.world_group is None:

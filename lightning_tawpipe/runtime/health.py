@@ -109,9 +109,10 @@ def check_equal_nodes(node_of_rank: list[int]) -> None:
         )
 
 
-def check_step_inputs(step: int, batch_size: int, device: torch.device) -> None:
-    """Every rank must feed the same per-rank batch size (owners average gradients over ranks like ``ddp``)."""
-    sizes = _gather(torch.tensor([batch_size], dtype=torch.int64, device=device))
+def check_step_inputs(step: int, batch_size: int, device: torch.device, group=None) -> None:
+    """Every rank (of ``group``: one replica) must feed the same per-rank batch size (owners average gradients
+    over ranks like ``ddp``)."""
+    sizes = _gather(torch.tensor([batch_size], dtype=torch.int64, device=device), group)
     if len(set(sizes)) > 1:
         raise ValueError(
             f"Step {step}: ranks got different batch sizes {dict(enumerate(sizes))}. TawPipe averages gradients "
@@ -132,9 +133,9 @@ def check_loss_finite(step: int, loss: torch.Tensor) -> None:
         )
 
 
-def _gather(t: torch.Tensor) -> list[int]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def _gather(t: torch.Tensor, group=None) -> list[int]:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [int(t.item())]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
     return [int(x.item()) for x in out]

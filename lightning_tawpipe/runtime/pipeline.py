@@ -26,6 +26,7 @@ from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
 from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
 SCHEDULES = ("tawpipe", "weipipe")
@@ -50,20 +51,22 @@ class Pipeline:
         activation_checkpointing: bool = False,
         initial_state: dict[str, torch.Tensor] | None = None,
         initial_state_strict: bool = True,
+        replicas: ReplicaLayout | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
-        self.topo, self.schedule_name, self.prefetch = topo, schedule, prefetch
-        self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups)
-        self.rank = self.comm.rank
+        self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
+        self.replicas = replicas or ReplicaLayout((topo,))
+        self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups,
+                               replicas=self.replicas)
+        self.rank, self.replica = self.comm.rank, self.comm.replica  # replica-local rank
         self.root = root
         self.units = unit_hooks.find_units(root)
-        ranges = partition_units([u.numel() for u in self.units], topo.world_size, partition)
+        ranges, self.owners = self.placement(topo)
         self.chunk_units = ranges
         self.chunk_of_unit = [c for c, r in enumerate(ranges) for _ in r]
-        self.layout = ChunkLayout([[np for u in r for np in self.units[u].named_parameters()] for r in ranges])
+        self.layout = self._layout(ranges)
         self._check_same_model_everywhere()
-        self.owners = [self._owner(c) for c in range(topo.world_size)]
         self.owned_chunk = self.owners.index(self.rank)
         self.meta_init = init.has_meta_tensors(root)
         initial = self._materialize_owned_chunk(root, device) if self.meta_init else self._initial_weights(device)
@@ -82,7 +85,8 @@ class Pipeline:
     def _check_same_model_everywhere(self) -> None:
         """Every rank must have cut the same model the same way, or transfers would silently mismatch in size."""
         mine = [(e.name, tuple(e.shape), str(e.dtype), e.param.requires_grad) for es in self.layout.entries for e in es]
-        everyone: list = [None] * self.topo.world_size
+        mine = sorted(mine)  # replicas of other shapes cut the same model differently
+        everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         for rank, theirs in enumerate(everyone):
             if theirs != everyone[0]:
@@ -95,10 +99,21 @@ class Pipeline:
                 )
 
     # -- placement and schedules -----------------------------------------------------------------------------------
-    def _owner(self, chunk: int) -> int:
+    def placement(self, topo: Topology) -> tuple[list[range], list[int]]:
+        """How a replica of shape ``topo`` cuts the model: the units of each chunk, and each chunk's local owner."""
+        ranges = partition_units([u.numel() for u in self.units], topo.world_size, self.partition)
         if self.schedule_name == "weipipe":
-            return ring_owner(chunk, self.topo.world_size)
-        return tawpipe_owner(chunk, self.topo)
+            return ranges, [ring_owner(c, topo.world_size) for c in range(topo.world_size)]
+        return ranges, [tawpipe_owner(c, topo) for c in range(topo.world_size)]
+
+    def _layout(self, ranges: list[range]) -> ChunkLayout:
+        return ChunkLayout([[np for u in r for np in self.units[u].named_parameters()] for r in ranges])
+
+    def owner_of_names(self, topo: Topology) -> dict[str, int]:
+        """Parameter name -> local rank that owns it in a replica of shape ``topo`` (replicated ones: rank 0)."""
+        ranges, owners = self.placement(topo)
+        out = {name: owners[c] for c, r in enumerate(ranges) for u in r for name, _ in self.units[u].named_parameters()}
+        return {name: out.get(name, 0) for name, _ in self.root.named_parameters()}
 
     def _build_schedule(self, train: bool, n_microbatches: int) -> Schedule:
         if self.schedule_name == "weipipe":
@@ -190,16 +205,20 @@ class Pipeline:
                 p.data.copy_(state[key_of(name)])
 
     def _initial_weights(self, device: torch.device) -> torch.Tensor:
-        """This rank's chunk with rank 0's values: rank 0 sends every other owner its chunk."""
+        """This rank's chunk with global rank 0's values: rank 0 sends every owner of every replica its chunk."""
         mine = torch.empty(self.layout.numel[self.owned_chunk], dtype=torch.float32, device=device)
-        if self.rank == 0:
+        if dist.get_rank() == 0:
             works = []
-            for c, owner in enumerate(self.owners):
-                flat = self.layout.gather(c, torch.empty(self.layout.numel[c], dtype=torch.float32, device=mine.device))
-                if owner == 0:
-                    mine.copy_(flat)
-                else:
-                    works.append(dist.isend(flat, dst=owner))
+            for r, topo in enumerate(self.replicas.topologies):
+                ranges, owners = self.placement(topo)
+                layout = self.layout if r == self.replica else self._layout(ranges)
+                for c, owner in enumerate(owners):
+                    flat = layout.gather(c, torch.empty(layout.numel[c], dtype=torch.float32, device=mine.device))
+                    dst = self.replicas.offset(r) + owner
+                    if dst == 0:
+                        mine.copy_(flat)
+                    else:
+                        works.append(dist.isend(flat, dst=dst))
             for w in works:
                 w.wait()
         else:
@@ -221,6 +240,7 @@ class Pipeline:
         lines = [
             f"TawPipe layout: schedule={self.schedule_name}, {self.topo.n_groups} node(s) x {self.topo.group_size} "
             f"rank(s), prefetch={self.prefetch}"
+            + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
         for c, units in enumerate(self.chunk_units):
             owner = self.owners[c]
@@ -235,12 +255,12 @@ class Pipeline:
 
     def finalize_gradients(self) -> None:
         """After the last backward of an optimizer step: owners expose the averaged gradient, replicas all-reduce."""
-        world = self.topo.world_size
+        world = self.topo.world_size  # this replica's ranks: replicas combine their models in the outer loop
         self.shard.attach_grads(1.0 / world)
         for p in self.replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            dist.all_reduce(p.grad, group=self.comm.replica_group)
             p.grad.div_(world)
 
     def zero_grad(self) -> None:
@@ -265,7 +285,12 @@ class Pipeline:
         return self.shard.state_bytes(optimizer_state) + replicated
 
     def full_state_dict(self, root: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
-        """``root.state_dict()`` with every chunk parameter filled in, on rank ``dst`` (other ranks get ``{}``)."""
+        """``root.state_dict()`` with every chunk parameter filled in, on rank ``dst`` (other ranks get ``{}``).
+
+        With several replicas this is replica 0's model, gathered to its rank ``dst``.
+        """
+        if self.replica != 0:
+            return {}
         works, flats = [], {}
         for c, owner in enumerate(self.owners):
             if self.rank == dst:

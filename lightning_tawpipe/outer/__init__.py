@@ -1,0 +1,1 @@
+"""The outer loop across TawPipe replicas: DiLoCo and SparseLoCo (see ``outer/loop.py``)."""
