@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import timedelta
 
 import torch
@@ -112,6 +113,8 @@ def run_worker(a: argparse.Namespace) -> None:
             self.losses: list[float] = []
             self.comm: list[dict[str, float]] = []
             self.setup_growth_mb = 0.0
+            self.step_end_s: list[float] = []  # wall clock at the end of every step (benchmarks: step times)
+            self.link_tx: list[int] = []  # bytes sent on this node's emulated link so far, per step (netns runs)
 
         def setup(self, trainer, pl_module, stage) -> None:  # before configure_model
             self._rss = psutil.Process().memory_info().rss
@@ -123,6 +126,8 @@ def run_worker(a: argparse.Namespace) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
             self.comm.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tawpipe/")})
+            self.step_end_s.append(time.perf_counter())
+            self.link_tx.append(_link_tx_bytes())
 
     class Fault(Callback):
         """Fault injection (tests): kill this rank in the middle of a forward, or make its loss NaN."""
@@ -265,6 +270,8 @@ def run_worker(a: argparse.Namespace) -> None:
     ).tolist()
     setup_growth = trainer.strategy.all_gather(torch.tensor(record.setup_growth_mb, device=device)).reshape(-1)
     losses_per_rank = trainer.strategy.all_gather(torch.tensor(record.losses, dtype=torch.float64, device=device))
+    timing = trainer.strategy.all_gather(torch.tensor([record.step_end_s, record.link_tx], dtype=torch.float64,
+                                                      device=device)).reshape(len(per_rank), 2, -1).tolist()
     outer = getattr(trainer.strategy, "outer", None)
     outer_bytes = trainer.strategy.all_gather(torch.tensor(
         [outer.stats.bytes_sent if outer else 0, outer.stats.exchanges if outer else 0], device=device)).tolist()
@@ -280,6 +287,7 @@ def run_worker(a: argparse.Namespace) -> None:
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
                   "losses_per_rank": losses_per_rank.reshape(len(per_rank), -1).tolist(),
                   "outer_bytes_per_rank": [b[0] for b in outer_bytes], "outer_exchanges": outer_bytes[0][1],
+                  "step_end_s_per_rank": [t[0] for t in timing], "link_tx_per_rank": [t[1] for t in timing],
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
         torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}, "predictions": predicted},
                    os.path.join(a.out, "result.pt"))
@@ -289,6 +297,15 @@ def run_worker(a: argparse.Namespace) -> None:
     # ("terminate called without an active exception") after finishing its work.
     trainer.strategy.barrier()
     torch.distributed.destroy_process_group()
+
+
+def _link_tx_bytes() -> int:
+    """Bytes sent so far on the interface gloo uses (``GLOO_SOCKET_IFNAME``: an emulated node's link), else 0."""
+    path = f"/sys/class/net/{os.environ.get('GLOO_SOCKET_IFNAME', '')}/statistics/tx_bytes"
+    if "GLOO_SOCKET_IFNAME" not in os.environ or not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(f.read())
 
 
 def parse_replicas(text: str) -> int | list[tuple[int, int]]:

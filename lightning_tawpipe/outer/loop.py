@@ -247,6 +247,7 @@ class OuterLoop:
                 g.copy_(flat[start:start + g.numel()].view_as(g))
                 start += g.numel()
         self._share_replicated(lambda p: p.grad)
+        self.stats.exchanges += 1
 
     def _grad_of(self, name: str) -> Tensor:
         tensor = self.tensors[name]
