@@ -142,13 +142,11 @@ def test_replicas_averaging_gradients_every_step_equal_ddp(train_job):
     assert "replica 0 of 2 replica(s): 1x2, 1x2" in result["log"]
 
 
-@pytest.mark.parametrize("outer", [
-    pytest.param(("--outer", "sparseloco", "--density", "1", "--quant_bits", "0"), id="sparseloco-dense-float32"),
-    pytest.param(("--outer", "diloco", "--outer_momentum", "0"), id="diloco-no-momentum"),
-])
-def test_syncing_every_step_with_outer_lr_1_is_ddp_sgd(train_job, outer):
-    """H=1, outer_lr=1, no outer momentum, density 100% without quantization: each outer step averages the
-    replicas' parameters; with inner SGD (momentum is linear) that is ddp's SGD on the global batch."""
+def test_syncing_every_step_with_outer_lr_1_is_ddp_sgd(train_job):
+    """H=1, outer_lr=1, density 100% without quantization: each outer step averages the replicas' parameters; with
+    inner SGD (momentum is linear) that is ddp's SGD on the global batch. (DiLoCo's dense path shares the
+    all-reduce with the per-step averaging test above and its momentum with the in-process test.)"""
+    outer = ("--outer", "sparseloco", "--density", "1", "--quant_bits", "0")
     sgd = ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--n_layer", "3")
     result = train_job(*PARITY, *sgd, "--strategy", "tawpipe", "--devices", "4", "--group_size", "1",
                        "--replicas", "2", *outer, "--sync_every", "1", "--outer_lr", "1")
