@@ -433,19 +433,21 @@ def plot_loss_curve(steps: list[int], losses: list[float], val: list[dict[str, f
 
 
 def build_strategy(name: str, devices: int, num_nodes: int, n_microbatches: int = 1,
-                   group_size: Optional[int] = None, init_weights: Optional[Path] = None, lora: bool = False) -> Any:
+                   group_size: Optional[int] = None, init_weights: Optional[Path] = None, lora: bool = False,
+                   **replica_knobs: Any) -> Any:
     """``tawpipe`` (with its knobs), ``fsdp`` (FSDP2 via ``ModelParallelStrategy``: runs on CPU and GPU, as in
     ``litgpt finetune_lora``), or any other Lightning strategy name (``ddp``...) passed through.
 
     With ``init_weights`` (a LitGPT ``lit_model.pth``), TawPipe builds the model on the meta device and each rank
-    copies only the chunk it owns out of the memory-mapped file: no rank holds the whole pretrained model."""
+    copies only the chunk it owns out of the memory-mapped file: no rank holds the whole pretrained model.
+    ``replica_knobs`` (``replicas``, ``outer``, ``sync_every``, ``density``) go to TawPipe as they are."""
     if name == "tawpipe":
         from lightning_tawpipe import TawPipeStrategy
 
         return TawPipeStrategy(n_microbatches=n_microbatches, group_size=group_size,
                                meta_init=init_weights is not None,
                                init_weights=str(init_weights) if init_weights is not None else None,
-                               init_weights_strict=not lora)
+                               init_weights_strict=not lora, **replica_knobs)
     if name == "fsdp":
         return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
     return name
@@ -549,6 +551,10 @@ class TrainArgs:
     log_interval: int = 5
     n_microbatches: int = 1
     group_size: Optional[int] = None
+    replicas: int = 1
+    outer: Optional[str] = "sparseloco"
+    sync_every: int = 15
+    density: float = 0.03125
     seed: int = 1337
     progress_bar: bool = True
 
@@ -569,7 +575,9 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=build_strategy(args.strategy, args.devices, args.num_nodes, args.n_microbatches, args.group_size,
-                                init_weights=module.init_weights, lora=module.lora),
+                                init_weights=module.init_weights, lora=module.lora,
+                                **({"replicas": args.replicas, "outer": args.outer, "sync_every": args.sync_every,
+                                    "density": args.density} if args.strategy == "tawpipe" else {})),
         precision=args.precision,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate_grad_batches,

@@ -72,6 +72,10 @@ def setup(
     log_interval: int = 10,
     n_microbatches: int = 1,
     group_size: Optional[int] = None,
+    replicas: int = 1,
+    outer: Optional[str] = "sparseloco",
+    sync_every: int = 15,
+    density: float = 0.03125,
     seed: int = 1337,
     progress_bar: bool = True,
     sample_tokens: int = 30,
@@ -113,6 +117,11 @@ def setup(
         log_interval: Print a progress line (and log) every this many steps.
         n_microbatches: TawPipe: micro-batches each batch is split into.
         group_size: TawPipe: ranks per group (``null``: processes per node).
+        replicas: TawPipe: equal replicas (TawPipe groups of consecutive ranks, e.g. one per site) that train apart
+            and combine their progress every ``sync_every`` steps (see the README's "Replicas").
+        outer: TawPipe with replicas: ``sparseloco``, ``diloco`` or ``null`` (average gradients every step).
+        sync_every: TawPipe with replicas: inner steps between outer steps.
+        density: TawPipe with SparseLoCo: Top-k fraction per 64x64 tile.
         seed: Random seed (same on every rank).
         progress_bar: Show the progress bar.
         sample_tokens: Tokens sampled from the final checkpoint as a smoke test (0 to skip).
@@ -143,7 +152,8 @@ def setup(
                      accumulate_grad_batches=accumulate_grad_batches, learning_rate=learning_rate,
                      weight_decay=weight_decay, warmup_steps=warmup_steps, max_norm=max_norm,
                      eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
-                     n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar)
+                     n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar,
+                     replicas=replicas, outer=outer, sync_every=sync_every, density=density)
     title = f"pretrain {config.name} ({strategy}, {devices * num_nodes} processes)"
     return run_training(module, data, args, out_dir, tokenizer_dir, title,
                         sample_prompt='The "with" statement', sample_tokens=sample_tokens)
