@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from dataclasses import replace
 from functools import lru_cache
@@ -23,7 +24,7 @@ from lightning_tawpipe.schedule import (
     validate,
     with_user_barriers,
 )
-from lightning_tawpipe.schedule.actions import P2P_OPS
+from lightning_tawpipe.schedule.actions import P2P_OPS, ActionPool
 from lightning_tawpipe.schedule.weipipe import build_weipipe
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -420,6 +421,61 @@ def test_mutation_copy_of_foreign_chunk(good):
 
     with pytest.raises(ScheduleError, match="does not own"):
         validate(mutate(good, 0, wrong))
+
+
+def test_mutation_unknown_buffer_and_peer(good):
+    # names and ranks the schedule never declared: the validator widens its tables, or refuses a peer outside the world
+    def new_buffer(p):
+        i = index_of(p, lambda a: a.op is Op.RELEASE)
+        p[i] = replace(p[i], buf="x9")
+        return p
+
+    with pytest.raises(ScheduleError, match="releases x9 but it holds None"):
+        validate(mutate(good, 1, new_buffer))
+
+    def far_peer(p):
+        i = index_of(p, lambda a: a.op is Op.RECV_W)
+        p[i] = replace(p[i], peer=99)
+        return p
+
+    with pytest.raises(ScheduleError, match="peer 99 is not a rank"):
+        validate(mutate(good, 0, far_peer))
+
+
+# -- shared action objects ------------------------------------------------------------------------------------------
+
+
+def test_actions_are_shared_between_ranks_and_sharing_changes_nothing():
+    """A node's ranks run the very same compute, release, broadcast and reduce objects (built once); the validator
+    caches its decoding on them. Private copies of every action validate, and fail, exactly the same way."""
+    s = tawpipe(2, 4, 2)
+    node0 = [[a for a in p if a.op in (Op.FORWARD, Op.BACKWARD, Op.RELEASE, Op.BCAST_W, Op.REDUCE_G)]
+             for p in s.programs[:4]]
+    assert all(len(p) == len(node0[0]) and all(x is y for x, y in zip(p, node0[0])) for p in node0[1:])
+    assert len({id(a) for p in s.programs for a in p}) < sum(map(len, s.programs)) / 2
+    copies = replace(s, programs=tuple(tuple(parse_program(format_program(list(p)))) for p in s.programs))
+    assert copies.programs == s.programs and copies.programs[1][-1] is not s.programs[1][-1]
+    validate(s)
+    validate(copies)
+    cached = s.programs[0][0]  # the decoding is process-local: pickles and copies carry the value only
+    assert cached._sim is not None and pickle.loads(pickle.dumps(cached))._sim is None
+    assert pickle.loads(pickle.dumps(cached)) == cached
+
+    def drop_release(p):
+        del p[index_of(p, lambda a: a.op is Op.RELEASE)]
+        return p
+
+    messages = []
+    for schedule in (s, copies):
+        with pytest.raises(ScheduleError) as err:
+            validate(mutate(schedule, 2, drop_release))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "overwrites" in messages[0]
+
+    pool = ActionPool()
+    a = pool(Op.SEND_W, 3, peer=5, buf="own")
+    assert a is pool(Op.SEND_W, 3, peer=5, buf="own") and a == Action(Op.SEND_W, 3, peer=5, buf="own")
+    assert pool(Op.SEND_W, 3, peer=6, buf="own") is not a
 
 
 # -- grid printer ---------------------------------------------------------------------------------------------------

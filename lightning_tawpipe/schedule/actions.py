@@ -35,7 +35,7 @@ String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-b
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -62,9 +62,13 @@ COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G})
 WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
-    """One step of a rank's program. ``peer`` is the P2P partner or the collective's root (-1 if none)."""
+    """One step of a rank's program. ``peer`` is the P2P partner or the collective's root (-1 if none).
+
+    Immutable, so builders share one object between every rank (and step) that runs the same action: the programs
+    of a node's ranks mostly hold the same objects, which keeps 1024-rank schedules small and quick to check.
+    """
 
     op: Op
     chunk: int = -1
@@ -72,6 +76,11 @@ class Action:
     peer: int = -1
     buf: str = ""
     buf2: str = ""
+    # the validator's compact form of this action, computed once per object (not part of its value)
+    _sim: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __reduce__(self):  # pickles and copies carry the value only, never the validator's process-local cache
+        return (Action, (self.op, self.chunk, self.mb, self.peer, self.buf, self.buf2))
 
     @property
     def stream(self) -> str:
@@ -114,6 +123,21 @@ class Action:
         if self.buf2:
             s += ("+" if self.op is Op.ADD_G else ">") + self.buf2
         return s
+
+
+class ActionPool:
+    """Makes actions like ``Action(...)``, but one shared object per distinct action (builders share them between
+    ranks and steps: fewer objects, and the validator decodes each once)."""
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple, Action] = {}
+
+    def __call__(self, op: Op, chunk: int = -1, mb: int = -1, peer: int = -1, buf: str = "", buf2: str = "") -> Action:
+        key = (op._value_, chunk, mb, peer, buf, buf2)  # an Op hashes in Python; its value is a plain str
+        action = self._pool.get(key)
+        if action is None:
+            action = self._pool[key] = Action(op, chunk, mb, peer, buf, buf2)
+        return action
 
 
 _ACTION_RE = re.compile(

@@ -24,16 +24,20 @@ Per rank the program does, in order:
 from __future__ import annotations
 
 from itertools import accumulate
+from typing import NamedTuple
 
-from dataclasses import dataclass
-
-from lightning_tawpipe.schedule.actions import Action, Op
-from lightning_tawpipe.schedule.program import ProgramBuilder, Schedule, residency, sample_major_steps
+from lightning_tawpipe.schedule.actions import Action, ActionPool, Op
+from lightning_tawpipe.schedule.program import (
+    GroupProgramBuilder,
+    Schedule,
+    gc_paused,
+    residency,
+    sample_major_steps,
+)
 from lightning_tawpipe.topology import Topology, tawpipe_owner
 
 
-@dataclass(frozen=True)
-class _GradArrival:
+class _GradArrival(NamedTuple):
     """A remote gradient sum an owner must receive: sent at ``send_point`` of node ``sender_node``'s programs."""
 
     send_point: int
@@ -54,50 +58,60 @@ def build_tawpipe(
 
     ``recv_buffers`` defaults to one per remote node: an owner gets one gradient sum per remote node and
     micro-batch, and must have all of a micro-batch's receives posted before any sender needs its buffer back.
+
+    Every node runs the same steps with the same slots, so the compute and release actions are made once and shared
+    by all ranks; a node's broadcasts and reduces are shared by its ranks (:class:`GroupProgramBuilder`).
     """
+    with gc_paused():
+        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers)
+
+
+def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1 (chunks fetched ahead of the one computing), got {prefetch}.")
     if n_microbatches < 1:
         raise ValueError(f"n_microbatches must be >= 1, got {n_microbatches}.")
-    n_chunks, n_slots = topo.world_size, prefetch + 1
+    n_chunks, n_slots, G = topo.world_size, prefetch + 1, topo.group_size
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
-    builders = [ProgramBuilder(len(steps)) for _ in range(topo.world_size)]
+    loads = residency(steps, n_slots)  # the same on every node
+    slots = [f"s{load.slot}" for load in loads]
+    compute = [_compute_action(steps[j], slot, backward_before[j], grad_buffers)
+               for load, slot in zip(loads, slots) for j in range(load.first, load.last + 1)]
+    releases = [Action(Op.RELEASE, load.chunk, buf=slot) for load, slot in zip(loads, slots)]
+    groups = [GroupProgramBuilder(len(steps), topo.group_ranks(node), compute) for node in range(topo.n_groups)]
+    action = ActionPool()  # one object for the repeats (e.g. a chunk sent to the same rank for F and for B)
     weight_sends: dict[int, list[tuple[int, int, Action]]] = {r: [] for r in range(topo.world_size)}
     arrivals: dict[int, list[_GradArrival]] = {r: [] for r in range(topo.world_size)}
 
-    for node in range(topo.n_groups):
-        loads = residency(steps, n_slots)
-        ranks = topo.group_ranks(node)
+    for node, group in enumerate(groups):
         for i, load in enumerate(loads):
-            slot = f"s{load.slot}"
+            slot = slots[i]
             issue = loads[i - n_slots].last if i >= n_slots else -1
             owner = owners[load.chunk]
-            if topo.same_group(owner, ranks[0]):
-                builders[owner].at(issue).append(Action(Op.COPY_W, load.chunk, buf=slot))
+            if owner // G == node:  # topo.same_group / topo.rank(node, topo.local_index(owner)), inlined: hot
+                group.add(owner, issue, action(Op.COPY_W, load.chunk, buf=slot))
                 root, bcast_point = owner, issue
             else:
-                root = topo.rank(node, topo.local_index(owner))
-                builders[root].at(issue).append(Action(Op.RECV_W, load.chunk, peer=owner, buf=slot))
+                root = node * G + owner % G
+                group.add(root, issue, action(Op.RECV_W, load.chunk, peer=owner, buf=slot))
                 tick = issue + node
-                weight_sends[owner].append((tick, root, Action(Op.SEND_W, load.chunk, peer=root, buf="own")))
+                weight_sends[owner].append((tick, root, action(Op.SEND_W, load.chunk, peer=root, buf="own")))
                 bcast_point = min(issue + 1, load.first - 1)
-            computes = [(j, _compute_action(steps[j], slot, backward_before[j], grad_buffers))
-                        for j in range(load.first, load.last + 1)]
-            for r in ranks:
-                if topo.group_size > 1:
-                    builders[r].at(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
-                for j, action in computes:
-                    builders[r].compute[j] = action
-                builders[r].at(load.last).append(Action(Op.RELEASE, load.chunk, buf=slot))
+            if G > 1:
+                group.shared(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
+            group.shared(load.last).append(releases[i])
         if train:
-            _place_gradients(topo, node, steps, owners, builders, arrivals, grad_buffers)
+            _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action)
 
-    for rank, builder in enumerate(builders):
-        builder.head += [a for _, _, a in sorted(weight_sends[rank], key=lambda t: (t[0], t[1]))]
-        _place_arrivals(builder, arrivals[rank], topo.group_of(rank), recv_buffers)
+    programs: dict[int, tuple[Action, ...]] = {}
+    for node, group in enumerate(groups):
+        for rank in topo.group_ranks(node):
+            group.head[rank] += [a for _, _, a in sorted(weight_sends[rank], key=lambda t: (t[0], t[1]))]
+            _place_arrivals(group, rank, arrivals[rank], node, recv_buffers, action)
+        programs.update(group.build())
     return Schedule(
         name="tawpipe",
         topology=topo,
@@ -105,7 +119,7 @@ def build_tawpipe(
         n_microbatches=n_microbatches,
         prefetch=prefetch,
         train=train,
-        programs=tuple(b.build() for b in builders),
+        programs=tuple(programs[r] for r in range(topo.world_size)),
         n_slots=n_slots,
         n_grad_buffers=grad_buffers,
         n_recv_buffers=recv_buffers,
@@ -118,29 +132,32 @@ def _compute_action(step, slot: str, n_backward_before: int, grad_buffers: int) 
     return Action(Op.BACKWARD, step.chunk, mb=step.mb, buf=slot, buf2=f"g{n_backward_before % grad_buffers}")
 
 
-def _place_gradients(topo, node, steps, owners, builders, arrivals, grad_buffers) -> None:
+def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
+                     action: ActionPool) -> None:
     """Reduce each backward step's gradients in the node, then add them at (or send them to) the owner."""
     last = len(steps) - 1
+    G = topo.group_size
+    gbufs = [f"g{i}" for i in range(grad_buffers)]
     n_backward = 0
     for j, step in enumerate(steps):
         if step.op is not Op.BACKWARD:
             continue
-        gbuf = f"g{n_backward % grad_buffers}"
+        gbuf = gbufs[n_backward % grad_buffers]
         n_backward += 1
         owner = owners[step.chunk]
-        root = topo.rank(node, topo.local_index(owner))
-        if topo.group_size > 1:
-            for r in topo.group_ranks(node):
-                builders[r].at(j).append(Action(Op.REDUCE_G, step.chunk, peer=root, buf=gbuf))
+        root = node * G + owner % G
+        if G > 1:
+            group.shared(j).append(action(Op.REDUCE_G, step.chunk, peer=root, buf=gbuf))
         later = min(j + 1, last)  # one compute later, so the reduce overlaps the next backward
         if root == owner:
-            builders[owner].at(later).append(Action(Op.ACC_G, step.chunk, buf=gbuf))
+            group.add(owner, later, action(Op.ACC_G, step.chunk, buf=gbuf))
         else:
-            builders[root].at(later).append(Action(Op.SEND_G, step.chunk, peer=owner, buf=gbuf))
+            group.add(root, later, action(Op.SEND_G, step.chunk, peer=owner, buf=gbuf))
             arrivals[owner].append(_GradArrival(later, node, step.chunk, root))
 
 
-def _place_arrivals(builder: ProgramBuilder, arrivals: list[_GradArrival], owner_node: int, n_buffers: int) -> None:
+def _place_arrivals(group: GroupProgramBuilder, rank: int, arrivals: list[_GradArrival], owner_node: int,
+                    n_buffers: int, action: ActionPool) -> None:
     """Post each remote gradient receive early, add it into the accumulator late.
 
     Receive ``i`` is posted as soon as its buffer is free (right after receive ``i - n_buffers`` was added in), so a
@@ -149,25 +166,25 @@ def _place_arrivals(builder: ProgramBuilder, arrivals: list[_GradArrival], owner
     sender's own point, i.e. the same user-code epoch, and no earlier in global time: node ``n`` runs ``n`` steps
     behind node 0), so the transfer overlaps that step instead of blocking the owner.
     """
-    last = builder.n_steps - 1
+    last = group.n_steps - 1
     ordered = sorted(arrivals, key=lambda a: (a.send_point + max(0, a.sender_node - owner_node), a.src))
-    # the add waits for the data, so it comes one compute step after the sender has posted it
+    qbufs = [f"q{i}" for i in range(n_buffers)]
     freed_at: list[int | None] = [None] * n_buffers  # point where each buffer's previous content was added in
     for i, arr in enumerate(ordered):
-        qbuf = f"q{i % n_buffers}"
+        qbuf = qbufs[i % n_buffers]
         post = freed_at[i % n_buffers]
-        receive = Action(Op.RECV_G, arr.chunk, peer=arr.src, buf=qbuf)
+        receive = action(Op.RECV_G, arr.chunk, peer=arr.src, buf=qbuf)
         if post is None:
-            builder.head.append(receive)
+            group.head[rank].append(receive)
         elif post > last:
-            builder.tail.append(receive)
+            group.tail[rank].append(receive)
         else:
-            builder.at(post).append(receive)
+            group.add(rank, post, receive)
         add_point = arr.send_point + max(0, arr.sender_node - owner_node) + 1  # +1: the transfer hides behind a step
-        add = Action(Op.ACC_G, arr.chunk, buf=qbuf)
+        add = action(Op.ACC_G, arr.chunk, buf=qbuf)
         if add_point > last:
-            builder.tail.append(add)
+            group.tail[rank].append(add)
             freed_at[i % n_buffers] = last + 1
         else:
-            builder.at(add_point).append(add)
+            group.add(rank, add_point, add)
             freed_at[i % n_buffers] = add_point

@@ -13,99 +13,314 @@ buffer holds, so it checks more than "no deadlock":
 
 ``with_user_barriers`` adds a world-wide collective at every micro-batch's loss and end, modelling user code that
 calls ``self.log(..., sync_dist=True)`` in the middle of the pipeline; schedules must survive it.
+
+Every action of every rank is executed; what keeps 1024 ranks (8 M actions) to seconds is the representation:
+
+* each action object is decoded once into a small tuple (kind, buffer numbers, the weights it expects), cached on
+  the object; builders share objects between the ranks of a node, so most are decoded once for all of them;
+* buffers are small integers; per rank, a list of contents and a list of ``busy`` counters,
+  ``W * (posted, unfinished ops writing the buffer) + (... reading it)``, with ``W`` above any count of readers:
+  an action that writes a buffer waits while its counter is non-zero, one that reads it while it is ``>= W``;
+* a weight content is one interned ``("W", chunk)`` tuple per chunk, so "the right weights" is an identity test;
+  a gradient content ``("G", chunk, mask)`` holds its contributions as the bits ``(mb + 1) * P + rank`` of an int,
+  so sums and the double-count test are ``|`` and ``&``;
+* queues hold the posted action objects, keyed by small ints; a queue is matched only once both sides (every
+  member) have posted, and a collective posted by the same object on every member completes in one loop.
+
+Events run in the order of the plain simulation (ranks run FIFO as they wake; after each run the queues that can
+match are matched in key order), so a broken schedule fails with the same first error as the plain simulation did
+(one exception: a P2P peer outside the world, which could never match, is refused when it is posted).
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, field, replace
+import threading
+from collections import deque
+from dataclasses import replace
 
-from lightning_tawpipe.schedule.actions import ASYNC_OPS, COLLECTIVE_OPS, Action, Op
-from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.schedule.actions import Action, Op
+from lightning_tawpipe.schedule.program import Schedule, gc_paused
 
 
 class ScheduleError(RuntimeError):
     """A schedule is inconsistent; the message names the rank, the action and the reason."""
 
 
-@dataclass(eq=False)
-class _Posted:
-    rank: int
-    action: Action
-    done: bool = False
-    reads: frozenset = frozenset()
-    writes: frozenset = frozenset()
-
-
-@dataclass
-class _RankState:
-    pc: int = 0
-    # posted ops not yet completed, indexed by the buffers they write / read (so a check costs O(conflicts))
-    open_writes: dict[str, set] = field(default_factory=lambda: defaultdict(set))
-    open_reads: dict[str, set] = field(default_factory=lambda: defaultdict(set))
-    n_open: int = 0
-    buffers: dict[str, object] = field(default_factory=dict)
-    acc: Counter = field(default_factory=Counter)
-    barriers: int = 0
-
-
 def with_user_barriers(schedule: Schedule) -> Schedule:
     """The same schedule with a world collective after each last-chunk forward and each chunk-0 backward."""
     last = schedule.n_chunks - 1
+    barrier = Action(Op.BARRIER)
+    forward, backward = Op.FORWARD, Op.BACKWARD
     programs = []
-    for program in schedule.programs:
-        out: list[Action] = []
-        for a in program:
-            out.append(a)
-            if (a.op is Op.FORWARD and a.chunk == last) or (a.op is Op.BACKWARD and a.chunk == 0):
-                out.append(Action(Op.BARRIER))
-        programs.append(tuple(out))
+    with gc_paused():
+        for program in schedule.programs:
+            out: list[Action] = []
+            append = out.append
+            for a in program:
+                append(a)
+                op = a.op
+                if (op is forward and a.chunk == last) or (op is backward and a.chunk == 0):
+                    append(barrier)
+            programs.append(tuple(out))
     return replace(schedule, programs=tuple(programs))
 
 
 def validate(schedule: Schedule) -> None:
     """Raise :class:`ScheduleError` if the schedule is wrong in any way listed in the module docstring."""
-    _Simulator(schedule).run()
+    with gc_paused():
+        _Simulator(schedule).run()
+
+
+# -- the decoded form of an action ------------------------------------------------------------------------------------
+
+# kinds, in the order the simulator tests them (the P2P ones consecutive: `kind <= _QG` once the others are out)
+_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _CW, _AG, _GA, _BAR, _UNKNOWN = range(14)
+# op -> (kind, lane, posted op reads its buffer): lane "W" = 1 > "G" = 0 keeps the key order of (src, dst, lane);
+# a P2P send reads its buffer, a receive writes it; a broadcast's root reads it, other members write it
+_KIND = {
+    Op.BCAST_W.value: (_BW, 1, 0), Op.RELEASE.value: (_X, -1, 0), Op.FORWARD.value: (_F, -1, 0),
+    Op.REDUCE_G.value: (_RG, 0, 1), Op.BACKWARD.value: (_B, -1, 0), Op.SEND_W.value: (_SW, 1, 1),
+    Op.RECV_W.value: (_RW, 1, 0), Op.SEND_G.value: (_SG, 0, 1), Op.RECV_G.value: (_QG, 0, 0),
+    Op.COPY_W.value: (_CW, -1, 0), Op.ACC_G.value: (_AG, -1, 0), Op.ADD_G.value: (_GA, -1, 0),
+    Op.BARRIER.value: (_BAR, -1, 0),
+}
+
+_BUFFER_IDS: dict[str, int] = {"own": 0, "": 1}  # every buffer name seen -> a small int (stable for the process)
+_BUFFER_NAMES: list[str] = ["own", ""]
+_WEIGHTS: dict[int, tuple] = {}  # chunk -> its one ("W", chunk) content tuple
+_REGISTER = threading.Lock()  # the tables above are shared by every validation in the process
+
+
+def _buffer_id(name: str) -> int:
+    with _REGISTER:
+        i = _BUFFER_IDS.get(name)
+        if i is None:
+            i = _BUFFER_IDS[name] = len(_BUFFER_NAMES)
+            _BUFFER_NAMES.append(name)
+        return i
+
+
+def _weights(chunk: int) -> tuple:
+    with _REGISTER:
+        return _WEIGHTS.setdefault(chunk, ("W", chunk))
+
+
+def _decode(a: Action) -> tuple:
+    """``(kind, buf id, buf2 id, chunk, peer, ("W", chunk), mb + 1, lane, is_send)``, cached on the action."""
+    try:
+        kind, lane, reads = _KIND[a.op._value_]
+        code = (kind, _BUFFER_IDS[a.buf], _BUFFER_IDS[a.buf2], a.chunk, a.peer, _WEIGHTS[a.chunk],
+                a.mb + 1 if a.mb >= -1 else 0, lane, reads)
+    except (KeyError, AttributeError):  # a name or chunk seen for the first time, or not an Op
+        kind, lane, reads = _KIND.get(getattr(a.op, "_value_", None), (_UNKNOWN, -1, 0))
+        code = (kind, _buffer_id(a.buf), _buffer_id(a.buf2), a.chunk, a.peer, _weights(a.chunk),
+                a.mb + 1 if a.mb >= -1 else 0, lane, reads)
+    _set_sim(a, code)
+    return code
+
+
+_set_sim = Action._sim.__set__  # the slot's own setter: the cache is not part of the frozen value
+
+
+def _bits_to_pairs(mask: int, P: int) -> list[tuple[int, int]]:
+    """The (rank, micro-batch) contributions in a gradient mask, sorted."""
+    out, i = [], 0
+    while mask:
+        if mask & 1:
+            out.append((i % P, i // P - 1))
+        mask >>= 1
+        i += 1
+    return sorted(out)
+
+
+def _show(content: object, P: int) -> object:
+    """A buffer content as the messages print it: gradients with their set of (rank, micro-batch) contributions."""
+    if isinstance(content, tuple) and len(content) == 3 and content[0] == "G":
+        return ("G", content[1], frozenset(_bits_to_pairs(content[2], P)))
+    return content
 
 
 class _Simulator:
     def __init__(self, schedule: Schedule) -> None:
         self.s = schedule
         self.topo = schedule.topology
-        self.world = self.topo.world_size
-        self.ranks = [_RankState() for _ in range(self.world)]
+        self.world = P = self.topo.world_size
+        self.G = self.topo.group_size
+        self.programs = schedule.programs
+        for i in range(schedule.n_slots):
+            _buffer_id(f"s{i}")
+        for i in range(schedule.n_grad_buffers):
+            _buffer_id(f"g{i}")
+        for i in range(schedule.n_recv_buffers):
+            _buffer_id(f"q{i}")
+        self.n_buffers = n = len(_BUFFER_NAMES)
+        # one posted writer counts W in a busy counter, one reader 1: more readers than actions cannot be posted
+        self.W = 1 + max(map(len, self.programs), default=0)
+        self.pc = [0] * P
+        self.buffers: list[list] = [[None] * n for _ in range(P)]  # [rank][buffer id] -> content
+        self.busy: list[list[int]] = [[0] * n for _ in range(P)]  # [rank][buffer id] -> W * writers + readers
         for c, owner in enumerate(schedule.owners):
-            self.ranks[owner].buffers["own"] = ("W", c)
-        self.p2p: dict[tuple[int, int, str], tuple[deque, deque]] = defaultdict(lambda: (deque(), deque()))
-        self.collectives: dict[tuple[int, str], dict[int, deque]] = defaultdict(lambda: defaultdict(deque))
+            self.buffers[owner][0] = _weights(c)
+        self.acc: list[dict[int, int]] = [{} for _ in range(P)]  # [owner][chunk] -> contributions added
+        self.twice: list[dict[int, int]] = [{} for _ in range(P)]  # [owner][chunk] -> contributions added again
+        self.barriers = [0] * P  # barriers passed
+        self.arrived = [0] * P  # barriers reached (passed, or waiting at the next one)
+        self.reached: dict[int, int] = {}  # barrier k -> ranks that reached it
+        # P2P: (src * P + dst) * 2 + lane -> (sends, receives); collectives: group * 2 + lane -> a queue per member
+        self.p2p: dict[int, tuple[list, list]] = {}
+        self.collectives = [[deque() for _ in range(self.G)] for _ in range(2 * self.topo.n_groups)]
+        self.posted = [0] * (2 * self.topo.n_groups)  # members with a posted, unmatched op in each collective queue
+        # queues that received a post since the last match and can match now (a key is only matched if it is here)
+        self.ready_p2p: list[int] = []
+        self.ready_coll: list[int] = []
+        self.runnable: deque[int] = deque(range(P))  # ranks that may move, in the order they woke
+        self.queued = [True] * P
+
+    def _code(self, a: Action) -> tuple:
+        code = _decode(a)
+        extra = len(_BUFFER_NAMES) - self.n_buffers
+        if extra > 0:  # a buffer name first seen now (only a hand-made program does that): widen the tables
+            for row in self.buffers:
+                row.extend([None] * extra)
+            for row in self.busy:
+                row.extend([0] * extra)
+            self.n_buffers += extra
+        return code
 
     # -- driver ---------------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Advance ranks as events allow: a rank runs again only when one of its posted ops completes (or a barrier
         it waits at opens), and only the queues that received a post are matched. Same outcome as sweeping every
         rank and every queue until nothing moves, in time linear in the number of actions."""
-        self.runnable: deque[int] = deque(range(self.world))
-        self.queued = [True] * self.world
-        self.dirty_p2p: set = set()
-        self.dirty_coll: set = set()
         while True:
-            while self.runnable:
-                rank = self.runnable.popleft()
-                self.queued[rank] = False
-                self._advance(rank)
-                self._match()
+            self._run_ranks()
             if not self._open_barriers():
                 break
-        stuck = {r: self.s.programs[r][st.pc] for r, st in enumerate(self.ranks) if st.pc < len(self.s.programs[r])}
+        programs = self.programs
+        stuck = {r: programs[r][pc] for r, pc in enumerate(self.pc) if pc < len(programs[r])}
         if stuck:
-            detail = ", ".join(f"rank {r} at #{self.ranks[r].pc} {a}" for r, a in stuck.items())
+            detail = ", ".join(f"rank {r} at #{self.pc[r]} {a}" for r, a in stuck.items())
             raise ScheduleError(f"{self.s.name}: deadlock, no rank can make progress: {detail}")
-        unmatched = [(r, str(p.action)) for r, st in enumerate(self.ranks) for ps in st.open_writes.values()
-                     for p in ps] + [(r, str(p.action)) for r, st in enumerate(self.ranks)
-                                     for ps in st.open_reads.values() for p in ps]
+        unmatched = {(r, str(a)) for r, a in self._posted_unfinished()}
         if unmatched:
-            raise ScheduleError(f"{self.s.name}: communication never matched: {sorted(set(unmatched))[:8]}")
+            raise ScheduleError(f"{self.s.name}: communication never matched: {sorted(unmatched)[:8]}")
         self._check_final_state()
+
+    def _run_ranks(self) -> None:
+        """Until no rank can move: take the next woken rank and run its program until an action is blocked (a
+        posted, unfinished op of the rank writes a buffer the action reads or writes, or reads a buffer it writes)
+        or it ends; then match the queues that can. The common kinds are inline; the rest in :meth:`_local`."""
+        runnable, queued, pcs = self.runnable, self.queued, self.pc
+        P, G, W = self.world, self.G, self.W
+        WR = W + 1  # a reduce's member writes and reads its buffer
+        collectives, posted, ready_coll = self.collectives, self.posted, self.ready_coll
+        p2p, ready_p2p = self.p2p, self.ready_p2p
+        # per rank: its program, tables, and its queue (and key) for the node's gradient and weight collectives
+        state = [(self.programs[r], len(self.programs[r]), self.buffers[r], self.busy[r],
+                  collectives[(r // G) * 2][r % G], (r // G) * 2, collectives[(r // G) * 2 + 1][r % G],
+                  (r // G) * 2 + 1) for r in range(P)]
+        while runnable:
+            rank = runnable.popleft()
+            queued[rank] = False
+            program, n, buffers, busy, grads_queue, grads_key, weights_queue, weights_key = state[rank]
+            for pc in range(pcs[rank], n):
+                a = program[pc]
+                c = a._sim
+                if c is None:  # not decoded yet
+                    c = self._code(a)
+                kind = c[0]
+                if kind == _BW:
+                    b = c[1]
+                    if c[4] != rank:  # a member receives: writes its slot
+                        if busy[b]:
+                            break
+                        busy[b] += W
+                    else:  # the root sends: reads it
+                        if busy[b] >= W:
+                            break
+                        busy[b] += 1
+                    if not weights_queue:  # posted[key]: members with something in the key's queues
+                        posted[weights_key] += 1
+                        if posted[weights_key] == G:
+                            ready_coll.append(weights_key)
+                    weights_queue.append(a)
+                elif kind == _X:  # writes its slot
+                    b = c[1]
+                    if busy[b]:
+                        break
+                    if buffers[b] is not c[5]:
+                        pcs[rank] = pc
+                        self._fail(rank, a, f"releases {a.buf} but it holds {_show(buffers[b], P)}")
+                    buffers[b] = None
+                elif kind == _F:  # reads its slot
+                    b = c[1]
+                    if busy[b] >= W:
+                        break
+                    if buffers[b] is not c[5]:
+                        pcs[rank] = pc
+                        self._fail(rank, a, f"slot {a.buf} holds {_show(buffers[b], P)}, not chunk {a.chunk}'s "
+                                            "weights")
+                elif kind == _RG:  # every member may write its buffer (gloo uses inputs as scratch)
+                    b = c[1]
+                    if busy[b]:
+                        break
+                    busy[b] += WR
+                    if not grads_queue:
+                        posted[grads_key] += 1
+                        if posted[grads_key] == G:
+                            ready_coll.append(grads_key)
+                    grads_queue.append(a)
+                elif kind == _B:  # reads its slot, writes its gradient buffer
+                    b = c[1]
+                    if busy[b] >= W or busy[c[2]]:
+                        break
+                    if buffers[b] is not c[5]:
+                        pcs[rank] = pc
+                        self._fail(rank, a, f"slot {a.buf} holds {_show(buffers[b], P)}, not chunk {a.chunk}'s "
+                                            "weights")
+                    buffers[c[2]] = ("G", c[3], 1 << (c[6] * P + rank))
+                elif kind <= _QG:  # P2P: a send reads its buffer, a receive writes it
+                    b, peer = c[1], c[4]
+                    if c[8]:
+                        if busy[b] >= W:
+                            break
+                        busy[b] += 1
+                        key = (rank * P + peer) * 2 + c[7]
+                    else:
+                        if busy[b]:
+                            break
+                        busy[b] += W
+                        key = (peer * P + rank) * 2 + c[7]
+                    if not 0 <= peer < P:  # could never match
+                        pcs[rank] = pc
+                        self._fail(rank, a, f"peer {peer} is not a rank (world size {P})")
+                    queues = p2p.get(key)
+                    if queues is None:
+                        queues = p2p[key] = ([], [])  # short: lists are much smaller than deques
+                    queues[1 - c[8]].append(a)  # [0]: sends, [1]: receives
+                    if queues[c[8]]:  # the other side has posted: it can match
+                        ready_p2p.append(key)
+                else:
+                    pcs[rank] = pc
+                    if not self._local(rank, a, c):
+                        break
+            else:  # the program ran to its end
+                pc = n
+            pcs[rank] = pc
+            if ready_p2p:
+                self._match_p2p()
+            if ready_coll:
+                self._match_collectives()
+
+    def _posted_unfinished(self):
+        P, G = self.world, self.G
+        for key, (sends, recvs) in self.p2p.items():
+            src, dst = divmod(key >> 1, P)
+            yield from ((src, a) for a in sends)
+            yield from ((dst, a) for a in recvs)
+        for key, queues in enumerate(self.collectives):
+            for local, q in enumerate(queues):
+                yield from (((key >> 1) * G + local, a) for a in q)
 
     def _wake(self, rank: int) -> None:
         if not self.queued[rank]:
@@ -114,196 +329,187 @@ class _Simulator:
 
     def _open_barriers(self) -> bool:
         """Wake the ranks waiting at a barrier that every rank has reached; True if any woke."""
-        waiting = [r for r, st in enumerate(self.ranks)
-                   if st.pc < len(self.s.programs[r]) and self.s.programs[r][st.pc].op is Op.BARRIER]
         woke = False
-        for r in waiting:
-            if self._barrier_open(self.ranks[r].barriers):
+        for r, pc in enumerate(self.pc):
+            program = self.programs[r]
+            if pc < len(program) and program[pc].op is Op.BARRIER and self._barrier_open(self.barriers[r]):
                 self._wake(r)
                 woke = True
         return woke
 
-    def _advance(self, rank: int) -> bool:
-        st, program, moved = self.ranks[rank], self.s.programs[rank], False
-        while st.pc < len(program):
-            action = program[st.pc]
-            if self._blocked(rank, action):
-                break
-            self._execute(rank, action)
-            st.pc += 1
-            moved = True
-        return moved
-
-    def _blocked(self, rank: int, action: Action) -> bool:
-        st = self.ranks[rank]
-        if action.op is Op.BARRIER:
-            return not self._barrier_open(st.barriers)
-        reads, writes = action.reads_writes(rank)
-        ow, orr = st.open_writes, st.open_reads
-        return (any(ow.get(b) for b in reads) or any(ow.get(b) for b in writes)
-                or any(orr.get(b) for b in writes))
-
     def _barrier_open(self, k: int) -> bool:
         """Barrier ``k`` opens when every rank has either passed it or is waiting at it."""
-        for i, other in enumerate(self.ranks):
-            program = self.s.programs[i]
-            waiting = other.pc < len(program) and program[other.pc].op is Op.BARRIER
-            if not (other.barriers > k or (other.barriers == k and waiting)):
+        return self.reached.get(k, 0) == self.world
+
+    def _local(self, rank: int, a: Action, c: tuple) -> bool:
+        """The rarer actions (local copies and adds, barriers): False if blocked, else run it."""
+        busy, W = self.busy[rank], self.W
+        kind, b, b2 = c[0], c[1], c[2]
+        if kind == _BAR:
+            k = self.barriers[rank]
+            if self.arrived[rank] == k:
+                self.arrived[rank] = k + 1
+                self.reached[k] = self.reached.get(k, 0) + 1
+            if not self._barrier_open(k):
                 return False
+            self.barriers[rank] = k + 1
+            return True
+        if kind == _CW:  # reads own, writes the slot
+            if busy[0] >= W or busy[b]:
+                return False
+        elif kind == _AG:  # reads the buffer, writes the accumulator (only a hand-made program would post on it)
+            acc = _BUFFER_IDS.get(f"acc{a.chunk}")
+            if busy[b] >= W or (acc is not None and acc < len(busy) and busy[acc]):
+                return False
+        elif kind == _GA:  # reads both, writes the first
+            if busy[b] or busy[b2] >= W:
+                return False
+        self._execute_local(rank, a, c)
         return True
 
     # -- local semantics ------------------------------------------------------------------------------------------
     def _fail(self, rank: int, action: Action, why: str) -> None:
-        raise ScheduleError(f"{self.s.name}: rank {rank} at #{self.ranks[rank].pc} {action}: {why}")
+        raise ScheduleError(f"{self.s.name}: rank {rank} at #{self.pc[rank]} {action}: {why}")
 
-    def _execute(self, rank: int, a: Action) -> None:
-        st, buffers = self.ranks[rank], self.ranks[rank].buffers
-        if a.op is Op.BARRIER:
-            st.barriers += 1
-        elif a.op in ASYNC_OPS:
-            self._post(rank, a)
-        elif a.op in (Op.FORWARD, Op.BACKWARD):
-            if buffers.get(a.buf) != ("W", a.chunk):
-                self._fail(rank, a, f"slot {a.buf} holds {buffers.get(a.buf)}, not chunk {a.chunk}'s weights")
-            if a.op is Op.BACKWARD:
-                buffers[a.buf2] = ("G", a.chunk, frozenset({(rank, a.mb)}))
-        elif a.op is Op.RELEASE:
-            if buffers.get(a.buf) != ("W", a.chunk):
-                self._fail(rank, a, f"releases {a.buf} but it holds {buffers.get(a.buf)}")
-            buffers[a.buf] = None
-        elif a.op is Op.COPY_W:
+    def _execute_local(self, rank: int, a: Action, c: tuple) -> None:
+        buffers, kind, P = self.buffers[rank], c[0], self.world
+        if kind == _CW:
             if self.s.owners[a.chunk] != rank:
                 self._fail(rank, a, "copies a chunk it does not own")
-            self._fill_slot(rank, a, ("W", a.chunk))
-        elif a.op is Op.ACC_G:
-            self._accumulate(rank, a)
-        elif a.op is Op.ADD_G:
-            mine, other = buffers.get(a.buf), buffers.get(a.buf2)
-            if not (mine and other and mine[1] == other[1] == a.chunk) or mine[2] & other[2]:
-                self._fail(rank, a, f"adds {other} into {mine}")
-            buffers[a.buf] = ("G", a.chunk, mine[2] | other[2])
-            buffers[a.buf2] = None
+            self._fill_slot(rank, a, c[1], c[5])
+        elif kind == _AG:
+            content = buffers[c[1]]
+            if self.s.owners[a.chunk] != rank:
+                self._fail(rank, a, "accumulates a chunk it does not own")
+            if not content or content[0] != "G" or content[1] != a.chunk:
+                self._fail(rank, a, f"accumulates {_show(content, P)}, not chunk {a.chunk}'s gradient")
+            acc, twice = self.acc[rank], self.twice[rank]
+            have = acc.get(a.chunk, 0)
+            if have & content[2]:
+                twice[a.chunk] = twice.get(a.chunk, 0) | (have & content[2])
+            acc[a.chunk] = have | content[2]
+            buffers[c[1]] = None
+        elif kind == _GA:
+            mine, other = buffers[c[1]], buffers[c[2]]
+            if not (mine and other and mine[0] == other[0] == "G" and mine[1] == other[1] == a.chunk) or (
+                    mine[2] & other[2]):
+                self._fail(rank, a, f"adds {_show(other, P)} into {_show(mine, P)}")
+            buffers[c[1]] = ("G", a.chunk, mine[2] | other[2])
+            buffers[c[2]] = None
         else:
             self._fail(rank, a, "unknown action")
 
-    def _fill_slot(self, rank: int, a: Action, content: object) -> None:
-        current = self.ranks[rank].buffers.get(a.buf)
+    def _fill_slot(self, rank: int, a: Action, b: int, content: object) -> None:
+        current = self.buffers[rank][b]
         if current is not None:
-            self._fail(rank, a, f"overwrites {a.buf} while it still holds {current} (not released)")
-        self.ranks[rank].buffers[a.buf] = content
-
-    def _accumulate(self, rank: int, a: Action) -> None:
-        content = self.ranks[rank].buffers.get(a.buf)
-        if self.s.owners[a.chunk] != rank:
-            self._fail(rank, a, "accumulates a chunk it does not own")
-        if not content or content[0] != "G" or content[1] != a.chunk:
-            self._fail(rank, a, f"accumulates {content}, not chunk {a.chunk}'s gradient")
-        self.ranks[rank].acc.update({(a.chunk, c) for c in content[2]})
-        self.ranks[rank].buffers[a.buf] = None
+            self._fail(rank, a, f"overwrites {a.buf} while it still holds {_show(current, self.world)} (not released)")
+        self.buffers[rank][b] = content
 
     # -- communication --------------------------------------------------------------------------------------------
-    def _post(self, rank: int, a: Action) -> None:
-        reads, writes = a.reads_writes(rank)
-        posted = _Posted(rank, a, reads=frozenset(reads), writes=frozenset(writes))
-        st = self.ranks[rank]
-        for b in posted.writes:
-            st.open_writes[b].add(posted)
-        for b in posted.reads:
-            st.open_reads[b].add(posted)
-        lane = "W" if a.op in (Op.SEND_W, Op.RECV_W, Op.BCAST_W) else "G"
-        if a.op in COLLECTIVE_OPS:
-            key = (self.topo.group_of(rank), lane)
-            self.collectives[key][rank].append(posted)
-            self.dirty_coll.add(key)
-        else:
-            key = (rank, a.peer, lane) if a.op in (Op.SEND_W, Op.SEND_G) else (a.peer, rank, lane)
-            self.p2p[key][0 if a.op in (Op.SEND_W, Op.SEND_G) else 1].append(posted)
-            self.dirty_p2p.add(key)
-
-    def _finish(self, posted: _Posted) -> None:
-        """The op completed: it no longer blocks its rank, which may now move on."""
-        posted.done = True
-        st = self.ranks[posted.rank]
-        for b in posted.writes:
-            st.open_writes[b].discard(posted)
-        for b in posted.reads:
-            st.open_reads[b].discard(posted)
-        self._wake(posted.rank)
-
-    def _match(self) -> bool:
-        matched = False
-        dirty, self.dirty_p2p = self.dirty_p2p, set()
-        for key in sorted(dirty):
-            src, dst, _ = key
+    def _match_p2p(self) -> None:
+        """Match the P2P queues that can, in key order (a send's content is copied into the receive's buffer)."""
+        ready = sorted(set(self.ready_p2p)) if len(self.ready_p2p) > 1 else list(self.ready_p2p)
+        self.ready_p2p.clear()  # the same list object: the driver holds it
+        P, W, buffers, busy = self.world, self.W, self.buffers, self.busy
+        queued, runnable = self.queued, self.runnable
+        for key in ready:
             sends, recvs = self.p2p[key]
+            src, dst = divmod(key >> 1, P)
             while sends and recvs:
-                send, recv = sends.popleft(), recvs.popleft()
-                if send.action.chunk != recv.action.chunk:
-                    self._fail(dst, recv.action, f"matched with {send.action} from rank {src}")
-                content = self.ranks[src].buffers.get(send.action.buf)
-                if content is None or content[1] != send.action.chunk:
-                    self._fail(src, send.action, f"sends {send.action.buf} holding {content}")
-                if recv.action.op is Op.RECV_W:
-                    self._fill_slot(dst, recv.action, content)
-                else:
-                    self.ranks[dst].buffers[recv.action.buf] = content
-                self._finish(send)
-                self._finish(recv)
-                matched = True
-        dirty, self.dirty_coll = self.dirty_coll, set()
-        for key in sorted(dirty):
-            queues = self.collectives[key]
-            members = self.topo.group_ranks(key[0])
-            while all(queues[r] for r in members):
-                ops = [queues[r].popleft() for r in members]
-                self._complete_collective(members, ops)
-                matched = True
-        return matched
+                send, recv = sends.pop(0), recvs.pop(0)
+                if send.chunk != recv.chunk:
+                    self._fail(dst, recv, f"matched with {send} from rank {src}")
+                b, rb = send._sim[1], recv._sim[1]
+                content = buffers[src][b]
+                if content is None or content[1] != send.chunk:
+                    self._fail(src, send, f"sends {send.buf} holding {_show(content, P)}")
+                if recv.op is Op.RECV_W and buffers[dst][rb] is not None:
+                    self._fill_slot(dst, recv, rb, content)  # fails: a slot is only filled when released
+                buffers[dst][rb] = content
+                # both completed: they no longer block their ranks, which may now move on
+                busy[src][b] -= 1
+                busy[dst][rb] -= W
+                for rank in (src, dst):
+                    if not queued[rank]:
+                        queued[rank] = True
+                        runnable.append(rank)
 
-    def _complete_collective(self, members: list[int], ops: list[_Posted]) -> None:
-        first = ops[0].action
-        for p in ops:
-            a = p.action
-            if (a.op, a.chunk, a.peer) != (first.op, first.chunk, first.peer):
-                self._fail(p.rank, a, f"collective mismatch in the node: rank {ops[0].rank} posted {first}")
+    def _match_collectives(self) -> None:
+        """Complete the collectives every member of the node has posted, in key order."""
+        ready = sorted(set(self.ready_coll)) if len(self.ready_coll) > 1 else list(self.ready_coll)
+        self.ready_coll.clear()
+        popleft = deque.popleft
+        for key in ready:
+            queues = self.collectives[key]
+            while all(queues):
+                self._complete_collective(key >> 1, list(map(popleft, queues)))
+            self.posted[key] = sum(map(bool, queues))
+
+    def _complete_collective(self, group: int, ops: list[Action]) -> None:
+        G, P, W = self.G, self.world, self.W
+        base = group * G
+        first = ops[0]
+        if ops.count(first) != G:  # usually the very same object on every rank of the node
+            for i, a in enumerate(ops):
+                if (a.op, a.chunk, a.peer) != (first.op, first.chunk, first.peer):
+                    self._fail(base + i, a, f"collective mismatch in the node: rank {base} posted {first}")
         root = first.peer
-        if root not in members:
-            self._fail(ops[0].rank, first, f"root {root} is not in the node {members}")
+        if not base <= root < base + G:
+            self._fail(base, first, f"root {root} is not in the node {self.topo.group_ranks(group)}")
+        buffers, busy, queued, runnable = self.buffers, self.busy, self.queued, self.runnable
+        members = range(base, base + G)
         if first.op is Op.BCAST_W:
-            content = self.ranks[root].buffers.get(first.buf)
-            if content != ("W", first.chunk):
-                self._fail(root, first, f"broadcasts {content}")
-            for p in ops:
-                if p.rank != root:
-                    self._fill_slot(p.rank, p.action, content)
-        else:
-            contents = [self.ranks[p.rank].buffers.get(p.action.buf) for p in ops]
-            if any(c is None or c[1] != first.chunk for c in contents):
-                self._fail(root, first, f"reduces {contents}")
-            union: frozenset = frozenset()
-            for c in contents:
-                if union & c[2]:
-                    self._fail(root, first, "a gradient contribution is counted twice")
-                union |= c[2]
-            for p in ops:
-                self.ranks[p.rank].buffers[p.action.buf] = ("G", first.chunk, union) if p.rank == root else None
-        for p in ops:
-            self._finish(p)
+            content = buffers[root][first._sim[1]]
+            if content is not first._sim[5]:
+                self._fail(root, first, f"broadcasts {_show(content, P)}")
+            for rank, a in zip(members, ops):
+                b = a._sim[1]
+                if rank != root:  # receives: its slot must be free
+                    row = buffers[rank]
+                    if row[b] is not None:
+                        self._fill_slot(rank, a, b, content)  # fails
+                    row[b] = content
+                    busy[rank][b] -= W
+                else:
+                    busy[rank][b] -= 1
+                if not queued[rank]:  # the op completed: its rank may move on
+                    queued[rank] = True
+                    runnable.append(rank)
+            return
+        chunk, union = first.chunk, 0
+        for rank, a in zip(members, ops):
+            c = buffers[rank][a._sim[1]]
+            if c is None or c[0] != "G" or c[1] != chunk or union & c[2]:
+                contents = [buffers[r][a._sim[1]] for r, a in zip(members, ops)]
+                if any(c is None or c[0] != "G" or c[1] != chunk for c in contents):
+                    self._fail(root, first, f"reduces {[_show(c, P) for c in contents]}")
+                self._fail(root, first, "a gradient contribution is counted twice")
+            union |= c[2]
+        for rank, a in zip(members, ops):
+            b = a._sim[1]
+            buffers[rank][b] = None
+            busy[rank][b] -= W + 1
+            if not queued[rank]:
+                queued[rank] = True
+                runnable.append(rank)
+        buffers[root][ops[root - base]._sim[1]] = ("G", chunk, union)
 
     # -- final checks ---------------------------------------------------------------------------------------------
     def _check_final_state(self) -> None:
-        for rank, st in enumerate(self.ranks):
-            resident = {b: v for b, v in st.buffers.items() if b.startswith("s") and v is not None}
+        slots = [i for i, name in enumerate(_BUFFER_NAMES[:self.n_buffers]) if name.startswith("s")]
+        for rank, buffers in enumerate(self.buffers):
+            resident = {_BUFFER_NAMES[i]: _show(buffers[i], self.world) for i in slots if buffers[i] is not None}
             if resident:
                 raise ScheduleError(f"{self.s.name}: rank {rank} ends with unreleased slots {resident}")
         if not self.s.train:
             return
-        expected = Counter((r, m) for r in range(self.world) for m in range(self.s.n_microbatches))
+        P = self.world
+        expected = ((1 << (P * self.s.n_microbatches)) - 1) << P  # bit (mb + 1) * P + rank for every (rank, mb)
         for c, owner in enumerate(self.s.owners):
-            got = Counter({k[1]: v for k, v in self.ranks[owner].acc.items() if k[0] == c})
-            if got != expected:
-                missing = sorted((expected - got).keys())[:6]
-                extra = sorted((got - expected).keys())[:6]
+            got, twice = self.acc[owner].get(c, 0), self.twice[owner].get(c, 0)
+            if got != expected or twice:
+                missing = _bits_to_pairs(expected & ~got, P)[:6]
+                extra = _bits_to_pairs((got & ~expected) | twice, P)[:6]
                 raise ScheduleError(
                     f"{self.s.name}: owner rank {owner} of chunk {c} accumulated the wrong gradients "
                     f"(missing {missing}, duplicated {extra})"

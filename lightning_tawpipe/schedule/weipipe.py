@@ -17,8 +17,8 @@ accumulator sends the sum straight to the owner. Nothing here knows about nodes:
 
 from __future__ import annotations
 
-from lightning_tawpipe.schedule.actions import Action, Op
-from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.schedule.actions import Action, ActionPool, Op
+from lightning_tawpipe.schedule.program import Schedule, gc_paused
 from lightning_tawpipe.schedule.tawpipe import build_tawpipe
 from lightning_tawpipe.topology import Topology, ring_owner
 
@@ -33,7 +33,8 @@ def build_weipipe(topo: Topology, n_microbatches: int, prefetch: int = 1, train:
         return Schedule("weipipe", topo, (0,), n_microbatches, prefetch, train, single.programs, single.n_slots,
                         single.n_grad_buffers, single.n_recv_buffers)
     ring = _Ring(P, n_microbatches, prefetch, train)
-    programs = tuple(tuple(ring.program(r)) for r in range(P))
+    with gc_paused():
+        programs = tuple(tuple(ring.program(r)) for r in range(P))
     return Schedule(
         name="weipipe",
         topology=topo,
@@ -54,6 +55,7 @@ class _Ring:
     def __init__(self, P: int, M: int, prefetch: int, train: bool) -> None:
         self.P, self.M, self.d, self.train = P, M, prefetch, train
         self.k = prefetch + 1  # buffers per ring: the slot computing plus `prefetch` arriving
+        self.action = ActionPool()  # identical actions of different ranks and slots share one object
         self.n_slots = M * P + (2 * P - 1 if train else P - 1)
 
     # which chunk/micro-batch a rank computes, and which chunk it holds, at slot t
@@ -93,10 +95,10 @@ class _Ring:
             out += self._slot_start(r, t)
             f = self.forward_step(r, t)
             if f is not None:
-                out.append(Action(Op.FORWARD, f[0], mb=f[1], buf=self._buf(0, t)))
+                out.append(self.action(Op.FORWARD, f[0], mb=f[1], buf=self._buf(0, t)))
             b = self.backward_step(r, t)
             if b is not None:
-                out.append(Action(Op.BACKWARD, b[0], mb=b[1], buf=self._buf(self.k, t), buf2=f"g{t % 2}"))
+                out.append(self.action(Op.BACKWARD, b[0], mb=b[1], buf=self._buf(self.k, t), buf2=f"g{t % 2}"))
                 out += self._gradient_after_backward(r, t, *b)
         out += self._tail(r)
         return out
@@ -116,19 +118,19 @@ class _Ring:
             chunk = held(r, 0)
             owner = ring_owner(chunk, P)
             if owner == r:
-                out.append(Action(Op.COPY_W, chunk, buf=self._buf(base, 0)))
+                out.append(self.action(Op.COPY_W, chunk, buf=self._buf(base, 0)))
             else:
-                out.append(Action(Op.RECV_W, chunk, peer=owner, buf=self._buf(base, 0)))
+                out.append(self.action(Op.RECV_W, chunk, peer=owner, buf=self._buf(base, 0)))
             for other in range(P):
                 c = held(other, 0)
                 if other != r and ring_owner(c, P) == r:
-                    out.append(Action(Op.SEND_W, c, peer=other, buf="own"))
+                    out.append(self.action(Op.SEND_W, c, peer=other, buf="own"))
         for t in range(1, min(self.d, self.n_slots - 1) + 1):
             for _, held, base in self._rings():
                 if held(r, t) is not None:
-                    out.append(Action(Op.RECV_W, held(r, t), peer=self._prev(r), buf=self._buf(base, t)))
+                    out.append(self.action(Op.RECV_W, held(r, t), peer=self._prev(r), buf=self._buf(base, t)))
         if self.train and self._receives_final_sum(r) and r != self._next(self._final_sender(r)):
-            out.append(Action(Op.RECV_G, self._own_chunk(r), peer=self._final_sender(r), buf="q2"))
+            out.append(self.action(Op.RECV_G, self._own_chunk(r), peer=self._final_sender(r), buf="q2"))
         return out
 
     def _receives_final_sum(self, r: int) -> bool:
@@ -147,17 +149,17 @@ class _Ring:
         for name, held, base in self._rings():
             previous = held(r, t - 1) if t >= 1 else None
             if previous is not None:
-                out.append(Action(Op.RELEASE, previous, buf=self._buf(base, t - 1)))
+                out.append(self.action(Op.RELEASE, previous, buf=self._buf(base, t - 1)))
             ahead = t + self.d
             if t >= 1 and ahead < self.n_slots and held(r, ahead) is not None:
-                out.append(Action(Op.RECV_W, held(r, ahead), peer=self._prev(r), buf=self._buf(base, ahead)))
+                out.append(self.action(Op.RECV_W, held(r, ahead), peer=self._prev(r), buf=self._buf(base, ahead)))
             current = held(r, t)
             if current is not None and held(self._next(r), t + 1) is not None:
-                out.append(Action(Op.SEND_W, current, peer=self._next(r), buf=self._buf(base, t)))
+                out.append(self.action(Op.SEND_W, current, peer=self._next(r), buf=self._buf(base, t)))
         if self.train and self.backward_step(r, t) is not None:
             chunk, mb = self.backward_step(r, t)
             if not (r == 0 and mb == 0):  # everyone but the first contributor receives the running sum
-                out.append(Action(Op.RECV_G, chunk, peer=self._prev(r), buf=f"q{t % 2}"))
+                out.append(self.action(Op.RECV_G, chunk, peer=self._prev(r), buf=f"q{t % 2}"))
         return out
 
     def _gradient_after_backward(self, r: int, t: int, chunk: int, mb: int) -> list[Action]:
@@ -167,13 +169,13 @@ class _Ring:
         acc_buf = f"g{t % 2}" if first else f"q{t % 2}"
         out: list[Action] = []
         if not first:
-            out.append(Action(Op.ADD_G, chunk, buf=acc_buf, buf2=f"g{t % 2}"))
+            out.append(self.action(Op.ADD_G, chunk, buf=acc_buf, buf2=f"g{t % 2}"))
         if not last:
-            out.append(Action(Op.SEND_G, chunk, peer=self._next(r), buf=acc_buf))
+            out.append(self.action(Op.SEND_G, chunk, peer=self._next(r), buf=acc_buf))
         elif ring_owner(chunk, P) == r:
-            out.append(Action(Op.ACC_G, chunk, buf=acc_buf))
+            out.append(self.action(Op.ACC_G, chunk, buf=acc_buf))
         else:
-            out.append(Action(Op.SEND_G, chunk, peer=ring_owner(chunk, P), buf=acc_buf))
+            out.append(self.action(Op.SEND_G, chunk, peer=ring_owner(chunk, P), buf=acc_buf))
         return out
 
     def _tail(self, r: int) -> list[Action]:
@@ -186,9 +188,9 @@ class _Ring:
         last = self.n_slots - 1  # holdings of earlier slots were released at the start of the next slot
         for _, held, base in self._rings():
             if held(r, last) is not None:
-                out.append(Action(Op.RELEASE, held(r, last), buf=self._buf(base, last)))
+                out.append(self.action(Op.RELEASE, held(r, last), buf=self._buf(base, last)))
         if self.train and self._receives_final_sum(r):
             if r == self._next(self._final_sender(r)):
-                out.append(Action(Op.RECV_G, self._own_chunk(r), peer=self._final_sender(r), buf="q2"))
-            out.append(Action(Op.ACC_G, self._own_chunk(r), buf="q2"))
+                out.append(self.action(Op.RECV_G, self._own_chunk(r), peer=self._final_sender(r), buf="q2"))
+            out.append(self.action(Op.ACC_G, self._own_chunk(r), buf="q2"))
         return out
