@@ -14,34 +14,30 @@ ARGS = ("--n_layer", "4", "--n_embd", "32", "--seq_length", "32", "--lr", "3e-3"
 TAWPIPE = ("--strategy", "tawpipe", "--group_size", "2", "--n_microbatches", "2", "--state_dict_type", "full")
 
 
-def test_checkpoint_resumes_under_tawpipe_and_ddp(train_job, tmp_path):
-    ckpt = str(tmp_path / "three-steps.ckpt")
-    first = train_job(*ARGS, *TAWPIPE, "--steps", "3", "--save_ckpt", ckpt)
-    saved = torch.load(ckpt, weights_only=True)
-    for name, value in first["state_dict"].items():
+def _same(resumed: dict, reference: dict, steps: int) -> None:
+    assert len(resumed["losses"]) == len(reference["losses"]) == steps
+    for x, y in zip(resumed["losses"], reference["losses"]):
+        assert abs(x - y) <= 1e-5 * abs(y)
+    for name, ref in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+
+
+def test_ddp_file_resumes_under_tawpipe_whose_full_file_resumes_under_both(train_job, tmp_path):
+    """One chain: ddp writes a file at step 3; TawPipe resumes it (as ddp does) and writes its own full file at
+    step 6; that file resumes under TawPipe and under ddp alike to step 9."""
+    ddp_ckpt, taw_ckpt = str(tmp_path / "ddp.ckpt"), str(tmp_path / "tawpipe.ckpt")
+    train_job(*ARGS, "--strategy", "ddp", "--steps", "3", "--save_ckpt", ddp_ckpt)
+    from_ddp = train_job(*ARGS, *TAWPIPE, "--steps", "6", "--resume", ddp_ckpt, "--save_ckpt", taw_ckpt)
+    _same(from_ddp, train_job(*ARGS, "--strategy", "ddp", "--steps", "6", "--resume", ddp_ckpt), 3)
+
+    saved = torch.load(taw_ckpt, weights_only=True)  # the trained weights, and the unsharded optimizer's layout
+    for name, value in from_ddp["state_dict"].items():
         torch.testing.assert_close(saved["state_dict"][name], value, rtol=0, atol=0, msg=name)
     adam = saved["optimizer_states"][0]
     n_params = sum(len(g["params"]) for g in adam["param_groups"])
     assert n_params == len([k for k in saved["state_dict"] if not k.endswith((".cos", ".sin"))])
-    assert len(adam["state"]) == n_params and all(int(s["step"]) == 3 for s in adam["state"].values())
+    assert len(adam["state"]) == n_params and all(int(s["step"]) == 6 for s in adam["state"].values())
 
-    resumed = train_job(*ARGS, *TAWPIPE, "--steps", "6", "--resume", ckpt)
-    reference = train_job(*ARGS, "--strategy", "ddp", "--steps", "6", "--resume", ckpt)
-    assert len(resumed["losses"]) == len(reference["losses"]) == 3
-    for x, y in zip(resumed["losses"], reference["losses"]):
-        assert abs(x - y) <= 1e-5 * abs(y)
-    for name, ref in reference["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
-    assert os.path.getsize(ckpt) > 0
-
-
-def test_ddp_checkpoint_file_loads_into_tawpipe(train_job, tmp_path):
-    ckpt = str(tmp_path / "ddp.ckpt")
-    train_job(*ARGS, "--strategy", "ddp", "--steps", "3", "--save_ckpt", ckpt)
-    resumed = train_job(*ARGS, *TAWPIPE, "--steps", "6", "--resume", ckpt)
-    reference = train_job(*ARGS, "--strategy", "ddp", "--steps", "6", "--resume", ckpt)
-    assert len(resumed["losses"]) == len(reference["losses"]) == 3
-    for x, y in zip(resumed["losses"], reference["losses"]):
-        assert abs(x - y) <= 1e-5 * abs(y)
-    for name, ref in reference["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
+    resumed = train_job(*ARGS, *TAWPIPE, "--steps", "9", "--resume", taw_ckpt)
+    _same(resumed, train_job(*ARGS, "--strategy", "ddp", "--steps", "9", "--resume", taw_ckpt), 3)
+    assert os.path.getsize(taw_ckpt) > 0
