@@ -108,7 +108,6 @@ class OuterLoop:
     replicated: dict[str, Tensor]  # replicated parameters (every replica rank holds them; local rank 0 exchanges)
     replica_group: object
     replica_root: int  # global rank of this replica's local rank 0
-    is_replica_root: bool
     anchors: dict[str, Tensor] | None = None
     buffers: dict[str, Tensor] = field(default_factory=dict)
     inner_steps: int = 0
@@ -141,7 +140,7 @@ class OuterLoop:
         base = pipeline.comm.base
         return cls(config, replicas.n_replicas, tensors, mine,
                    {n: module_params[n] for n in sorted(replicated_names) if module_params[n].requires_grad},
-                   pipeline.comm.replica_group, base, me == base)
+                   pipeline.comm.replica_group, base)
 
     # -- when the strategy calls ----------------------------------------------------------------------------------
     def begin(self) -> None:
