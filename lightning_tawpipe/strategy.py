@@ -552,8 +552,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         checkpoint = load_local_shards(path, local, names, replica=self.pipeline.replica)
         if self.outer is not None:
             key = f"outer.replica{self.pipeline.replica}"
-            template = {**self.outer.state_template(), "inner_steps": None, "outer_steps": None}
-            state = load_tensors(path, key, template)
+            state = load_tensors(path, key, self.outer.state_template())
             if state is not None:
                 self.outer.load_state_dict(state)
             else:  # a checkpoint without this replica's outer state: start a fresh outer round from its weights

@@ -93,7 +93,7 @@ def one_rank_group(tmp_path):
 
 
 def _loop(config: OuterConfig, weights: torch.Tensor, group) -> OuterLoop:
-    return OuterLoop(config, 1, {"w": weights}, [_Segment((0,), ["w"], group)], {}, group, 0)
+    return OuterLoop(config, {"w": weights}, [_Segment((0,), ["w"], group)], {}, group, 0)
 
 
 def test_diloco_is_torch_sgd_nesterov_and_dense_sparseloco_is_diloco_without_momentum(one_rank_group):

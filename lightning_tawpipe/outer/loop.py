@@ -102,7 +102,6 @@ class OuterLoop:
     """The outer loop for this rank: its tensors, their segments, anchors and buffers."""
 
     config: OuterConfig
-    n_replicas: int
     tensors: dict[str, Tensor]  # name -> the live weights this rank steps (masters, or replicated parameters)
     segments: list[_Segment]  # the segments this rank is in, in canonical order
     replicated: dict[str, Tensor]  # replicated parameters (every replica rank holds them; local rank 0 exchanges)
@@ -132,13 +131,14 @@ class OuterLoop:
                 mine.append(_Segment(ranks, names, group))
         masters = {name: master for master, name in pipeline.shard.names().items()}
         module_params = dict(root.named_parameters())
-        replicated_names = {n for n, p in module_params.items() if any(p is q for q in pipeline.replicated)}
+        replicated = set(pipeline.replicated)
+        replicated_names = {n for n, p in module_params.items() if p in replicated}
         tensors = {}
         for seg in mine:
             for name in seg.names:
                 tensors[name] = module_params[name] if name in replicated_names else masters[name]
         base = pipeline.comm.base
-        return cls(config, replicas.n_replicas, tensors, mine,
+        return cls(config, tensors, mine,
                    {n: module_params[n] for n in sorted(replicated_names) if module_params[n].requires_grad},
                    pipeline.comm.replica_group, base)
 
@@ -279,28 +279,34 @@ class OuterLoop:
                 dist.broadcast(tensor, src=self.replica_root, group=self.replica_group)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
+    @property
+    def _buffer_kind(self) -> str | None:
+        """The checkpoint key of the per-tensor buffer: SparseLoCo's error feedback, DiLoCo's momentum, or none."""
+        return {"sparseloco": "error", "diloco": "momentum"}.get(self.config.method)
+
     def state_dict(self) -> dict:
         """This rank's outer state by tensor name (anchors; error feedback or momentum) and the step counters."""
         self.begin()
-        kind = "error" if self.config.method == "sparseloco" else "momentum"
         state = {"inner_steps": self.inner_steps, "outer_steps": self.outer_steps,
                  "anchor": {n: a.clone() for n, a in self.anchors.items()}}
-        if self.config.method is not None:
-            state[kind] = {n: b.clone() for n, b in self.buffers.items()}
+        if self._buffer_kind is not None:
+            state[self._buffer_kind] = {n: b.clone() for n, b in self.buffers.items()}
         return state
 
     def state_template(self) -> dict:
-        """What :meth:`load_state_dict` needs, shaped as :meth:`state_dict` returns it (for reading checkpoints)."""
-        template = {"anchor": {n: torch.empty(t.shape, dtype=torch.float32) for n, t in self.tensors.items()}}
-        if self.config.method is not None:
-            kind = "error" if self.config.method == "sparseloco" else "momentum"
-            template[kind] = {n: torch.empty(t.shape, dtype=torch.float32) for n, t in self.tensors.items()}
+        """What :meth:`load_state_dict` needs, shaped as :meth:`state_dict` returns it (for reading checkpoints:
+        tensors of the right shapes, ``None`` for the counters)."""
+        def empty() -> dict[str, Tensor]:
+            return {n: torch.empty(t.shape, dtype=torch.float32) for n, t in self.tensors.items()}
+
+        template = {"inner_steps": None, "outer_steps": None, "anchor": empty()}
+        if self._buffer_kind is not None:
+            template[self._buffer_kind] = empty()
         return template
 
     def load_state_dict(self, state: dict) -> None:
         device = next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
         self.inner_steps, self.outer_steps = int(state["inner_steps"]), int(state["outer_steps"])
         self.anchors = {n: state["anchor"][n].to(device, torch.float32).clone() for n in self.tensors}
-        if self.config.method is not None:
-            kind = "error" if self.config.method == "sparseloco" else "momentum"
-            self.buffers = {n: state[kind][n].to(device, torch.float32).clone() for n in self.tensors}
+        if self._buffer_kind is not None:
+            self.buffers = {n: state[self._buffer_kind][n].to(device, torch.float32).clone() for n in self.tensors}
