@@ -178,7 +178,7 @@ class ComputeOnlyStrategy(DDPStrategy):
 
 def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool = False, reuse: int | None = None,
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -189,6 +189,7 @@ def make_strategy(
             (``hsdp`` shards over ``devices`` and replicates over ``num_nodes``; ``tawpipe``/``weipipe`` use
             ``devices`` as their group size).
         n_microbatches, prefetch, activation_checkpointing: TawPipe/WeiPipe knobs; ignored by the baselines.
+        reuse: TawPipe's turn reuse (``None``: its default, ``prefetch``); ignored by every other strategy.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -201,7 +202,8 @@ def make_strategy(
         # group_size=devices equals TawPipe's default (processes per node) when the topology is the Trainer's,
         # and regroups one machine's processes as emulated nodes when it is not.
         return TawPipeStrategy(n_microbatches=n_microbatches, prefetch=prefetch, schedule=name, group_size=devices,
-                               activation_checkpointing=activation_checkpointing)
+                               activation_checkpointing=activation_checkpointing,
+                               reuse=reuse if name == "tawpipe" else None)
     if name == "ddp":
         return "ddp"
     if name == "compute":

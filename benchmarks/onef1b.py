@@ -147,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=2, help="per rank, as for the data-parallel baselines")
     p.add_argument("--n_microbatches", type=int, default=0, help="micro-batches per step, >= world; 0: the world size")
     p.add_argument("--prefetch", type=int, default=None, help="accepted for CLI parity with the worker; ignored")
+    p.add_argument("--reuse", type=int, default=None, help="accepted for CLI parity with the worker; ignored")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=0, help="first steps left out of step_times (losses keep them)")
     p.add_argument("--lr", type=float, default=3e-3)

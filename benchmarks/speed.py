@@ -31,6 +31,8 @@ NETNS = HERE / "netns" / "netns-topology.sh"
 PREFIX = "tawbench"
 LIGHTNING_STRATEGIES = ("compute", "tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
 ALL = (*LIGHTNING_STRATEGIES, "1f1b")
+# opt-in ablations: a name for a strategy run with other knobs, side by side with the default
+VARIANTS = {"tawpipe-r1": ("tawpipe", ["--reuse", "1"])}  # the paper's schedule: only the turnaround chunk kept
 
 
 def rate_bits_per_s(rate: str) -> float | None:
@@ -53,11 +55,14 @@ def check_environment() -> None:
 
 def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> list[str]:
     n_microbatches = 0 if strategy == "1f1b" else a.n_microbatches  # 1F1B: one micro-batch per stage (0 = world)
+    strategy, variant_args = VARIANTS.get(strategy, (strategy, []))
     return ["--strategy", strategy, "--n_layer", str(a.n_layer), "--n_embd", str(a.n_embd), "--n_head", str(a.n_head),
             "--n_query_groups", str(a.n_query_groups), "--seq_length", str(seq), "--batch_size", str(a.batch_size),
-            "--n_microbatches", str(n_microbatches), "--prefetch", str(a.prefetch), "--steps", str(a.steps),
+            "--n_microbatches", str(n_microbatches), "--prefetch", str(a.prefetch), "--reuse", str(a.reuse),
+            "--steps", str(a.steps),
             "--warmup", str(a.warmup), "--out", str(out),
-            *([] if strategy == "1f1b" or a.precision == "32-true" else ["--precision", a.precision])]
+            *([] if strategy == "1f1b" or a.precision == "32-true" else ["--precision", a.precision]),
+            *variant_args]  # last, so they win over the shared knobs
 
 
 def run_on_nodes(strategy: str, a: argparse.Namespace, seq: int, out: Path, port: int) -> dict:
@@ -86,6 +91,7 @@ def _collect(procs: list, out: Path, name: str, timeout: float) -> dict:
     if not out.exists():
         return {"strategy": name, "error": "\n".join(log[-3000:] for log in logs)}
     result = json.loads(out.read_text())
+    result["strategy"] = name  # a variant's worker ran its base strategy
     if any(p.returncode for p in procs):  # measured, then a process died in teardown: keep it, say so
         result["exit_warning"] = [p.returncode for p in procs]
     return result
@@ -98,6 +104,9 @@ def measure(a: argparse.Namespace) -> list[dict]:
     results: list[dict] = []
     port = 29600
     strategies = [s for s in a.strategies.split(",") if s]
+    unknown = [s for s in strategies if s not in ALL and s not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; choose from {', '.join((*ALL, *VARIANTS))}")
     point = 0
     for rate in a.rates.split(","):
         subprocess.run(["bash", str(NETNS), "destroy", "--prefix", PREFIX], capture_output=True)
@@ -165,7 +174,7 @@ def markdown(results: list[dict]) -> str:
 
 
 COLORS = {"compute": "black", "tawpipe": "tab:red", "weipipe": "tab:orange", "ddp": "tab:green",
-          "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown"}
+          "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown", "tawpipe-r1": "salmon"}
 
 
 def plot(results: list[dict], out_dir: Path) -> None:
@@ -235,6 +244,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--n_microbatches", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--reuse", type=int, default=0, help="TawPipe chunks kept across a turn (0: its default, prefetch)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--precision", default="32-true", help="Trainer precision of every Lightning strategy (1F1B: fp32)")
     p.add_argument("--warmup", type=int, default=2)

@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=1, help="per rank")
     p.add_argument("--n_microbatches", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--reuse", type=int, default=0, help="TawPipe chunks kept across a turn (0: its default, prefetch)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--precision", default="32-true", help="Trainer precision (bf16-mixed: weights/gradients in bf16)")
     p.add_argument("--warmup", type=int, default=2)
@@ -103,7 +104,8 @@ def main() -> None:
                             block_size=a.seq_length)
     module = make_module(a.strategy, cfg, learning_rate=a.lr)
     strategy = make_strategy(a.strategy, topology=(a.num_nodes, a.devices), n_microbatches=a.n_microbatches,
-                             prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing)
+                             prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing,
+                             reuse=a.reuse or None)
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         precision=a.precision,

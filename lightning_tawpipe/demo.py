@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group_size", type=int, default=2, help="ranks per TawPipe group (emulated node); 0 = per node")
     p.add_argument("--n_microbatches", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--reuse", type=int, default=0, help="chunks kept resident across a turn (0: the default, prefetch)")
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")
     p.add_argument("--n_layer", type=int, default=6)
@@ -202,6 +203,7 @@ def run_worker(a: argparse.Namespace) -> None:
     strategy, plugins = a.strategy, []
     if a.strategy == "tawpipe":
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
+                                   reuse=a.reuse or None,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
                                    state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,

@@ -227,6 +227,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
     Arguments (as :class:`~lightning_tawpipe.strategy.TawPipeStrategy`):
         n_microbatches: default micro-batches of :meth:`train_step` (the plain loop runs one per iteration).
         prefetch: chunks fetched ahead of the one computing (``int >= 1``).
+        reuse: chunks kept resident across each forward/backward turn (``1..prefetch``; ``None``: ``prefetch``).
         schedule: ``"tawpipe"`` (topology-aware, default) or ``"weipipe"`` (ring baseline).
         group_size: ranks per TawPipe group (``None``: processes per node); emulates nodes on one machine.
         partition: ``"parameters"`` or ``"uniform"``.
@@ -250,6 +251,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         self,
         n_microbatches: int = 1,
         prefetch: int = 1,
+        reuse: Optional[int] = None,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Literal["parameters", "uniform"] = "parameters",
@@ -270,12 +272,12 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
-        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition)
+        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse)
         if p2p_groups not in (None, "rail", "directed"):
             raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
-        self.n_microbatches, self.prefetch, self.schedule = n_microbatches, prefetch, schedule
+        self.n_microbatches, self.prefetch, self.schedule, self.reuse = n_microbatches, prefetch, schedule, reuse
         self.group_size, self.partition, self.validate_schedules = group_size, partition, validate_schedules
         self.p2p_groups, self.activation_checkpointing = p2p_groups, bool(activation_checkpointing)
         self.meta_init, self.state_dict_type = bool(meta_init), state_dict_type
@@ -382,6 +384,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             self.topology,
             schedule=self.schedule,
             prefetch=self.prefetch,
+            reuse=self.reuse,
             partition=self.partition,
             device=self.root_device,
             param_dtype=precision.param_dtype,
@@ -488,7 +491,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         and the mean loss is returned, detached. Follow it with ``clip_gradients``/``optimizer.step()`` as usual.
         """
         n = self.n_microbatches if n_microbatches is None else n_microbatches
-        _check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition)
+        _check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition, self.reuse)
         engine = self.pipeline.engine
         if engine.active:
             raise RuntimeError("train_step was called while a TawPipe iteration is running (a forward without its "

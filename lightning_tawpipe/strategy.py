@@ -75,6 +75,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
     Arguments:
         n_microbatches: micro-batches each batch is split into (``int >= 1``, must divide the batch size). Default 1.
         prefetch: chunks fetched ahead of the one computing (``int >= 1``; ``prefetch + 1`` weight buffers). Default 1.
+        reuse: chunks kept resident across each forward/backward turn instead of fetched again (``int`` in
+            ``1..prefetch``, or ``None`` for ``prefetch``; TawPipe schedule only). The weight slots are reused, so it
+            costs no memory; it saves ``reuse - 1`` chunk fetches per turn (``1`` is the paper's schedule).
         schedule: ``"tawpipe"`` (topology-aware, the default) or ``"weipipe"`` (topology-unaware ring, the WeiPipe
             baseline for ablations).
         group_size: ranks per TawPipe group (``int`` dividing the world size, or ``None`` for the processes per node).
@@ -135,6 +138,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self,
         n_microbatches: int = 1,
         prefetch: int = 1,
+        reuse: Optional[int] = None,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Literal["parameters", "uniform"] = "parameters",
@@ -173,8 +177,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition)
+        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse)
         self.n_microbatches, self.prefetch, self.schedule = n_microbatches, prefetch, schedule
+        self.reuse = reuse
         self.group_size, self.partition = group_size, partition
         self.validate_schedules, self.log_comm_stats = validate_schedules, log_comm_stats
         if p2p_groups not in (None, "rail", "directed"):
@@ -300,6 +305,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 self.topology,
                 schedule=self.schedule,
                 prefetch=self.prefetch,
+                reuse=self.reuse,
                 partition=self.partition,
                 device=self.root_device,
                 param_dtype=precision.param_dtype,
@@ -589,13 +595,20 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         )
 
 
-def _check_knobs(n_microbatches, prefetch, schedule, group_size, partition) -> None:
+def _check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None) -> None:
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch must be an int >= 1 (how many chunks are fetched ahead), got {prefetch!r}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if reuse is not None:
+        if schedule != "tawpipe":
+            raise ValueError(f"reuse applies to schedule='tawpipe' only (the WeiPipe ring has its own buffers), "
+                             f"got reuse={reuse!r} with schedule={schedule!r}.")
+        if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= prefetch:
+            raise ValueError(f"reuse must be an int in 1..prefetch={prefetch} (chunks kept across a turn live in the "
+                             f"prefetch slots; raise prefetch to keep more), got {reuse!r}.")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}.")
     if partition not in PARTITION_METHODS:

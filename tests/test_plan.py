@@ -118,7 +118,13 @@ def test_slow_link_makes_tawpipe_communication_bound():
     assert slow1.exposed_comm == pytest.approx(slow1.step_time - fast.step_time, rel=0.05)
     # link time is a floor: the busiest NIC must move its bytes
     assert slow1.step_time >= slow1.inter_node_bytes_per_node / 2.5e7
-    assert slow2.inter_node_bytes_per_node == slow1.inter_node_bytes_per_node  # prefetch moves bytes earlier only
+    # a second prefetch slot also keeps one more chunk resident across each turn (reuse defaults to prefetch), so
+    # fewer chunks cross the link; with reuse=1, prefetch only moves bytes earlier
+    assert slow2.inter_node_bytes_per_node < slow1.inter_node_bytes_per_node
+    no_reuse = build_tawpipe(Topology(2, 2), w.n_microbatches, prefetch=2, reuse=1)
+    slow2_no_reuse = weightpipe.predict("tawpipe", cluster(2, 2, inter=2.5e7, intra=1e12), w, comp, prefetch=2,
+                                        schedule=no_reuse)
+    assert slow2_no_reuse.inter_node_bytes_per_node == slow1.inter_node_bytes_per_node
 
 
 def test_weipipe_has_the_ring_bubble_and_tawpipe_does_not():

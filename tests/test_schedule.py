@@ -25,6 +25,7 @@ from lightning_tawpipe.schedule import (
     with_user_barriers,
 )
 from lightning_tawpipe.schedule.actions import P2P_OPS, ActionPool
+from lightning_tawpipe.schedule.program import residency, sample_major_steps
 from lightning_tawpipe.schedule.weipipe import build_weipipe
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -243,6 +244,61 @@ def test_tawpipe_properties(config):
                 assert s.owners[a.chunk] == rank, f"rank {rank}: {a} sends a chunk it does not own"
             if a.op is Op.COPY_W:
                 assert s.owners[a.chunk] == rank
+
+
+def test_residency_keeps_nested_chunks_across_the_turn():
+    steps = sample_major_steps(4, 1, train=True)  # F0 F1 F2 F3 B3 B2 B1 B0
+    as_tuples = lambda loads: [(l.chunk, l.uses, l.slot, l.issue) for l in loads]  # noqa: E731
+    # reuse 1 (the paper's): only F3/B3 share a load; round-robin slots, each filled when load i - n_slots is released
+    assert as_tuples(residency(steps, 3, reuse=1)) == [
+        (0, [0], 0, -1), (1, [1], 1, -1), (2, [2], 2, -1), (3, [3, 4], 0, 0), (2, [5], 1, 1), (1, [6], 2, 2),
+        (0, [7], 0, 4)]
+    # reuse 2: chunk 2 also stays (F2 ... B2 around F3 B3), in the same three slots; chunk 1 comes back into the
+    # slot chunk 3 frees, still two compute steps ahead of B1
+    assert as_tuples(residency(steps, 3, reuse=2)) == [
+        (0, [0], 0, -1), (1, [1], 1, -1), (2, [2, 5], 2, -1), (3, [3, 4], 0, 0), (1, [6], 1, 1), (0, [7], 0, 4)]
+    with pytest.raises(ValueError, match="reuse must be in 1..2"):
+        residency(steps, 3, reuse=3)  # a kept chunk may not take the slot the next fetch needs
+    with pytest.raises(ValueError, match="reuse"):
+        build_tawpipe(Topology(2, 2), 1, prefetch=1, reuse=2)
+
+
+@PROPERTY
+@given(configs, st.integers(1, 3))
+def test_tawpipe_reuse_properties(config, reuse):
+    """Any reuse up to prefetch: a valid schedule that fetches each kept chunk once per turn, never twice."""
+    n_groups, group_size, n_microbatches, prefetch, train = config
+    reuse = min(reuse, prefetch)
+    topo = Topology(n_groups, group_size)
+    s = build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=train, reuse=reuse)
+    validate(s)
+    validate(with_user_barriers(s))
+    _check_compute_counts(s, train)
+    P, M = s.n_chunks, n_microbatches
+    if train:  # 2M - 1 turns (F->B per micro-batch, B->F between them), each keeps min(reuse, P) chunks
+        expected_loads = 2 * P * M - (2 * M - 1) * min(reuse, P)
+    else:  # forward only: a chunk comes back after the P - 1 others, so it stays only if every chunk fits
+        expected_loads = P if P <= reuse else P * M
+    for node in range(n_groups):  # every load is filled once per node: by the owner's copy or a rail's receive
+        fills = sum(a.op in (Op.COPY_W, Op.RECV_W) for r in topo.group_ranks(node) for a in s.programs[r])
+        assert fills == expected_loads
+    if reuse > 1:  # never more inter-node weight traffic than the paper's schedule
+        plain = build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=train, reuse=1)
+        sends = lambda sch: sum(a.op is Op.SEND_W for p in sch.programs for a in p)  # noqa: E731
+        assert sends(s) <= sends(plain)
+
+
+def test_reuse_cuts_inter_node_chunks_of_3x2():
+    """The speed benchmark's 3 x 2 point: reuse 2 sends 32 chunks between nodes per iteration instead of 34."""
+
+    def inter_node_transfers(s):
+        topo = s.topology
+        return sum(a.op in (Op.SEND_W, Op.SEND_G) and not topo.same_group(r, a.peer)
+                   for r, p in enumerate(s.programs) for a in p)
+
+    topo = Topology(3, 2)
+    assert inter_node_transfers(build_tawpipe(topo, 1, prefetch=2, reuse=1)) == 34
+    assert inter_node_transfers(build_tawpipe(topo, 1, prefetch=2)) == 32  # the default: reuse = prefetch
 
 
 @PROPERTY

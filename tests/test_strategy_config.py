@@ -97,6 +97,9 @@ def test_topology_follows_nodes_and_group_size():
         ({"partition": "x"}, "partition must be one of"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": -1}, "group_size"),
+        ({"prefetch": 1, "reuse": 2}, r"reuse must be an int in 1..prefetch=1 .*raise prefetch"),
+        ({"prefetch": 2, "reuse": 0}, "reuse must be an int"),
+        ({"schedule": "weipipe", "prefetch": 2, "reuse": 2}, "reuse applies to schedule='tawpipe' only"),
     ],
 )
 def test_bad_knobs_raise_at_construction(kwargs, match):

@@ -13,6 +13,7 @@ This is everything the Lightning strategy (and, later, a Fabric strategy) needs,
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,7 @@ class Pipeline:
         *,
         schedule: str = "tawpipe",
         prefetch: int = 1,
+        reuse: int | None = None,
         partition: str = "parameters",
         device: torch.device,
         param_dtype: torch.dtype = torch.float32,
@@ -56,6 +58,7 @@ class Pipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
+        self.reuse = reuse
         self.replicas = replicas or ReplicaLayout((topo,))
         self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups,
                                replicas=self.replicas)
@@ -119,7 +122,7 @@ class Pipeline:
         if self.schedule_name == "weipipe":
             from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
         else:
-            builder = build_tawpipe
+            builder = partial(build_tawpipe, reuse=self.reuse)
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
@@ -240,6 +243,7 @@ class Pipeline:
         lines = [
             f"TawPipe layout: schedule={self.schedule_name}, {self.topo.n_groups} node(s) x {self.topo.group_size} "
             f"rank(s), prefetch={self.prefetch}"
+            + (f", reuse={self.prefetch if self.reuse is None else self.reuse}" if self.schedule_name == "tawpipe" else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
         for c, units in enumerate(self.chunk_units):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 
 from lightning_tawpipe.schedule.actions import Action, Op, format_program
@@ -83,23 +83,64 @@ def sample_major_steps(n_chunks: int, n_microbatches: int, train: bool) -> list[
 
 @dataclass
 class Load:
-    """A chunk resident in a weight slot for consecutive compute steps ``first..last``."""
+    """A chunk resident in weight slot ``slot`` from compute step ``first`` to ``last``, computed on at ``uses``.
+
+    ``issue`` is the point where the slot is free for it (the previous occupant's ``last``; ``-1`` before the first
+    compute): the fill is posted there, so it overlaps the computes between ``issue`` and ``first``.
+    """
 
     chunk: int
     first: int
     last: int
     slot: int = -1
+    issue: int = -1
+    uses: list[int] = field(default_factory=list)
 
 
-def residency(steps: list[Step], n_slots: int) -> list[Load]:
-    """Group consecutive steps on the same chunk (e.g. the F(P-1)/B(P-1) turnaround) into one load per slot use."""
+def residency(steps: list[Step], n_slots: int, reuse: int = 1) -> list[Load]:
+    """Turn compute steps into slot loads: which chunk sits in which slot, from when to when, filled at which point.
+
+    A chunk stays resident from one use to its next when at most ``reuse - 1`` other chunks are used in between, so
+    it is not fetched again: ``reuse=1`` keeps only the chunk at the forward/backward turnaround (F(P-1) B(P-1)) and
+    at the backward/forward turn between micro-batches (B0 F0); ``reuse=k`` also keeps the ``k-1`` chunks before
+    it (F(P-k)...F(P-1) B(P-1)...B(P-k)), which saves ``k-1`` loads per turn and uses no memory beyond the slots.
+    The loads it keeps are nested, so they need ``k`` slots at once; with ``n_slots >= reuse + 1`` every load is
+    still issued at least one compute step before its first use (only the prefetch lead shrinks at the turn).
+
+    Slots are handed out in order of first use, each load taking the slot freed earliest: with ``reuse=1`` this is
+    the round-robin ``load i -> slot i % n_slots``, issued when load ``i - n_slots`` is released.
+    """
+    if not 1 <= reuse < n_slots:
+        raise ValueError(f"reuse must be in 1..{n_slots - 1} (at most the prefetch depth), got {reuse}.")
     loads: list[Load] = []
+    latest: dict[int, Load] = {}  # chunk -> its most recent load
     for j, step in enumerate(steps):
-        if loads and loads[-1].chunk == step.chunk:
-            loads[-1].last = j
+        load = latest.get(step.chunk)
+        if load is not None and _stays_resident(steps, load.last, j, reuse):
+            load.last = j
         else:
-            loads.append(Load(step.chunk, j, j, slot=len(loads) % n_slots))
+            load = latest[step.chunk] = Load(step.chunk, j, j)
+            loads.append(load)
+        load.uses.append(j)
+    free_at = [-1] * n_slots  # per slot: the point where its last load is released
+    for load in loads:  # in order of first use
+        slot = min(range(n_slots), key=free_at.__getitem__)
+        if free_at[slot] >= load.first:
+            raise ValueError(f"{n_slots} weight slots cannot hold chunk {load.chunk} at step {load.first} "
+                             f"with reuse={reuse}")
+        load.slot, load.issue = slot, free_at[slot]
+        free_at[slot] = load.last
     return loads
+
+
+def _stays_resident(steps: list[Step], last_use: int, j: int, reuse: int) -> bool:
+    """Whether at most ``reuse - 1`` other chunks are used between steps ``last_use`` and ``j`` (stops early)."""
+    others: set[int] = set()
+    for i in range(last_use + 1, j):
+        others.add(steps[i].chunk)
+        if len(others) >= reuse:
+            return False
+    return True
 
 
 class GroupProgramBuilder:

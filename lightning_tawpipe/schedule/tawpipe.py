@@ -11,10 +11,12 @@ Per rank the program does, in order:
   copy never changes during an iteration, so posting early is always safe; the receiver's matching receive decides
   when the bytes move. It also means no lagging node ever waits on an owner that is busy in user code (e.g. a
   ``self.log(sync_dist=True)`` collective).
-* **weights**, for every *load* (a chunk resident for consecutive steps; the forward/backward turnaround and the
-  backward/forward turn between micro-batches keep their chunk): as soon as the slot it will use is released,
-  either the owner in this node copies its chunk into the slot and broadcasts it, or the same-local-index rank
-  receives it from the remote owner and broadcasts it one compute step later (so the receive overlaps compute).
+* **weights**, for every *load* (a chunk resident in a slot from one compute step to a later one: at every
+  forward/backward turn, F(P-1) B(P-1) and B0 F0 between micro-batches, the turning chunk and up to ``reuse - 1``
+  chunks before it stay, see :func:`~lightning_tawpipe.schedule.program.residency`): as soon as the slot it will use
+  is released, either the owner in this node copies its chunk into the slot and broadcasts it, or the
+  same-local-index rank receives it from the remote owner and broadcasts it one compute step later (so the receive
+  overlaps compute).
 * **gradients**, after every backward step: reduce in the node onto the rank with the owner's local index (so every
   rail carries gradients, not only local rank 0); one step later that rank adds the sum into its accumulator if it
   is the owner, or sends it to the owner, which receives it into a small ring of buffers and adds it in before
@@ -53,6 +55,7 @@ def build_tawpipe(
     train: bool = True,
     grad_buffers: int = 2,
     recv_buffers: int | None = None,
+    reuse: int | None = None,
 ) -> Schedule:
     """Programs for every rank of one TawPipe iteration (``topo.world_size`` chunks, one per rank).
 
@@ -61,12 +64,15 @@ def build_tawpipe(
 
     Every node runs the same steps with the same slots, so the compute and release actions are made once and shared
     by all ranks; a node's broadcasts and reduces are shared by its ranks (:class:`GroupProgramBuilder`).
+
+    ``reuse`` (default: ``prefetch``) is how many chunks stay resident across each forward/backward turn instead of
+    being fetched again (:func:`residency`); 1 is the paper's schedule, which keeps only the turnaround chunk.
     """
     with gc_paused():
-        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers)
+        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse)
 
 
-def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers) -> Schedule:
+def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1 (chunks fetched ahead of the one computing), got {prefetch}.")
@@ -76,10 +82,10 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers) ->
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
-    loads = residency(steps, n_slots)  # the same on every node
+    loads = residency(steps, n_slots, prefetch if reuse is None else reuse)  # the same on every node
     slots = [f"s{load.slot}" for load in loads]
-    compute = [_compute_action(steps[j], slot, backward_before[j], grad_buffers)
-               for load, slot in zip(loads, slots) for j in range(load.first, load.last + 1)]
+    slot_of_step = {j: slot for load, slot in zip(loads, slots) for j in load.uses}
+    compute = [_compute_action(step, slot_of_step[j], backward_before[j], grad_buffers) for j, step in enumerate(steps)]
     releases = [Action(Op.RELEASE, load.chunk, buf=slot) for load, slot in zip(loads, slots)]
     groups = [GroupProgramBuilder(len(steps), topo.group_ranks(node), compute) for node in range(topo.n_groups)]
     action = ActionPool()  # one object for the repeats (e.g. a chunk sent to the same rank for F and for B)
@@ -89,7 +95,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers) ->
     for node, group in enumerate(groups):
         for i, load in enumerate(loads):
             slot = slots[i]
-            issue = loads[i - n_slots].last if i >= n_slots else -1
+            issue = load.issue
             owner = owners[load.chunk]
             if owner // G == node:  # topo.same_group / topo.rank(node, topo.local_index(owner)), inlined: hot
                 group.add(owner, issue, action(Op.COPY_W, load.chunk, buf=slot))
