@@ -156,11 +156,12 @@ def _one_line(rate: str, seq: int, r: dict) -> str:
 
 def markdown(results: list[dict]) -> str:
     head = ("| rate | S | strategy | step ms | tok/s/rank | vs FSDP | vs compute-only | comm/compute | "
-            "link MB/step | engine MB/step | comm-wait ms | state MB/rank (max) | peak RSS MB (max) |")
-    lines = [head, "|" + "---|" * 13]
+            "link MB/step | engine MB/step | comm-wait ms | machine CPU s/step | busy | state MB/rank (max) | "
+            "peak RSS MB (max) |")
+    lines = [head, "|" + "---|" * 15]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['rate']} | {r['seq_length']} | {r['strategy']} | failed | | | | | | | | | |")
+            lines.append(f"| {r['rate']} | {r['seq_length']} | {r['strategy']} | failed | | | | | | | | | | | |")
             continue
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         lines.append(
@@ -168,6 +169,7 @@ def markdown(results: list[dict]) -> str:
             f"{r['tokens_per_s_per_rank']:.0f} | {f(r.get('vs_fsdp'), '.2f')} | {f(r.get('vs_compute_only'), '.2f')} | "
             f"{f(r.get('comm_over_compute'), '.2f')} | {r.get('link_tx_bytes_per_step', 0) / 1e6:.2f} | "
             f"{r.get('engine_inter_node_bytes_per_step', 0) / 1e6:.2f} | {r.get('comm_wait_s_per_step', 0) * 1e3:.0f} | "
+            f"{f(r.get('machine_cpu_s_per_step'), '.2f')} | {f(r.get('machine_busy_fraction'), '.0%')} | "
             f"{max(r.get('model_state_bytes') or [0]) / 1e6:.1f} | {max(r.get('peak_rss_mb') or [0]):.0f} |"
         )
     return "\n".join(lines)

@@ -6,6 +6,9 @@ Measures, after ``--warmup`` steps: every rank's step time (a step's time is the
 rank, peak RSS and model-state bytes per rank, TawPipe's own communication accounting, and the bytes that crossed
 this node's link (read from the network namespace's interface counters around the timed window, so set-up
 traffic is excluded). Local rank 0 of every node writes its node's link bytes; global rank 0 writes the JSON.
+It also accounts CPU over the same window: each rank's own CPU time (its compute and gloo threads) and the whole
+machine's busy CPU-seconds and busy fraction from /proc/stat, which include the kernel's work for the emulated links.
+On a saturated machine, time spent moving bytes is taken from compute, whatever the overlap.
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ def link_bytes(iface: str | None) -> tuple[int, int]:
         return 0, 0
     with open(LINK.format(iface=iface, what="tx")) as tx, open(LINK.format(iface=iface, what="rx")) as rx:
         return int(tx.read()), int(rx.read())
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU-seconds of the whole machine so far, from /proc/stat (every namespace shares it).
+
+    Busy is everything but idle and iowait: user code, the kernel's TCP/veth work (system, softirq) and other tenants
+    (steal), which is what the ranks compete with when the machine is saturated.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / tick, sum(fields) / tick
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,12 +88,15 @@ def main() -> None:
             self.losses: list[float] = []
             self.comm: list[dict[str, float]] = []
             self.link_start = self.link_end = (0, 0)
+            self.cpu_start = self.cpu_end = 0.0  # this process's CPU-seconds (all its threads: compute and gloo)
+            self.machine_start = self.machine_end = (0.0, 0.0)
             self.wait_by_op: dict[str, float] = {}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             trainer.strategy.barrier()
             if batch_idx == a.warmup:
                 self.link_start = link_bytes(iface)
+                self.cpu_start, self.machine_start = time.process_time(), machine_cpu()
                 if a.trace:  # one step under the profiler: engine actions appear as TAWPIPE:<action> ranges
                     self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     self.profiler.__enter__()
@@ -97,6 +116,7 @@ def main() -> None:
             trainer.strategy.barrier()
             if batch_idx == a.steps - 1:
                 self.link_end = link_bytes(iface)
+                self.cpu_end, self.machine_end = time.process_time(), machine_cpu()
 
     torch.set_num_threads(1)
     L.seed_everything(1234, verbose=False)
@@ -130,7 +150,9 @@ def main() -> None:
     timed = timer.comm[a.warmup:]
     engine = [sum(c.get("tawpipe/inter_node_bytes", 0.0) for c in timed),
               sum(c.get("tawpipe/comm_wait_s", 0.0) for c in timed)]
-    row = torch.tensor([*timer.times, state_bytes, rss_mb, *link, *engine], dtype=torch.float64)
+    machine = [timer.machine_end[0] - timer.machine_start[0], timer.machine_end[1] - timer.machine_start[1]]
+    cpu = [timer.cpu_end - timer.cpu_start, *machine]
+    row = torch.tensor([*timer.times, state_bytes, rss_mb, *link, *engine, *cpu], dtype=torch.float64)
     rows = s.all_gather(row).reshape(-1, row.numel()).tolist()
     waits = s.all_gather(torch.tensor([timer.wait_by_op.get(k, 0.0) for k in WAIT_KINDS], dtype=torch.float64))
     waits = waits.reshape(-1, len(WAIT_KINDS)).tolist()
@@ -162,6 +184,11 @@ def write_result(a: argparse.Namespace, timer, rows: list[list[float]]) -> None:
         "link_rx_bytes_per_step": sum(r[n + 3] for r in rows) / timed_steps,
         "engine_inter_node_bytes_per_step": sum(r[n + 4] for r in rows) / timed_steps,
         "comm_wait_s_per_step": max(r[n + 5] for r in rows) / timed_steps,
+        # CPU accounting over the timed steps: the ranks' own CPU time, and the whole machine's (read by rank 0)
+        "rank_cpu_s_per_step": sum(r[n + 6] for r in rows) / timed_steps,
+        "machine_cpu_s_per_step": rows[0][n + 7] / timed_steps,
+        "machine_busy_fraction": rows[0][n + 7] / rows[0][n + 8] if rows[0][n + 8] else None,
+        "cores": os.cpu_count(),
     }
     result["tokens_per_s_per_rank"] = a.batch_size * a.seq_length / result["step_time_median"]
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
