@@ -125,6 +125,7 @@ def test_slow_link_makes_tawpipe_communication_bound():
     slow2_no_reuse = weightpipe.predict("tawpipe", cluster(2, 2, inter=2.5e7, intra=1e12), w, comp, prefetch=2,
                                         schedule=no_reuse)
     assert slow2_no_reuse.inter_node_bytes_per_node == slow1.inter_node_bytes_per_node
+    assert (slow2.knobs["reuse"], slow2_no_reuse.knobs["reuse"]) == (2, 1)  # what the simulated schedule did
 
 
 def test_weipipe_has_the_ring_bubble_and_tawpipe_does_not():

@@ -77,7 +77,7 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     knobs = {"prefetch": prefetch, "chunks": len(chunks.numel)}
     if kind == "tawpipe":
         knobs["group_size"] = g
-        knobs["reuse"] = prefetch  # build_tawpipe's default: every prefetch slot keeps a chunk across a turn
+        knobs["reuse"] = schedule.reuse
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
         inter_node_bytes_per_node=sim.inter_bytes_per_node_max,

@@ -55,6 +55,7 @@ class Schedule:
     n_slots: int
     n_grad_buffers: int
     n_recv_buffers: int
+    reuse: int = 1  # chunks kept resident across each forward/backward turn (TawPipe's ``residency``)
 
     @property
     def n_chunks(self) -> int:

@@ -82,7 +82,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
-    loads = residency(steps, n_slots, prefetch if reuse is None else reuse)  # the same on every node
+    reuse = prefetch if reuse is None else reuse
+    loads = residency(steps, n_slots, reuse)  # the same on every node
     slots = [f"s{load.slot}" for load in loads]
     slot_of_step = {j: slot for load, slot in zip(loads, slots) for j in load.uses}
     compute = [_compute_action(step, slot_of_step[j], backward_before[j], grad_buffers) for j, step in enumerate(steps)]
@@ -129,6 +130,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         n_slots=n_slots,
         n_grad_buffers=grad_buffers,
         n_recv_buffers=recv_buffers,
+        reuse=reuse,
     )
 
 
