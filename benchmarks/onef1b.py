@@ -148,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n_microbatches", type=int, default=0, help="micro-batches per step, >= world; 0: the world size")
     p.add_argument("--prefetch", type=int, default=None, help="accepted for CLI parity with the worker; ignored")
     p.add_argument("--reuse", type=int, default=None, help="accepted for CLI parity with the worker; ignored")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=0, help="first steps left out of step_times (losses keep them)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -261,7 +262,7 @@ def _report(a: argparse.Namespace, gathered: list[dict]) -> dict:
 
 def _rank_main(local_rank: int, a: argparse.Namespace, node_rank: int, addr: str, port: int) -> None:
     """Entry point of one spawned process: join the gloo group, train, gather results onto global rank 0."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     world = a.num_nodes * a.devices
     rank = node_rank * a.devices + local_rank
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

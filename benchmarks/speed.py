@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +33,10 @@ PREFIX = "tawbench"
 LIGHTNING_STRATEGIES = ("compute", "tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
 ALL = (*LIGHTNING_STRATEGIES, "1f1b")
 # opt-in ablations: a name for a strategy run with other knobs, side by side with the default
-VARIANTS = {"tawpipe-r1": ("tawpipe", ["--reuse", "1"])}  # the paper's schedule: only the turnaround chunk kept
+VARIANTS = {
+    "tawpipe-r1": ("tawpipe", ["--reuse", "1"]),  # the paper's schedule: only the turnaround chunk kept
+    "tawpipe-p3": ("tawpipe", ["--prefetch", "3"]),  # one chunk deeper prefetch (and reuse 3): 4 weight buffers
+}
 
 
 def rate_bits_per_s(rate: str) -> float | None:
@@ -59,7 +63,7 @@ def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> li
     return ["--strategy", strategy, "--n_layer", str(a.n_layer), "--n_embd", str(a.n_embd), "--n_head", str(a.n_head),
             "--n_query_groups", str(a.n_query_groups), "--seq_length", str(seq), "--batch_size", str(a.batch_size),
             "--n_microbatches", str(n_microbatches), "--prefetch", str(a.prefetch), "--reuse", str(a.reuse),
-            "--steps", str(a.steps),
+            "--steps", str(a.steps), "--threads", str(a.threads),
             "--warmup", str(a.warmup), "--out", str(out),
             *([] if strategy == "1f1b" or a.precision == "32-true" else ["--precision", a.precision]),
             *variant_args]  # last, so they win over the shared knobs
@@ -71,8 +75,10 @@ def run_on_nodes(strategy: str, a: argparse.Namespace, seq: int, out: Path, port
     args = worker_args(strategy, a, seq, out)
     procs = []
     for node in range(a.nodes):
+        pin = [] if not a.cpus_per_node else \
+            ["taskset", "-c", f"{node * a.cpus_per_node}-{(node + 1) * a.cpus_per_node - 1}"]
         cmd = ["bash", str(NETNS), "run", str(node), "--prefix", PREFIX, "--", "env", f"MASTER_PORT={port}",
-               f"PYTHONPATH={HERE.parent}", sys.executable, "-m", module, "--num_nodes", str(a.nodes),
+               f"PYTHONPATH={HERE.parent}", *pin, sys.executable, "-m", module, "--num_nodes", str(a.nodes),
                "--devices", str(a.devices), *args]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent))
     return _collect(procs, out, strategy, a.timeout)
@@ -99,6 +105,11 @@ def _collect(procs: list, out: Path, name: str, timeout: float) -> dict:
 
 def measure(a: argparse.Namespace) -> list[dict]:
     check_environment()
+    if a.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {a.repeats}")
+    if a.cpus_per_node and (a.cpus_per_node * a.nodes > (os.cpu_count() or 1) or shutil.which("taskset") is None):
+        raise SystemExit(f"--cpus_per_node {a.cpus_per_node} x {a.nodes} nodes needs that many cores "
+                         f"(this machine has {os.cpu_count()}) and taskset (util-linux)")
     out_dir = Path(a.out)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -113,16 +124,20 @@ def measure(a: argparse.Namespace) -> list[dict]:
         netns("create", "--nodes", str(a.nodes), "--rate", rate, "--prefix", PREFIX)
         try:
             for seq in (int(s) for s in a.seq.split(",")):
-                order = strategies[point % len(strategies):] + strategies[: point % len(strategies)]
-                point += 1
-                runs = {}
-                for strategy in order:
-                    port += 50
-                    out = out_dir / "runs" / f"{strategy}-{rate}-{seq}.json"
-                    out.unlink(missing_ok=True)
-                    runs[strategy] = run_on_nodes(strategy, a, seq, out, port)
-                    print(_one_line(rate, seq, runs[strategy]), flush=True)
-                results += annotate(runs, rate, seq, a)
+                rounds = []
+                for repeat in range(a.repeats):
+                    order = strategies[point % len(strategies):] + strategies[: point % len(strategies)]
+                    point += 1
+                    runs = {}
+                    for strategy in order:
+                        port += 50
+                        suffix = f"-r{repeat}" if a.repeats > 1 else ""
+                        out = out_dir / "runs" / f"{strategy}-{rate}-{seq}{suffix}.json"
+                        out.unlink(missing_ok=True)
+                        runs[strategy] = run_on_nodes(strategy, a, seq, out, port)
+                        print(_one_line(rate, seq, runs[strategy]), flush=True)
+                    rounds.append(annotate(runs, rate, seq, a))
+                results += merge_rounds(rounds)
         finally:
             subprocess.run(["bash", str(NETNS), "destroy", "--prefix", PREFIX], capture_output=True)
     return results
@@ -145,6 +160,37 @@ def annotate(runs: dict, rate: str, seq: int, a: argparse.Namespace) -> list[dic
                 if bits and "step_time_median" in compute else None
         rows.append(row)
     return rows
+
+
+# per-run figures that a point with several rounds reports as their median (ratios paired within a round)
+MEDIAN_OVER_ROUNDS = ("step_time_median", "tokens_per_s_per_rank", "vs_fsdp", "vs_compute_only", "comm_over_compute",
+                      "link_tx_bytes_per_step", "link_rx_bytes_per_step", "engine_inter_node_bytes_per_step",
+                      "comm_wait_s_per_step", "rank_cpu_s_per_step", "machine_cpu_s_per_step",
+                      "machine_busy_fraction")
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per strategy from ``--repeats`` rounds of a point: the median of each round's figure.
+
+    Ratios are taken within a round first (each strategy against the compute-only / FSDP run next to it), then the
+    median over rounds, so slow drift of a shared machine cancels. The per-round values are kept as ``*_rounds``.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for name in dict.fromkeys(r["strategy"] for rows in rounds for r in rows):
+        ok = [r for rows in rounds for r in rows if r["strategy"] == name and "error" not in r]
+        if not ok:
+            merged.append(next(r for rows in rounds for r in rows if r["strategy"] == name))
+            continue
+        row = dict(ok[0], rounds=len(ok), step_times=[t for r in ok for t in r["step_times"]])
+        for key in MEDIAN_OVER_ROUNDS:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                row[key] = statistics.median(values)
+                row[f"{key}_rounds"] = values
+        merged.append(row)
+    return merged
 
 
 def _one_line(rate: str, seq: int, r: dict) -> str:
@@ -251,6 +297,11 @@ def main() -> None:
     p.add_argument("--precision", default="32-true", help="Trainer precision of every Lightning strategy (1F1B: fp32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds per point, each in a new rotated order; the table reports the median over rounds")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
+    p.add_argument("--cpus_per_node", type=int, default=0,
+                   help="pin node n's processes to cores [n*K, (n+1)*K) with taskset (0: no pinning)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and plots from OUT/results.json")
     a = p.parse_args()

@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--activation_checkpointing", action="store_true", help="tawpipe/weipipe: recompute each unit")
+    p.add_argument("--threads", type=int, default=1,
+                   help="compute threads per rank (Lightning would otherwise give each rank cores/ranks-per-node)")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the first timed step to TRACE.rank<r>.json")
     p.add_argument("--out", required=True)
     return p
@@ -118,7 +120,10 @@ def main() -> None:
                 self.link_end = link_bytes(iface)
                 self.cpu_end, self.machine_end = time.process_time(), machine_cpu()
 
-    torch.set_num_threads(1)
+    # Lightning's launcher sets cpu_count // local processes threads unless OMP_NUM_THREADS is set: on a many-core
+    # host that oversubscribes pinned cores, and spinning OpenMP threads then starve the communication threads
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    torch.set_num_threads(a.threads)
     L.seed_everything(1234, verbose=False)
     cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,
                             block_size=a.seq_length)
