@@ -301,6 +301,47 @@ def test_reuse_cuts_inter_node_chunks_of_3x2():
     assert inter_node_transfers(build_tawpipe(topo, 1, prefetch=2)) == 32  # the default: reuse = prefetch
 
 
+def _relay_leads(s) -> list[tuple[int, int, int]]:
+    """For every inter-node weight receive: (rank, computes overlapping the receive, computes overlapping the relay).
+
+    The receive overlaps the computes between its posting and the broadcast that relays it in the node; the relay
+    overlaps those between the broadcast and the chunk's first use from that slot.
+    """
+    leads = []
+    for rank, program in enumerate(s.programs):
+        for i, a in enumerate(program):
+            if a.op is not Op.RECV_W:
+                continue
+            j = next(k for k in range(i + 1, len(program))
+                     if program[k].op is Op.BCAST_W and (program[k].chunk, program[k].buf) == (a.chunk, a.buf))
+            use = next(k for k in range(j + 1, len(program))
+                       if program[k].op in (Op.FORWARD, Op.BACKWARD) and program[k].buf == a.buf)
+            computes = lambda lo, hi: sum(x.op in (Op.FORWARD, Op.BACKWARD) for x in program[lo:hi])  # noqa: E731
+            assert program[use].chunk == a.chunk
+            leads.append((rank, computes(i, j), computes(j, use)))
+    return leads
+
+
+@pytest.mark.parametrize("nodes,ranks,mbs,prefetch,reuse", [
+    (2, 2, 1, 2, None), (2, 2, 2, 2, 1), (2, 2, 1, 3, None), (3, 2, 1, 2, None), (3, 2, 2, 3, 2), (2, 3, 2, 1, None),
+])
+def test_relay_leaves_the_inter_node_receive_all_but_one_compute(nodes, ranks, mbs, prefetch, reuse):
+    """An inter-node receive is relayed one compute before its chunk is used, not one compute after it is posted.
+
+    The inter-node link is the slow one, so the receive gets every compute step from the slot's release on, and the
+    intra-node broadcast only the last; with a single compute in between, the broadcast goes right before the use.
+    """
+    s = build_tawpipe(Topology(nodes, ranks), mbs, prefetch=prefetch, reuse=reuse)
+    leads = _relay_leads(s)
+    assert leads
+    for _, receive, relay in leads:
+        assert relay == (1 if receive + relay >= 2 else 0)
+    if (nodes, ranks, mbs, prefetch, reuse) == (2, 2, 1, 2, None):
+        # chunk 1 comes back for B1 while chunk 3 stays across the turn: its receive overlaps F2 F3 B3 (it got
+        # F2 alone when the relay was placed right after the posting)
+        assert (0, 3, 1) in leads
+
+
 @PROPERTY
 @given(configs)
 def test_weipipe_properties(config):

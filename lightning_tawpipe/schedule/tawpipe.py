@@ -15,8 +15,9 @@ Per rank the program does, in order:
   forward/backward turn, F(P-1) B(P-1) and B0 F0 between micro-batches, the turning chunk and up to ``reuse - 1``
   chunks before it stay, see :func:`~lightning_tawpipe.schedule.program.residency`): as soon as the slot it will use
   is released, either the owner in this node copies its chunk into the slot and broadcasts it, or the
-  same-local-index rank receives it from the remote owner and broadcasts it one compute step later (so the receive
-  overlaps compute).
+  same-local-index rank receives it from the remote owner and relays it with a broadcast placed one compute step
+  before the chunk's first use. The slow inter-node receive so overlaps every compute step from the slot's release
+  until then (a chunk kept across a turn frees its slot early), and the fast intra-node broadcast overlaps the last.
 * **gradients**, after every backward step: reduce in the node onto the rank with the owner's local index (so every
   rail carries gradients, not only local rank 0); one step later that rank adds the sum into its accumulator if it
   is the owner, or sends it to the owner, which receives it into a small ring of buffers and adds it in before
@@ -106,7 +107,9 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                 group.add(root, issue, action(Op.RECV_W, load.chunk, peer=owner, buf=slot))
                 tick = issue + node
                 weight_sends[owner].append((tick, root, action(Op.SEND_W, load.chunk, peer=root, buf="own")))
-                bcast_point = min(issue + 1, load.first - 1)
+                # relay one compute before the first use: the inter-node receive overlaps every compute from
+                # the slot's release until then, the (faster) intra-node broadcast the last one
+                bcast_point = min(max(issue + 1, load.first - 2), load.first - 1)
             if G > 1:
                 group.shared(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
             group.shared(load.last).append(releases[i])
