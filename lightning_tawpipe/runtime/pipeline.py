@@ -27,6 +27,7 @@ from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
 from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.schedule.tawpipe import default_reuse
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -243,7 +244,7 @@ class Pipeline:
         lines = [
             f"TawPipe layout: schedule={self.schedule_name}, {self.topo.n_groups} node(s) x {self.topo.group_size} "
             f"rank(s), prefetch={self.prefetch}"
-            + (f", reuse={self.prefetch if self.reuse is None else self.reuse}" if self.schedule_name == "tawpipe" else "")
+            + (f", reuse={default_reuse(self.prefetch, self.reuse)}" if self.schedule_name == "tawpipe" else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
         for c, units in enumerate(self.chunk_units):

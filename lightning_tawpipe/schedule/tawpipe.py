@@ -49,6 +49,11 @@ class _GradArrival(NamedTuple):
     src: int
 
 
+def default_reuse(prefetch: int, reuse: int | None) -> int:
+    """The chunks kept across a turn: ``reuse`` if given, else every prefetch slot (it costs no extra memory)."""
+    return prefetch if reuse is None else reuse
+
+
 def build_tawpipe(
     topo: Topology,
     n_microbatches: int,
@@ -83,7 +88,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
-    reuse = prefetch if reuse is None else reuse
+    reuse = default_reuse(prefetch, reuse)
     loads = residency(steps, n_slots, reuse)  # the same on every node
     slots = [f"s{load.slot}" for load in loads]
     slot_of_step = {j: slot for load, slot in zip(loads, slots) for j in load.uses}
