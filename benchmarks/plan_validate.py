@@ -2,7 +2,7 @@
 
     python -m benchmarks.plan_validate            # table on stdout; JSON, markdown, PNG in benchmarks/results/plan/
 
-For every measured point (link rate x sequence length) of ``benchmarks/results/{2x2-rates,2x2-seq,3x2-500mbit}``:
+For every measured point (link rate x sequence length) of the result sets in ``RESULTS``:
 the CPU compute model is calibrated on that point's compute-only run (same processes, same emulated nodes, so it
 absorbs the machine's speed at the time), then every other strategy is predicted from the model shapes, the link
 rate and the simulated schedules alone, and compared with the measured median step time. The goal is within 20%.
@@ -27,7 +27,9 @@ from lightning_tawpipe.plan.testbed import calibrate_cpu, comm_compute_ratio, eq
 from lightning_tawpipe.plan.workload import ModelShape, Workload
 
 HERE = Path(__file__).resolve().parent
-RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit")
+RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2",
+           # the GPU host's 16 CPUs, 4 pinned cores per emulated node: no CPU contention between ranks
+           "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
 
@@ -59,7 +61,9 @@ def validate_dir(name: str) -> list[dict]:
         runs = {r["strategy"]: r for r in data["results"] if (r["rate"], r["seq_length"]) == (rate, seq)}
         if "compute" not in runs:
             continue
-        cluster = cpu_testbed(args["nodes"], args["devices"], None if rate == "none" else rate)
+        # the cores the ranks compute on: the pinned ones, else the machine's (runs before CPU accounting: 2)
+        cores = args["cpus_per_node"] * args["nodes"] if args.get("cpus_per_node") else runs["compute"].get("cores", 2)
+        cluster = cpu_testbed(args["nodes"], args["devices"], None if rate == "none" else rate, host_cores=cores)
         w = Workload(shape, seq, args["batch_size"], args["n_microbatches"], "32-true")
         compute = calibrate_cpu(cluster, w, runs["compute"]["step_time_median"])
         for strategy in PREDICTED:
