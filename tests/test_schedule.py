@@ -381,6 +381,10 @@ def test_builders_reject_bad_knobs():
         build_tawpipe(Topology(2, 2), 1, prefetch=0)
     with pytest.raises(ValueError, match="n_microbatches"):
         build_tawpipe(Topology(2, 2), 0)
+    with pytest.raises(ValueError, match="grad_buffers must be >= 2"):  # one buffer would be overwritten in flight
+        build_tawpipe(Topology(2, 2), 1, grad_buffers=1)
+    with pytest.raises(ValueError, match="recv_buffers >= 1"):
+        build_tawpipe(Topology(2, 2), 1, recv_buffers=-1)
     with pytest.raises(ValueError):
         build_weipipe(Topology(2, 2), 1, prefetch=0)
     with pytest.raises(ValueError):

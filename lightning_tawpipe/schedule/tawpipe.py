@@ -84,6 +84,9 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         raise ValueError(f"prefetch must be >= 1 (chunks fetched ahead of the one computing), got {prefetch}.")
     if n_microbatches < 1:
         raise ValueError(f"n_microbatches must be >= 1, got {n_microbatches}.")
+    if grad_buffers < 2 or recv_buffers < 1:
+        raise ValueError(f"grad_buffers must be >= 2 (a step's gradients move while the next backward step writes "
+                         f"into another buffer) and recv_buffers >= 1, got {grad_buffers} and {recv_buffers}.")
     n_chunks, n_slots, G = topo.world_size, prefetch + 1, topo.group_size
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
     steps = sample_major_steps(n_chunks, n_microbatches, train)
