@@ -73,6 +73,8 @@ def run_on_nodes(strategy: str, a: argparse.Namespace, seq: int, out: Path, port
     """One launcher per emulated node, each in its namespace, like ``srun`` would start them."""
     module = "benchmarks.onef1b" if strategy == "1f1b" else "benchmarks.worker"
     args = worker_args(strategy, a, seq, out)
+    if a.trace and strategy != "1f1b":  # Chrome traces next to the run's JSON: <run>.rank<r>.json
+        args += ["--trace", str(out.with_suffix(""))]
     procs = []
     for node in range(a.nodes):
         pin = [] if not a.cpus_per_node else \
@@ -300,6 +302,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds per point, each in a new rotated order; the table reports the median over rounds")
     p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
+    p.add_argument("--trace", action="store_true",
+                   help="profile the first timed step of every run (Chrome traces in OUT/runs; the profiled step "
+                        "is timed too, so leave it off for timing runs); draw them with benchmarks.trace_timeline")
     p.add_argument("--cpus_per_node", type=int, default=0,
                    help="pin node n's processes to cores [n*K, (n+1)*K) with taskset (0: no pinning)")
     p.add_argument("--out", default=str(HERE / "results"))

@@ -46,3 +46,35 @@ def test_failed_rounds_are_left_out_and_an_always_failing_strategy_keeps_its_err
     assert merged["tawpipe"]["rounds"] == 1 and merged["tawpipe"]["vs_compute_only"] == 1.25
     assert merged["compute"]["step_time_median"] == pytest.approx(1.1)  # the median of an even count: the mean
     assert merged["fsdp"]["error"] == "boom"
+
+
+def test_trace_timeline_splits_a_step_into_engine_time_and_the_models_own_work(tmp_path):
+    """Synthetic Chrome trace: overlapping engine ranges count once, other threads and other ranges are ignored."""
+    import gzip
+    import json
+
+    from benchmarks.trace_timeline import load_events, rank_files, summarize
+
+    def x(name, ts, dur, tid=1):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [
+        x("ProfilerStep", 1000, 100_000),  # the step window on the main thread: 100 ms
+        x("TAWPIPE:RW1<2@s1", 1000, 2000),
+        x("TAWPIPE:wait-for:F1.0@s1", 40_000, 10_000),  # 10 ms exposed before F1
+        x("TAWPIPE:BW1^0@s1", 45_000, 10_000),  # overlaps the wait above by 5 ms
+        x("aten::mm", 60_000, 30_000),  # compute: not an engine range
+        x("TAWPIPE:SG1>2@g0", 2000, 90_000, tid=7),  # another thread's range is not this rank's timeline
+    ]
+    with gzip.open(tmp_path / "t.rank0.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    files = rank_files(str(tmp_path / "t"))
+    assert list(files) == [0]
+    s = summarize(load_events(files[0]))
+    assert s["step_ms"] == pytest.approx(100.0)
+    assert s["engine_ms"] == pytest.approx(2.0 + 15.0)  # 40..55 ms counted once
+    assert s["wait_for_compute_ms"] == pytest.approx(10.0)
+    assert s["other_ms"] == pytest.approx(83.0)
+    assert [r["name"] for r in s["ranges"]] == ["RW1<2@s1", "wait-for:F1.0@s1", "BW1^0@s1"]
+    with pytest.raises(SystemExit, match="no traces"):
+        rank_files(str(tmp_path / "missing"))
