@@ -224,7 +224,8 @@ def markdown(results: list[dict]) -> str:
 
 
 COLORS = {"compute": "black", "tawpipe": "tab:red", "weipipe": "tab:orange", "ddp": "tab:green",
-          "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown", "tawpipe-r1": "salmon"}
+          "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown", "tawpipe-r1": "salmon",
+          "tawpipe-p3": "darkred"}
 
 
 def plot(results: list[dict], out_dir: Path) -> None:
@@ -235,7 +236,9 @@ def plot(results: list[dict], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    names = [n for n in COLORS if any(r["strategy"] == n for r in ok)]
+    # every strategy that ran, in COLORS' order first (a name without a colour is drawn grey, not dropped)
+    names = list(dict.fromkeys([n for n in COLORS if any(r["strategy"] == n for r in ok)]
+                               + [r["strategy"] for r in ok]))
     rates = list(dict.fromkeys(r["rate"] for r in ok))
     seqs = sorted({r["seq_length"] for r in ok})
 
@@ -243,7 +246,7 @@ def plot(results: list[dict], out_dir: Path) -> None:
         for name in names:
             pts = sorted((x_of(r), r["tokens_per_s_per_rank"]) for r in ok if r["strategy"] == name and keep(r))
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name, color=COLORS[name],
+                ax.plot(*zip(*pts), marker="o", label=name, color=COLORS.get(name, "grey"),
                         linestyle="--" if name == "compute" else "-")
         ax.set(title=title, xlabel=xlabel, ylabel="tokens/s per rank")
         ax.legend(fontsize=8)
@@ -262,7 +265,7 @@ def plot(results: list[dict], out_dir: Path) -> None:
             pts = sorted((r["seq_length"], r.get("link_tx_bytes_per_step", 0) / 1e6) for r in ok
                          if r["strategy"] == name and r["rate"] == rates[0] and name != "compute")
             if pts:
-                axes[1].plot(*zip(*pts), marker="o", label=name, color=COLORS[name])
+                axes[1].plot(*zip(*pts), marker="o", label=name, color=COLORS.get(name, "grey"))
         axes[1].set(title=f"inter-node MB per step on the link ({rates[0]})", xlabel="sequence length", ylabel="MB")
         axes[1].legend(fontsize=8)
         fig.tight_layout(), fig.savefig(out_dir / "throughput_vs_seq.png", dpi=110), plt.close(fig)
