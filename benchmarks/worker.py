@@ -41,7 +41,8 @@ def machine_cpu() -> tuple[float, float]:
     (steal), which is what the ranks compete with when the machine is saturated.
     """
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal: guest and guest_nice, after them, are already in user/nice
+        fields = [int(x) for x in f.readline().split()[1:9]]
     tick = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return (sum(fields) - idle) / tick, sum(fields) / tick
