@@ -116,6 +116,9 @@ def run_worker(a: argparse.Namespace) -> None:
             self.setup_growth_mb = 0.0
             self.step_end_s: list[float] = []  # wall clock at the end of every step (benchmarks: step times)
             self.link_tx: list[int] = []  # bytes sent on this node's emulated link so far, per step (netns runs)
+            self.grad_norm: list[float] = []  # before clipping, where the module holds full gradients (not TawPipe)
+            self.grad_abs_max: list[float] = []
+            self.grad_above_clip: list[float] = []  # fraction of gradient elements above --clip_val
 
         def setup(self, trainer, pl_module, stage) -> None:  # before configure_model
             self._rss = psutil.Process().memory_info().rss
@@ -123,6 +126,16 @@ def run_worker(a: argparse.Namespace) -> None:
         def on_fit_start(self, trainer, pl_module) -> None:  # after the strategy built (and sharded) the model
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.setup_growth_mb = max(0, peak - self._rss) / 2**20
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            """Lightning calls this after the gradient sync and before clipping: what the clip is applied to."""
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                self.grad_norm.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+                self.grad_abs_max.append(max(float(g.abs().max()) for g in grads))
+                if a.clip_val is not None:
+                    above = sum(int((g.abs() > a.clip_val).sum()) for g in grads)
+                    self.grad_above_clip.append(above / sum(g.numel() for g in grads))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
@@ -289,6 +302,8 @@ def run_worker(a: argparse.Namespace) -> None:
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
                   "losses_per_rank": losses_per_rank.reshape(len(per_rank), -1).tolist(),
                   "outer_bytes_per_rank": [b[0] for b in outer_bytes], "outer_exchanges": outer_bytes[0][1],
+                  "grad_norm": record.grad_norm, "grad_abs_max": record.grad_abs_max,
+                  "grad_above_clip": record.grad_above_clip,
                   "step_end_s_per_rank": [t[0] for t in timing], "link_tx_per_rank": [t[1] for t in timing],
                   "n_params": sum(v.numel() for k, v in state.items() if not k.endswith((".cos", ".sin")))}
         torch.save({**result, "state_dict": {k: v.cpu() for k, v in state.items()}, "predictions": predicted},

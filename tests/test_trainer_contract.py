@@ -2,8 +2,11 @@
 
 By norm, the squared norms of every owner's shard are all-reduced, so each shard is scaled by the factor DDP applies
 to the full gradient (Lightning's FSDP raises here, #19235). By value, clipping is element-wise. The clip value is
-small enough that it bites on every step (the losses differ from an unclipped run), so these tests would fail if
-clipping were per-rank or skipped.
+small enough that it bites on every step: the ddp reference records the synced gradient before clipping, whose norm
+is over 10x the clip norm, and of which over 5% of the elements exceed the clip value. (Measured when the unclipped
+reference runs were dropped from these tests to save two launches: unclipped, ddp's losses differ from these by up
+to 2.3e-3 and 6.5e-3, hundreds of times the 1e-5 tolerance.) So these tests would fail if clipping were per-rank or
+skipped.
 """
 
 import pytest
@@ -33,9 +36,8 @@ def test_clipping_by_norm_sanity_check_test_and_predict_match_ddp(train_job):
     clip = ("--clip_val", "0.05", "--clip_algorithm", "norm")
     result = train_job(*ARGS, *TAWPIPE, *clip, *LOOPS)
     reference = train_job(*ARGS, "--strategy", "ddp", *clip, *LOOPS)
-    unclipped = train_job(*ARGS, "--strategy", "ddp", *LOOPS)
     _same_training(result, reference)
-    assert max(abs(x - y) for x, y in zip(reference["losses"][1:], unclipped["losses"][1:])) > 1e-3, "clip never bit"
+    assert len(reference["grad_norm"]) == 5 and min(reference["grad_norm"]) > 10 * 0.05, reference["grad_norm"]
     for kind in ("validation", "test"):
         assert result[kind] and set(result[kind]) == set(reference[kind])
         for name, ref in reference[kind].items():
@@ -54,9 +56,9 @@ def test_clipping_by_value_param_groups_and_lr_scheduler_match_ddp(train_job, tm
     clip = ("--clip_val", "0.002", "--clip_algorithm", "value")
     result = train_job(*ARGS, *TAWPIPE, *GROUPS, *clip, "--save_ckpt", ckpt)
     reference = train_job(*ARGS, "--strategy", "ddp", *GROUPS, *clip)
-    unclipped = train_job(*ARGS, "--strategy", "ddp", *GROUPS)
     _same_training(result, reference)
-    assert max(abs(x - y) for x, y in zip(reference["losses"][1:], unclipped["losses"][1:])) > 1e-3, "clip never bit"
+    above = reference["grad_above_clip"]
+    assert len(above) == 5 and min(above) > 0.05, above
     from lightning_tawpipe import TawPipeCheckpointIO
 
     groups = TawPipeCheckpointIO().load_checkpoint(ckpt)["optimizer_states"][0]["param_groups"]
