@@ -23,12 +23,15 @@ def _same(resumed: dict, reference: dict, steps: int) -> None:
 
 
 def test_ddp_file_resumes_under_tawpipe_whose_full_file_resumes_under_both(train_job, tmp_path):
-    """One chain: ddp writes a file at step 3; TawPipe resumes it (as ddp does) and writes its own full file at
-    step 6; that file resumes under TawPipe and under ddp alike to step 9."""
-    ddp_ckpt, taw_ckpt = str(tmp_path / "ddp.ckpt"), str(tmp_path / "tawpipe.ckpt")
-    train_job(*ARGS, "--strategy", "ddp", "--steps", "3", "--save_ckpt", ddp_ckpt)
+    """One chain against one uninterrupted ddp run of 9 steps (checkpointed every 3): TawPipe resumes that run's
+    step-3 file and writes its own full file at step 6, which resumes under TawPipe and under ddp alike to step 9.
+    Every resumed segment must reproduce the uninterrupted run's losses (and its step-6 / step-9 weights)."""
+    ddp_dir, taw_ckpt = str(tmp_path / "ddp"), str(tmp_path / "tawpipe.ckpt")
+    straight = train_job(*ARGS, "--strategy", "ddp", "--steps", "9", "--checkpoint_dir", ddp_dir, "--every_n_steps", "3")
+    ddp_ckpt = os.path.join(ddp_dir, "epoch=0-step=3.ckpt")
+    at_6 = torch.load(os.path.join(ddp_dir, "epoch=0-step=6.ckpt"), weights_only=True)["state_dict"]
     from_ddp = train_job(*ARGS, *TAWPIPE, "--steps", "6", "--resume", ddp_ckpt, "--save_ckpt", taw_ckpt)
-    _same(from_ddp, train_job(*ARGS, "--strategy", "ddp", "--steps", "6", "--resume", ddp_ckpt), 3)
+    _same(from_ddp, {"losses": straight["losses"][3:6], "state_dict": at_6}, 3)
 
     saved = torch.load(taw_ckpt, weights_only=True)  # the trained weights, and the unsharded optimizer's layout
     for name, value in from_ddp["state_dict"].items():
@@ -38,6 +41,6 @@ def test_ddp_file_resumes_under_tawpipe_whose_full_file_resumes_under_both(train
     assert n_params == len([k for k in saved["state_dict"] if not k.endswith((".cos", ".sin"))])
     assert len(adam["state"]) == n_params and all(int(s["step"]) == 6 for s in adam["state"].values())
 
-    resumed = train_job(*ARGS, *TAWPIPE, "--steps", "9", "--resume", taw_ckpt)
-    _same(resumed, train_job(*ARGS, "--strategy", "ddp", "--steps", "9", "--resume", taw_ckpt), 3)
-    assert os.path.getsize(taw_ckpt) > 0
+    reference = {"losses": straight["losses"][6:9], "state_dict": straight["state_dict"]}
+    _same(train_job(*ARGS, *TAWPIPE, "--steps", "9", "--resume", taw_ckpt), reference, 3)
+    _same(train_job(*ARGS, "--strategy", "ddp", "--steps", "9", "--resume", taw_ckpt), reference, 3)
