@@ -10,6 +10,9 @@ rate and the simulated schedules alone, and compared with the measured median st
 It also answers the reverse question: which emulated link rate on this testbed gives the benchmark model the
 comm-to-compute ratio of a real cluster (H100 nodes over 10/25 GbE, the paper's model), so a benchmark point can be
 read as a cluster prediction.
+
+For every TawPipe point it also puts the measured and predicted tawpipe / compute-only ratio beside two floors: the
+iteration-boundary round trip of chunk 0 (``lightning_tawpipe/plan/floor.py``) and the machine CPU the step used.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from lightning_tawpipe.plan import analytic, weightpipe
 from lightning_tawpipe.plan.cluster import cpu_testbed, h100_ethernet
 from lightning_tawpipe.plan.compute import ComputeModel
+from lightning_tawpipe.plan.floor import boundary_floor
 from lightning_tawpipe.plan.testbed import calibrate_cpu, comm_compute_ratio, equivalent_rate
 from lightning_tawpipe.plan.workload import ModelShape, Workload
 
@@ -75,7 +79,26 @@ def validate_dir(name: str) -> list[dict]:
                          "predicted_s": pred.step_time, "error": pred.step_time / measured - 1.0,
                          "measured_link_mb": runs[strategy].get("link_tx_bytes_per_step", 0.0) / 1e6,
                          "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
+            if strategy == "tawpipe":
+                rows[-1]["floors"] = floors(runs, pred.step_time, cluster, w, compute, cores)
     return rows
+
+
+def floors(runs: dict, predicted_s: float, cluster, w: Workload, compute: ComputeModel, cores: int) -> dict:
+    """TawPipe / compute-only at one point: measured, predicted, and the two floors under it.
+
+    * boundary: chunk 0's round trip between iterations (``plan/floor.py``), which no schedule hides. It holds where
+      every rank has its own cores; with shared cores a waiting rank lends its cores to the others.
+    * CPU: the machine CPU-seconds TawPipe's step used (compute plus moving its bytes through gloo and the kernel),
+      over the cores the ranks run on. It binds where the ranks share the cores.
+    """
+    co, taw = runs["compute"]["step_time_median"], runs["tawpipe"]
+    f = boundary_floor(cluster, w, compute)
+    cpu = taw.get("machine_cpu_s_per_step")
+    return {"measured": taw.get("vs_compute_only") or taw["step_time_median"] / co,
+            "predicted": predicted_s / co,
+            "boundary": 1.0 + f.exposed / co, "cpu": cpu / (cores * co) if cpu else None,
+            "shared_cores": cluster.world_size > cores, "comm_over_compute": taw.get("comm_over_compute")}
 
 
 def equivalent_rates() -> list[dict]:
@@ -115,6 +138,24 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
         lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {r['strategy']} | {r['measured_s'] * 1e3:.0f} | "
                      f"{r['predicted_s'] * 1e3:.0f} | {r['error']:+.1%} | {r['measured_link_mb']:.1f} | "
                      f"{r['predicted_link_mb']:.1f} | {r['method']} |")
+    lines += ["", "## TawPipe / compute-only: measured, predicted, and the floors under it", "",
+              "The speed target is tawpipe <= 1.15x compute-only. *Boundary floor*: chunk 0's gradient must reach its "
+              "owner and its new weights come back between one iteration's last backward and the next forward, with "
+              "no compute left to hide it (`lightning_tawpipe/plan/floor.py`); it holds where each rank has its own "
+              "cores. *CPU floor*: the machine CPU-seconds of TawPipe's measured step over the cores the ranks run on; "
+              "it binds where ranks share cores (marked *shared*). Where the boundary floor of a point with its own "
+              "cores exceeds 1.15, no weight pipeline meets the target there; where the CPU floor of a shared-core "
+              "point does, TawPipe cannot, as long as moving its bytes costs the CPU it was measured to cost.", "",
+              "| set | rate | S | cores | comm/compute | measured | predicted | boundary floor | CPU floor |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r.get("floors")
+        if not f:
+            continue
+        cpu = f"{f['cpu']:.2f}" if f["cpu"] is not None else "n/a"
+        ratio = f"{f['comm_over_compute']:.2f}" if f["comm_over_compute"] else "-"
+        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {'shared' if f['shared_cores'] else 'own'} | "
+                     f"{ratio} | {f['measured']:.2f} | {f['predicted']:.2f} | {f['boundary']:.2f} | {cpu} |")
     lines += ["", "## Testbed link rate equivalent to a real cluster", "",
               "Benchmark model (8 x 256, S=512, 2 ranks per emulated node) at the link rate whose TawPipe "
               "comm-to-compute ratio equals that of H100 nodes (8 GPUs, one NIC) training the paper's model "

@@ -217,3 +217,49 @@ def test_cli_smoke(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert {p["strategy"] for p in data["predictions"]} >= {"tawpipe", "weipipe", "fsdp", "hsdp", "1f1b"}
     assert all(p["step_time"] > 0 for p in data["predictions"])
+
+
+# -- the iteration-boundary floor --------------------------------------------------------------------------------------
+BENCH = ModelShape("bench", n_layer=8, n_embd=256, n_head=8, n_query_groups=4, head_size=32, intermediate_size=1024,
+                   vocab_size=256)
+
+
+def test_boundary_floor_is_chunk_0s_round_trip_on_a_slow_link():
+    """Chunk 0 is the last gradient made and the first weights needed: its whole round trip is exposed."""
+    from lightning_tawpipe.partition import partition_units
+    from lightning_tawpipe.plan.floor import boundary_floor
+
+    w, comp = Workload(BENCH, 512, 1, 2, "32-true"), ComputeModel(50e9, 50e9)
+    c = cluster(2, 2, inter=1e7, lat=1e-3)
+    f = boundary_floor(c, w, comp)
+    units = BENCH.unit_params()
+    chunk0 = sum(units[u] for u in partition_units(units, 4)[0])
+    assert (f.chunk, f.slack) == (0, 0.0)
+    assert f.exposed == pytest.approx(2e-3 + 2 * 4 * chunk0 / 1e7)  # fp32 gradient out, fp32 weights back
+    assert f.compute == pytest.approx(2 * sum(fw + bw for fw, bw in comp.unit_times(w)))
+    bf16 = boundary_floor(c, Workload(BENCH, 512, 1, 2, "bf16-mixed"), comp)
+    assert bf16.exposed == pytest.approx(2e-3 + 2 * 2 * chunk0 / 1e7)
+    assert boundary_floor(cluster(1, 4, inter=1e7), w, comp).exposed == 0.0  # one node: nothing crosses
+    # every NIC counts: a floor holds for any schedule, striped ones included
+    assert boundary_floor(cluster(2, 2, inter=1e7, lat=1e-3, nics=2), w, comp).exposed < f.exposed
+
+
+@pytest.mark.parametrize("nodes,devices", [(2, 1), (2, 2), (3, 2), (4, 1)])
+def test_no_simulated_weight_pipeline_beats_the_boundary_floor(nodes, devices):
+    """The floor is derived from the dataflow alone; the simulator runs the real schedules. On dedicated devices
+    one simulated iteration (weights start at their owners, gradients end there) must never take less than its
+    compute plus the floor, for any link rate, prefetch depth, micro-batch count or pipeline kind."""
+    from lightning_tawpipe.plan.floor import boundary_floor
+
+    comp = ComputeModel(50e9, 50e9)
+    tight = 0
+    for rate in (3e6, 3e7, 3e8, 3e9):
+        c = cluster(nodes, devices, inter=rate, intra=1e10, lat=1e-4)
+        for m in (1, 3):
+            w = Workload(BENCH, 256, 1, m, "32-true")
+            f = boundary_floor(c, w, comp)
+            for kind, prefetch in (("tawpipe", 1), ("tawpipe", 2), ("tawpipe", 3), ("weipipe", 2)):
+                sim = weightpipe.predict(kind, c, w, comp, prefetch=prefetch).detail["makespan"]
+                assert sim >= (f.compute + f.exposed) * (1 - 1e-9), (rate, m, kind, prefetch, sim, f)
+                tight += sim <= 1.1 * (f.compute + f.exposed)
+    assert tight > 0  # and it is not a trivial floor: some schedules come within 10% of it

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from lightning_tawpipe.plan import analytic, weightpipe
 from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.compute import ComputeModel
+from lightning_tawpipe.plan.floor import boundary_floor
 from lightning_tawpipe.plan.result import Prediction
 from lightning_tawpipe.plan.workload import Workload
 
@@ -122,6 +123,13 @@ def warnings(p: Plan) -> list[str]:
                        f"{taw.inter_node_bytes / 1e6:.0f} MB of weights and gradients; the bytes cross over near "
                        f"S={crossover:,.0f} (1F1B predicted at {pp.step_time / taw.step_time:.2f}x TawPipe's step "
                        f"time, bubble {pp.bubble:.0%})")
+    floor = boundary_floor(c, w, p.compute)
+    if floor.exposed > 0.05 * floor.compute:
+        out.append(f"iteration boundary: chunk {floor.chunk}'s gradient must reach its owner and its new weights come "
+                   f"back between one iteration's last backward and the next forward ({floor.round_trip * 1e3:.0f} ms "
+                   f"at full link speed, {floor.slack * 1e3:.0f} ms of compute to hide it), so any weight pipeline "
+                   f"adds at least {floor.exposed * 1e3:.0f} ms ({floor.exposed / floor.compute:.0%} of compute) per "
+                   "step here; more compute per iteration (batch, sequence, micro-batches) amortises it")
     if c.nics_per_node > 1 and c.nodes > 1:
         out.append(f"multi-rail links ({c.nics_per_node} NICs per node): each TawPipe transfer uses one rail "
                    f"(no striping), while FSDP/HSDP collectives use all {c.nics_per_node}")
