@@ -36,7 +36,7 @@ from litgpt.model import GPT, Block
 from torch import nn
 from typing_extensions import override
 
-from lightning_tawpipe.module import LitGPTModule
+from lightning_tawpipe.module import LitGPTModule, fully_shard_blocks
 
 STRATEGIES = ("tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2", "compute")
 """Names accepted by :func:`make_strategy` and :func:`make_module`."""
@@ -150,17 +150,9 @@ class FSDP2LitGPTModule(LitGPTModule):
 
     @override
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
         if self.model is not None:  # Lightning calls this hook again for later stages (validate, test)
             return
-        model = GPT(self.config)
-        mesh = self.device_mesh["data_parallel"]
-        for module in model.modules():
-            if isinstance(module, Block):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        self.model = model
+        self.model = fully_shard_blocks(GPT(self.config), self.device_mesh["data_parallel"])
 
 
 class ComputeOnlyStrategy(DDPStrategy):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.text import Perplexity
 
 import lightning_tawpipe  # noqa: F401  registers strategy="tawpipe"
-from lightning_tawpipe.module import LitGPTModule, tiny_llama_config
+from lightning_tawpipe.module import LitGPTModule, fully_shard_blocks, tiny_llama_config
 from lightning_tawpipe.tokenizer import corpus_documents
 
 TINY_MODEL = "tawpipe-tiny"
@@ -258,14 +258,7 @@ class LitGPTExample(LitGPTModule):
         # FLOPs of one token through forward+backward (frozen weights: no weight gradient), for MFU.
         self.flops_per_token = estimate_flops(model, training=True) / self.max_seq_length
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            from litgpt.model import Block
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for module in model.modules():
-                if isinstance(module, Block):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            fully_shard_blocks(model, self.device_mesh["data_parallel"])
         self.model = model
 
     def param_groups(self) -> Any:

@@ -62,6 +62,22 @@ def tiny_llama_config(
     return Config(**base)
 
 
+def fully_shard_blocks(model: GPT, mesh: Any) -> GPT:
+    """Apply FSDP2 the way LitGPT's own FSDP runs wrap: every ``Block`` its own unit, then the root for the rest.
+
+    For the FSDP2 baselines (``ModelParallelStrategy``), which leave sharding to ``configure_model``: each block is
+    all-gathered just before it runs and freed after; the root groups the embedding, final norm and LM head.
+    """
+    from litgpt.model import Block
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 class LinearWarmup:
     """LR multiplier ramping linearly from ``1/warmup_steps`` to 1, then constant.
 
