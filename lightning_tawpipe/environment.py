@@ -12,7 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.runtime import health
+from lightning_tawpipe.runtime.pipeline import SCHEDULES
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology
 
@@ -20,8 +22,27 @@ SUPPORTED_BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo")}
 
 
 class TawPipeEnvironment:
-    """Mixin for a Lightning/Fabric ``ParallelStrategy``: expects ``parallel_devices``, ``cluster_environment``,
-    ``group_size``, ``_num_nodes`` and ``_process_group_backend`` on the instance."""
+    """Mixin for a Lightning/Fabric ``ParallelStrategy``: expects ``parallel_devices`` and ``cluster_environment``
+    on the instance, and the knobs set by :meth:`_set_engine_knobs`."""
+
+    def _set_engine_knobs(self, n_microbatches, prefetch, reuse, schedule, group_size, partition, validate_schedules,
+                          p2p_groups, activation_checkpointing, meta_init, state_dict_type, process_group_backend,
+                          timeout, start_method, check_finite_loss) -> None:
+        """Check and keep the knobs the Trainer and the Fabric strategy share, so both reject bad input alike."""
+        check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse)
+        if p2p_groups not in (None, "rail", "directed"):
+            raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
+        self.n_microbatches, self.prefetch, self.schedule, self.reuse = n_microbatches, prefetch, schedule, reuse
+        self.group_size, self.partition, self.validate_schedules = group_size, partition, validate_schedules
+        self.p2p_groups, self.activation_checkpointing = p2p_groups, bool(activation_checkpointing)
+        self.meta_init, self.state_dict_type = bool(meta_init), state_dict_type
+        self.check_finite_loss = bool(check_finite_loss)
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
 
     @property
     def root_device(self) -> torch.device:
@@ -88,3 +109,23 @@ class TawPipeEnvironment:
             dist.all_gather_object(nodes, self.cluster_environment.node_rank())
             health.check_equal_nodes(nodes)
         return health.Health(self.global_rank, self.world_size)
+
+
+def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None) -> None:
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"prefetch must be an int >= 1 (how many chunks are fetched ahead), got {prefetch!r}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if reuse is not None:
+        if schedule != "tawpipe":
+            raise ValueError(f"reuse applies to schedule='tawpipe' only (the WeiPipe ring has its own buffers), "
+                             f"got reuse={reuse!r} with schedule={schedule!r}.")
+        if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= prefetch:
+            raise ValueError(f"reuse must be an int in 1..prefetch={prefetch} (chunks kept across a turn live in the "
+                             f"prefetch slots; raise prefetch to keep more), got {reuse!r}.")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}.")
+    if partition not in PARTITION_METHODS:
+        raise ValueError(f"partition must be one of {PARTITION_METHODS}, got {partition!r}.")

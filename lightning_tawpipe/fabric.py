@@ -58,8 +58,7 @@ import lightning.fabric.wrappers as fabric_wrappers
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision, Precision
-from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
+from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -72,7 +71,6 @@ from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.fabric.utilities.types import Optimizable, ReduceOp, _Stateful
-from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -81,114 +79,17 @@ from typing_extensions import override
 from lightning_tawpipe import init
 from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_save, check_checkpoint, load_local_shards
 from lightning_tawpipe.checkpoint_io import read_meta
-from lightning_tawpipe.precision import TawPipePrecision, plugin_precision
+from lightning_tawpipe.fabric_precision import TawPipeFabricPrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
 from lightning_tawpipe.runtime.pipeline import Pipeline
-from lightning_tawpipe.environment import TawPipeEnvironment
+from lightning_tawpipe.environment import TawPipeEnvironment, check_knobs
 from lightning_tawpipe.runtime import health
-from lightning_tawpipe.strategy import DEFAULT_TIMEOUT, _check_knobs
+from lightning_tawpipe.strategy import DEFAULT_TIMEOUT
 
 # meta.pt keys written by this strategy next to the user's own objects
 _LAYOUT_KEY = "tawpipe_fabric"  # which state keys held the model and the optimizers
 _RESERVED = ("state_dict", "optimizer_states", "tawpipe", _LAYOUT_KEY)
-
-
-class TawPipeFabricPrecision(Precision):
-    """Fabric's side of :class:`~lightning_tawpipe.precision.TawPipePrecision` (same policy, Fabric's hooks).
-
-    ``param_dtype`` is what weights and gradients are computed and sent in, ``master_dtype`` what owners keep;
-    ``"16-mixed"`` uses a ``ShardedGradScaler`` (its inf checks are global, so every shard skips together).
-    ``Fabric(precision=...)`` plugins for the supported precisions are converted automatically.
-    """
-
-    def __init__(self, precision: str = "32-true", scaler=None, device: Optional[str] = None) -> None:
-        self.core = TawPipePrecision(precision, scaler=scaler, device=device)  # validates ``precision``
-        self.precision = precision  # type: ignore[assignment]
-
-    @classmethod
-    def from_fabric(cls, plugin: Precision) -> "TawPipeFabricPrecision":
-        """The TawPipe equivalent of the plugin Fabric's connector built for ``Fabric(precision=...)``."""
-        if isinstance(plugin, cls):
-            return plugin
-        precision, device = plugin_precision(plugin, Precision, MixedPrecision, HalfPrecision, cls, "Fabric")
-        return cls(precision, device=device)
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return self.core.param_dtype
-
-    @property
-    def master_dtype(self) -> torch.dtype:
-        return self.core.master_dtype
-
-    @property
-    def scaler(self):
-        return self.core.scaler
-
-    @property
-    def _true(self) -> bool:
-        return "true" in self.precision
-
-    def bind_device(self, device_type: str) -> None:
-        self.core.bind_device(device_type)
-
-    @override
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        return module.to(dtype=self.param_dtype) if self._true and self.param_dtype != torch.float32 else module
-
-    @override
-    def tensor_init_context(self) -> AbstractContextManager:
-        return _DtypeContextManager(self.param_dtype) if self._true else nullcontext()
-
-    @override
-    def module_init_context(self) -> AbstractContextManager:
-        return self.tensor_init_context()
-
-    @override
-    def forward_context(self) -> AbstractContextManager:
-        return self.core.forward_context()
-
-    @override
-    def convert_input(self, data: Any) -> Any:
-        if not self._true:
-            return data
-        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.param_dtype)
-
-    @override
-    def convert_output(self, data: Any) -> Any:
-        if not self._true:
-            return data
-        dst = torch.get_default_dtype()
-        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=dst)
-
-    @override
-    def backward(self, tensor: Tensor, model: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
-        if self.scaler is not None:
-            tensor = self.scaler.scale(tensor)
-        tensor.backward(*args, **kwargs)
-
-    @override
-    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
-        if self.scaler is None:
-            return optimizer.step(**kwargs)
-        output = self.scaler.step(optimizer, **kwargs)  # skipped on every rank if any rank found an inf
-        self.scaler.update()
-        return output
-
-    @override
-    def unscale_gradients(self, optimizer: Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self.scaler.state_dict() if self.scaler is not None else {}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state_dict)
 
 
 class _TawPipeModule(nn.Module):
@@ -272,19 +173,9 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
-        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse)
-        if p2p_groups not in (None, "rail", "directed"):
-            raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
-        if state_dict_type not in ("sharded", "full"):
-            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
-        self.n_microbatches, self.prefetch, self.schedule, self.reuse = n_microbatches, prefetch, schedule, reuse
-        self.group_size, self.partition, self.validate_schedules = group_size, partition, validate_schedules
-        self.p2p_groups, self.activation_checkpointing = p2p_groups, bool(activation_checkpointing)
-        self.meta_init, self.state_dict_type = bool(meta_init), state_dict_type
-        self._num_nodes = 1
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
-        self._start_method = start_method
+        self._set_engine_knobs(n_microbatches, prefetch, reuse, schedule, group_size, partition, validate_schedules,
+                               p2p_groups, activation_checkpointing, meta_init, state_dict_type, process_group_backend,
+                               timeout, start_method, check_finite_loss)
         self._backward_sync_control = _TawPipeBackwardSyncControl()
         self.pipeline: Optional[Pipeline] = None
         self._module: Optional[nn.Module] = None
@@ -294,7 +185,6 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         self._released = False
         self._grads_final = False  # gradients exposed to the optimizers (averaged) since the last training forward
         self._in_train_step = False
-        self.check_finite_loss = bool(check_finite_loss)
         self._health: Optional[health.Health] = None
         self._iteration = 0  # training iterations started (Fabric has no global step): named in failure messages
 
@@ -491,7 +381,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         and the mean loss is returned, detached. Follow it with ``clip_gradients``/``optimizer.step()`` as usual.
         """
         n = self.n_microbatches if n_microbatches is None else n_microbatches
-        _check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition, self.reuse)
+        check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition, self.reuse)
         engine = self.pipeline.engine
         if engine.active:
             raise RuntimeError("train_step was called while a TawPipe iteration is running (a forward without its "

@@ -51,12 +51,11 @@ from lightning_tawpipe.checkpoint_io import (
     load_tensors,
 )
 from lightning_tawpipe.outer.loop import OuterConfig, OuterLoop
-from lightning_tawpipe.partition import PARTITION_METHODS
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
-from lightning_tawpipe.runtime.pipeline import SCHEDULES, Pipeline
+from lightning_tawpipe.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -177,26 +176,12 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        _check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse)
-        self.n_microbatches, self.prefetch, self.schedule = n_microbatches, prefetch, schedule
-        self.reuse = reuse
-        self.group_size, self.partition = group_size, partition
-        self.validate_schedules, self.log_comm_stats = validate_schedules, log_comm_stats
-        if p2p_groups not in (None, "rail", "directed"):
-            raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
-        self.p2p_groups = p2p_groups
-        self.activation_checkpointing = bool(activation_checkpointing)
-        self.meta_init = bool(meta_init)
-        if state_dict_type not in ("sharded", "full"):
-            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}.")
-        self.state_dict_type = state_dict_type
+        self._set_engine_knobs(n_microbatches, prefetch, reuse, schedule, group_size, partition, validate_schedules,
+                               p2p_groups, activation_checkpointing, meta_init, state_dict_type, process_group_backend,
+                               timeout, start_method, check_finite_loss)
+        self.log_comm_stats = log_comm_stats
         self.async_checkpointing = bool(async_checkpointing)
         self.init_weights, self.init_weights_strict = init_weights, bool(init_weights_strict)
-        self._num_nodes = 1
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
-        self._start_method = start_method
-        self.check_finite_loss = bool(check_finite_loss)
         self.replicas = replicas
         self.outer_config = OuterConfig(outer, sync_every, outer_lr, outer_momentum, error_decay, density, quant_bits,
                                         sparse_aggregate)
@@ -593,23 +578,3 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             "weipipe", cls, description="WeiPipe-style topology-unaware weight ring (TawPipe ablation)",
             schedule="weipipe",
         )
-
-
-def _check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None) -> None:
-    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
-        raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-        raise ValueError(f"prefetch must be an int >= 1 (how many chunks are fetched ahead), got {prefetch!r}.")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
-    if reuse is not None:
-        if schedule != "tawpipe":
-            raise ValueError(f"reuse applies to schedule='tawpipe' only (the WeiPipe ring has its own buffers), "
-                             f"got reuse={reuse!r} with schedule={schedule!r}.")
-        if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= prefetch:
-            raise ValueError(f"reuse must be an int in 1..prefetch={prefetch} (chunks kept across a turn live in the "
-                             f"prefetch slots; raise prefetch to keep more), got {reuse!r}.")
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}.")
-    if partition not in PARTITION_METHODS:
-        raise ValueError(f"partition must be one of {PARTITION_METHODS}, got {partition!r}.")
