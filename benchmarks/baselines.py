@@ -170,7 +170,7 @@ class ComputeOnlyStrategy(DDPStrategy):
 
 def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
-    activation_checkpointing: bool = False, reuse: int | None = None,
+    activation_checkpointing: bool = False, reuse: int | None = None, partition: Any = "parameters",
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -182,6 +182,7 @@ def make_strategy(
             ``devices`` as their group size).
         n_microbatches, prefetch, activation_checkpointing: TawPipe/WeiPipe knobs; ignored by the baselines.
         reuse: TawPipe's turn reuse (``None``: its default, ``prefetch``); ignored by every other strategy.
+        partition: TawPipe/WeiPipe's cut into chunks (a method name or units per chunk); ignored by the baselines.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -194,7 +195,7 @@ def make_strategy(
         # group_size=devices equals TawPipe's default (processes per node) when the topology is the Trainer's,
         # and regroups one machine's processes as emulated nodes when it is not.
         return TawPipeStrategy(n_microbatches=n_microbatches, prefetch=prefetch, schedule=name, group_size=devices,
-                               activation_checkpointing=activation_checkpointing,
+                               activation_checkpointing=activation_checkpointing, partition=partition,
                                reuse=reuse if name == "tawpipe" else None)
     if name == "ddp":
         return "ddp"

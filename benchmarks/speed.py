@@ -36,6 +36,9 @@ ALL = (*LIGHTNING_STRATEGIES, "1f1b")
 VARIANTS = {
     "tawpipe-r1": ("tawpipe", ["--reuse", "1"]),  # the paper's schedule: only the turnaround chunk kept
     "tawpipe-p3": ("tawpipe", ["--prefetch", "3"]),  # one chunk deeper prefetch (and reuse 3): 4 weight buffers
+    # a lighter chunk 0 (embedding + 1 block; the 8-layer benchmark model on 4 ranks): a shorter round trip at the
+    # iteration boundary, which no schedule hides (plan/floor.py), for a 3-block largest chunk
+    "tawpipe-light0": ("tawpipe", ["--partition", "2,2,3,3"]),
 }
 
 
@@ -225,7 +228,7 @@ def markdown(results: list[dict]) -> str:
 
 COLORS = {"compute": "black", "tawpipe": "tab:red", "weipipe": "tab:orange", "ddp": "tab:green",
           "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown", "tawpipe-r1": "salmon",
-          "tawpipe-p3": "darkred"}
+          "tawpipe-p3": "darkred", "tawpipe-light0": "magenta"}
 
 
 def plot(results: list[dict], out_dir: Path) -> None:

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from lightning_tawpipe.partition import parse_partition
+
 LINK = "/sys/class/net/{iface}/statistics/{what}_bytes"
 WAIT_KINDS = ("RW", "BW", "RG", "SG", "QG", "SW", "drain:SW", "drain:RW", "drain:BW", "drain:RG", "drain:SG",
               "drain:QG", "other")
@@ -62,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n_microbatches", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--reuse", type=int, default=0, help="TawPipe chunks kept across a turn (0: its default, prefetch)")
+    p.add_argument("--partition", default="parameters", type=parse_partition,
+                   help="TawPipe/WeiPipe chunks: parameters, uniform, or units per chunk (2,2,3,3)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--precision", default="32-true", help="Trainer precision (bf16-mixed: weights/gradients in bf16)")
     p.add_argument("--warmup", type=int, default=2)
@@ -131,7 +135,7 @@ def main() -> None:
     module = make_module(a.strategy, cfg, learning_rate=a.lr)
     strategy = make_strategy(a.strategy, topology=(a.num_nodes, a.devices), n_microbatches=a.n_microbatches,
                              prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing,
-                             reuse=a.reuse or None)
+                             reuse=a.reuse or None, partition=a.partition)
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         precision=a.precision,

@@ -24,6 +24,8 @@ from datetime import timedelta
 
 import torch
 
+from lightning_tawpipe.partition import parse_partition
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightning_tawpipe.demo", description=__doc__.split("\n\n")[0])
@@ -37,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--reuse", type=int, default=0, help="chunks kept resident across a turn (0: the default, prefetch)")
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
+    p.add_argument("--partition", default="parameters", type=parse_partition,
+                   help="'parameters', 'uniform', or units per chunk, e.g. 2,1,2,3")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_embd", type=int, default=64)
@@ -218,6 +222,7 @@ def run_worker(a: argparse.Namespace) -> None:
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
                                    reuse=a.reuse or None,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
+                                   partition=a.partition,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
                                    state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,
                                    init_weights=a.init_weights, replicas=replicas,

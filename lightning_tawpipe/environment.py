@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_tawpipe.partition import PARTITION_METHODS
+from lightning_tawpipe.partition import check_partition
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.runtime.pipeline import SCHEDULES
 from lightning_tawpipe.replicas import ReplicaLayout
@@ -127,5 +127,4 @@ def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse
                              f"prefetch slots; raise prefetch to keep more), got {reuse!r}.")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}.")
-    if partition not in PARTITION_METHODS:
-        raise ValueError(f"partition must be one of {PARTITION_METHODS}, got {partition!r}.")
+    check_partition(partition)

@@ -48,7 +48,7 @@ part.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -131,7 +131,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         reuse: chunks kept resident across each forward/backward turn (``1..prefetch``; ``None``: ``prefetch``).
         schedule: ``"tawpipe"`` (topology-aware, default) or ``"weipipe"`` (ring baseline).
         group_size: ranks per TawPipe group (``None``: processes per node); emulates nodes on one machine.
-        partition: ``"parameters"`` or ``"uniform"``.
+        partition: ``"parameters"``, ``"uniform"`` or units per chunk, e.g. ``[2, 3, 2, 3]``.
         validate_schedules: simulate every rank's program before running it.
         p2p_groups: ``"rail"``, ``"directed"`` or ``None`` (``"directed"`` on nccl, ``"rail"`` otherwise).
         activation_checkpointing: recompute each unit in backward instead of keeping its activations.
@@ -155,7 +155,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         reuse: Optional[int] = None,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
-        partition: Literal["parameters", "uniform"] = "parameters",
+        partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,

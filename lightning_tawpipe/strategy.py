@@ -18,10 +18,10 @@ mean over equally sized micro-batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -81,7 +81,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             baseline for ablations).
         group_size: ranks per TawPipe group (``int`` dividing the world size, or ``None`` for the processes per node).
             Regroups one machine's processes as several "nodes", or shows what the topology buys.
-        partition: ``"parameters"`` (balance parameter counts, default) or ``"uniform"`` (balance unit counts).
+        partition: ``"parameters"`` (balance parameter counts, default), ``"uniform"`` (balance unit counts), or
+            the units of each rank's chunk, e.g. ``[2, 3, 2, 3]``: a lighter chunk 0 shortens the round trip every
+            iteration exposes on slow links (``python -m lightning_tawpipe.plan`` predicts the effect).
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
@@ -140,7 +142,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         reuse: Optional[int] = None,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
-        partition: Literal["parameters", "uniform"] = "parameters",
+        partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,

@@ -10,6 +10,10 @@ Each case is one launch per strategy (~15-25 s each on 2 cores), so every launch
 
 import pytest
 import torch
+from litgpt import GPT
+
+from lightning_tawpipe.module import tiny_llama_config
+from lightning_tawpipe.runtime.units import find_units
 
 COMMON = ("--steps", "5", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--batch_size", "4",
           "--val_batches", "2")
@@ -56,8 +60,8 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "6", "--n_microbatches", "4", "--prefetch", "2",
-             "--p2p_groups", "directed"),
-            4, 1, id="4procs-as-2x2-mb4-prefetch2-directed-p2p",
+             "--p2p_groups", "directed", "--partition", "2,1,2,3"),
+            4, 1, id="4procs-as-2x2-mb4-prefetch2-directed-p2p-explicit-partition",
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
@@ -78,6 +82,13 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks):
     _assert_sharded(result, reference, world)
     if world > 1:
         assert "TawPipe layout" in result["log"]
+    if "--partition" in tawpipe_args:  # each rank owns exactly the units it was told: state = 16 B per parameter
+        counts = [int(n) for n in tawpipe_args[tawpipe_args.index("--partition") + 1].split(",")]
+        units = [u.numel() for u in find_units(GPT(tiny_llama_config(n_layer=int(n_layer), n_embd=32)))]
+        starts = [sum(counts[:c]) for c in range(len(counts))]
+        chunks = sorted(16 * sum(units[s:s + n]) for s, n in zip(starts, counts))
+        assert all(abs(a - b) <= 64 for a, b in zip(sorted(result["model_state_bytes"]), chunks)), (
+            result["model_state_bytes"], chunks)
 
 
 def test_accumulate_grad_batches_matches_ddp(train_job):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_tawpipe.partition import PARTITION_METHODS, partition_units
+from lightning_tawpipe.partition import PARTITION_METHODS, parse_partition, partition_units
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
 # -- Topology -------------------------------------------------------------------------------------------------------
@@ -160,7 +160,23 @@ def test_partition_too_few_units():
 
 
 def test_partition_bad_arguments():
-    with pytest.raises(ValueError, match=r"Unknown partition method 'x'"):
+    with pytest.raises(ValueError, match=r"partition must be one of .* or a list of units per chunk, got 'x'"):
         partition_units([1, 2, 3], 2, "x")
     with pytest.raises(ValueError, match="at least one chunk"):
         partition_units([1, 2, 3], 0)
+
+
+def test_explicit_partition_cuts_where_told_and_names_the_counts_when_wrong():
+    """``partition=[units per chunk]``: the cut is taken as given, and a list that cannot fit says what would."""
+    sizes = [1, 10, 10, 10, 10, 1]
+    assert partition_units(sizes, 3, [1, 2, 3]) == [range(0, 1), range(1, 3), range(3, 6)]
+    assert partition_units(sizes, 3, (2, 2, 2)) == partition_units(sizes, 3, "uniform")
+    with pytest.raises(ValueError, match=r"3 chunk\(s\) of 5 unit\(s\), but this pipeline has 3 rank\(s\) and the "
+                                         r"model 6 pipeline units .* summing to 6"):
+        partition_units(sizes, 3, [1, 2, 2])
+    with pytest.raises(ValueError, match=r"2 chunk\(s\) of 6 unit\(s\), but this pipeline has 3 rank\(s\)"):
+        partition_units(sizes, 3, [3, 3])
+    for bad in ([], [2, 0, 4], [2.0, 4], [True, 5], "2,2,2", {1: 2}):
+        with pytest.raises(ValueError, match="partition"):
+            partition_units(sizes, 3, bad)
+    assert parse_partition("2, 3,1") == [2, 3, 1] and parse_partition("uniform") == "uniform"

@@ -263,3 +263,25 @@ def test_no_simulated_weight_pipeline_beats_the_boundary_floor(nodes, devices):
                 assert sim >= (f.compute + f.exposed) * (1 - 1e-9), (rate, m, kind, prefetch, sim, f)
                 tight += sim <= 1.1 * (f.compute + f.exposed)
     assert tight > 0  # and it is not a trivial floor: some schedules come within 10% of it
+
+
+def test_a_lighter_chunk_0_lowers_the_floor_and_the_plan_compares_partitions(capsys):
+    """On a link slow enough for the boundary to bind, [2, 2, 3, 3] units (embedding + 1 block first) halves
+    chunk 0's round trip against the balanced [3, 2, 2, 3]; the planner predicts both, labels the explicit one,
+    and its warning names the chunk to lighten."""
+    from lightning_tawpipe.plan.floor import boundary_floor
+
+    w, comp = Workload(BENCH, 512, 1, 1, "32-true"), ComputeModel(50e9, 50e9)
+    c = cluster(2, 2, inter=2.5e8, intra=1e10, lat=1e-4)
+    balanced, light = boundary_floor(c, w, comp), boundary_floor(c, w, comp, [2, 2, 3, 3])
+    assert weightpipe.make_chunks(w, comp, 4).ranges == [range(0, 3), range(3, 5), range(5, 7), range(7, 10)]
+    assert (balanced.chunk, light.chunk) == (0, 0) and light.exposed < 0.6 * balanced.exposed
+    p = plan(c, w, comp, prefetch=(2,), strategies=("tawpipe",), partitions=("parameters", [2, 2, 3, 3]))
+    labels = {q.knobs["partition"]: q for q in p.predictions}
+    assert set(labels) == {"parameters", "2,2,3,3"}
+    assert labels["2,2,3,3"].step_time < labels["parameters"].step_time  # the simulated schedule agrees
+    assert any("iteration boundary" in x and "lighter chunk 0" in x for x in p.warnings)
+    assert main(["--nodes", "2", "--devices", "2", "--inter", "2gbit", "--model", "tiny-llama-1.1b", "--override",
+                 "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--partition", "parameters",
+                 "--partition", "2,2,3,3"]) == 0
+    assert "partition=2,2,3,3" in capsys.readouterr().out

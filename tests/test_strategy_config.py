@@ -95,6 +95,7 @@ def test_topology_follows_nodes_and_group_size():
         ({"prefetch": 0}, "prefetch"),
         ({"schedule": "ring"}, "schedule must be one of"),
         ({"partition": "x"}, "partition must be one of"),
+        ({"partition": [2, 0, 3]}, "explicit partition is a list of positive ints"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": -1}, "group_size"),
         ({"prefetch": 1, "reuse": 2}, r"reuse must be an int in 1..prefetch=1 .*raise prefetch"),

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from lightning_tawpipe.partition import parse_partition
 from lightning_tawpipe.plan.cluster import Cluster, parse_rate, parse_seconds
 from lightning_tawpipe.plan.compute import ComputeModel
 from lightning_tawpipe.plan.planner import STRATEGIES, plan
@@ -60,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--strategies", default=",".join(STRATEGIES))
     k.add_argument("--prefetch", default="1,2", help="TawPipe prefetch depths to try")
     k.add_argument("--group-size", default="", help="TawPipe group sizes to try (divisors of --devices)")
+    k.add_argument("--partition", action="append", type=parse_partition,
+                   help="TawPipe partitions to try (repeatable): parameters, uniform, or units per chunk (2,3,2,3)")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
 
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         compute = ComputeModel.from_device(a.flops, a.efficiency)
     groups = tuple(int(g) for g in a.group_size.split(",") if g) or (None,)
     result = plan(cluster, workload, compute, prefetch=tuple(int(d) for d in a.prefetch.split(",")),
-                  group_sizes=groups, strategies=tuple(a.strategies.split(",")))
+                  group_sizes=groups, strategies=tuple(a.strategies.split(",")),
+                  partitions=tuple(a.partition or ["parameters"]))
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

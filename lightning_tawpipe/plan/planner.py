@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lightning_tawpipe.partition import parse_partition
 from lightning_tawpipe.plan import analytic, weightpipe
 from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.compute import ComputeModel
@@ -42,14 +43,14 @@ class Plan:
 
 def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = None,
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
-         strategies: tuple[str, ...] = STRATEGIES) -> Plan:
-    """Predict ``strategies`` (TawPipe for every prefetch x group size) and recommend one."""
+         strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",)) -> Plan:
+    """Predict ``strategies`` (TawPipe for every prefetch x group size x partition) and recommend one."""
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
     skipped: list[str] = []
     for s in strategies:
         try:
-            preds += _predict(s, cluster, workload, compute, prefetch, group_sizes)
+            preds += _predict(s, cluster, workload, compute, prefetch, group_sizes, partitions)
         except ValueError as err:  # e.g. fewer pipeline units than ranks: the strategy cannot run here
             if s not in STRATEGIES:
                 raise
@@ -65,13 +66,14 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
 
 
 def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: tuple[int, ...],
-             group_sizes: tuple[int | None, ...]) -> list[Prediction]:
+             group_sizes: tuple[int | None, ...], partitions: tuple) -> list[Prediction]:
     preds: list[Prediction] = []
     if s == "tawpipe":
-        preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g)
-                  for d in prefetch for g in group_sizes]
+        preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g, partition=q)
+                  for d in prefetch for g in group_sizes for q in partitions]
     elif s == "weipipe":
-        preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch)))
+        preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch),
+                                        partition=partitions[0]))
     elif s == "fsdp":
         preds.append(analytic.fsdp(cluster, workload, compute))
     elif s == "hsdp":
@@ -123,13 +125,14 @@ def warnings(p: Plan) -> list[str]:
                        f"{taw.inter_node_bytes / 1e6:.0f} MB of weights and gradients; the bytes cross over near "
                        f"S={crossover:,.0f} (1F1B predicted at {pp.step_time / taw.step_time:.2f}x TawPipe's step "
                        f"time, bubble {pp.bubble:.0%})")
-    floor = boundary_floor(c, w, p.compute)
+    floor = boundary_floor(c, w, p.compute, parse_partition(taw.knobs.get("partition", "parameters")))
     if floor.exposed > 0.05 * floor.compute:
         out.append(f"iteration boundary: chunk {floor.chunk}'s gradient must reach its owner and its new weights come "
                    f"back between one iteration's last backward and the next forward ({floor.round_trip * 1e3:.0f} ms "
                    f"at full link speed, {floor.slack * 1e3:.0f} ms of compute to hide it), so any weight pipeline "
                    f"adds at least {floor.exposed * 1e3:.0f} ms ({floor.exposed / floor.compute:.0%} of compute) per "
-                   "step here; more compute per iteration (batch, sequence, micro-batches) amortises it")
+                   "step here; more compute per iteration (batch, sequence, micro-batches) amortises it, and a lighter "
+                   f"chunk {floor.chunk} (--partition) shortens it")
     if c.nics_per_node > 1 and c.nodes > 1:
         out.append(f"multi-rail links ({c.nics_per_node} NICs per node): each TawPipe transfer uses one rail "
                    f"(no striping), while FSDP/HSDP collectives use all {c.nics_per_node}")

@@ -6,7 +6,9 @@ from lightning_tawpipe.plan.planner import Plan
 
 
 def _label(p) -> str:
-    knobs = ",".join(f"{k}={v}" for k, v in p.knobs.items() if k in ("prefetch", "group_size", "defer_allreduce"))
+    shown = ("prefetch", "group_size", "defer_allreduce")
+    knobs = ",".join(f"{k}={v}" for k, v in p.knobs.items()
+                     if k in shown or (k == "partition" and v != "parameters"))
     return f"{p.strategy}({knobs})" if knobs else p.strategy
 
 

@@ -9,6 +9,7 @@ low-precision copy), which no schedule action models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from lightning_tawpipe.partition import partition_units
@@ -35,7 +36,8 @@ class Chunks:
     costs: ChunkCosts
 
 
-def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int, partition: str = "parameters") -> Chunks:
+def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
+                partition: str | Sequence[int] = "parameters") -> Chunks:
     units = workload.model.unit_params()
     ranges = partition_units(units, n_chunks, partition)
     times = compute.unit_times(workload)
@@ -58,7 +60,7 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int) -> Sche
 
 
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
-            group_size: int | None = None, partition: str = "parameters",
+            group_size: int | None = None, partition: str | Sequence[int] = "parameters",
             schedule: Schedule | None = None) -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
@@ -74,7 +76,8 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
     opt = max(chunks.numel) * OPTIMIZER_BYTES_PER_PARAM / cluster.mem_bw
     step = sim.makespan + opt
-    knobs = {"prefetch": prefetch, "chunks": len(chunks.numel)}
+    knobs = {"prefetch": prefetch, "chunks": len(chunks.numel),
+             "partition": partition if isinstance(partition, str) else ",".join(map(str, partition))}
     if kind == "tawpipe":
         knobs["group_size"] = g
         knobs["reuse"] = schedule.reuse

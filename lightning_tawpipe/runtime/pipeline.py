@@ -13,6 +13,7 @@ This is everything the Lightning strategy (and, later, a Fabric strategy) needs,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -45,7 +46,7 @@ class Pipeline:
         schedule: str = "tawpipe",
         prefetch: int = 1,
         reuse: int | None = None,
-        partition: str = "parameters",
+        partition: str | Sequence[int] = "parameters",
         device: torch.device,
         param_dtype: torch.dtype = torch.float32,
         master_dtype: torch.dtype = torch.float32,
