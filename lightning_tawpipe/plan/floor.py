@@ -27,6 +27,7 @@ others, and the floor there is the CPU work instead (``benchmarks/plan_validate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_tawpipe.plan.cluster import Cluster
@@ -49,7 +50,7 @@ class BoundaryFloor:
 
 
 def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
-                   partition: str = "parameters") -> BoundaryFloor:
+                   partition: str | Sequence[int] = "parameters") -> BoundaryFloor:
     """The iteration-boundary floor for ``workload`` on ``cluster`` with one chunk per rank (see the module doc)."""
     n_chunks = cluster.world_size
     costs = make_chunks(workload, compute, n_chunks, partition).costs
