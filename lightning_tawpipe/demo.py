@@ -353,8 +353,14 @@ def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float
             for q in procs:
                 q.kill()
             raise RuntimeError(f"worker {cmd} timed out after {timeout}s")
-    if any(proc.returncode for proc in procs):
-        raise RuntimeError(f"worker {' '.join(cmd)} failed:\n" + "\n".join(log[-12000:] for log in logs))
+    return worker_result(cmd, [proc.returncode for proc in procs], logs, out)
+
+
+def worker_result(cmd: list[str], exit_codes: list[int], logs: list[str], out: str) -> dict:
+    """Rank 0's ``result.pt`` with every log attached, or an error carrying the logs' tails if any process failed."""
+    if any(exit_codes):
+        raise RuntimeError(f"worker {' '.join(cmd)} failed (exit codes {exit_codes}):\n"
+                           + "\n".join(log[-12000:] for log in logs))
     result = torch.load(os.path.join(out, "result.pt"), weights_only=True)
     result["log"] = "\n".join(logs)
     return result

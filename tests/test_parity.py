@@ -56,7 +56,7 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
         pytest.param(
             ("--devices", "2", "--num_nodes", "2", "--group_size", "0", "--n_layer", "5", "--n_microbatches", "2",
              "--prefetch", "1"),
-            4, 2, id="2nodes-x2-gqa-uneven-mb2-prefetch1",
+            4, 2, id="2nodes-x2-gqa-uneven-mb2-prefetch1-script-launch",
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "6", "--n_microbatches", "4", "--prefetch", "2",
@@ -74,9 +74,12 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
         ),
     ],
 )
-def test_matches_ddp(train_job, tawpipe_args, world, node_ranks):
+def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
+    """One case runs its tawpipe job through Lightning's own script launch (each node a ``python -m`` process that
+    starts its other ranks), as the README's demo does; the rest fork their ranks (``tests/fork_server.py``)."""
     n_layer = tawpipe_args[tawpipe_args.index("--n_layer") + 1]
-    result = train_job(*COMMON, "--strategy", "tawpipe", *tawpipe_args, node_ranks=node_ranks)
+    launcher = "script" if request.node.callspec.id.endswith("script-launch") else None
+    result = train_job(*COMMON, "--strategy", "tawpipe", *tawpipe_args, node_ranks=node_ranks, launcher=launcher)
     reference = train_job(*COMMON, "--strategy", "ddp", "--devices", str(world), "--n_layer", n_layer)
     _assert_same_training(result, reference)
     _assert_sharded(result, reference, world)
