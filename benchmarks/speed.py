@@ -39,6 +39,10 @@ VARIANTS = {
     # a lighter chunk 0 (embedding + 1 block; the 8-layer benchmark model on 4 ranks): a shorter round trip at the
     # iteration boundary, which no schedule hides (plan/floor.py), for a 3-block largest chunk
     "tawpipe-light0": ("tawpipe", ["--partition", "2,2,3,3"]),
+    # a third gradient buffer: backward runs on while two gradient sends still drain over the slow link
+    "tawpipe-gb3": ("tawpipe", ["--grad_buffers", "3"]),
+    # what the planner predicts best at 2-4 Gbit/s on the spare-core host: all three together
+    "tawpipe-gb3-light0-p1": ("tawpipe", ["--grad_buffers", "3", "--partition", "2,2,3,3", "--prefetch", "1"]),
 }
 
 
@@ -228,7 +232,8 @@ def markdown(results: list[dict]) -> str:
 
 COLORS = {"compute": "black", "tawpipe": "tab:red", "weipipe": "tab:orange", "ddp": "tab:green",
           "fsdp": "tab:blue", "hsdp": "tab:cyan", "fsdp2": "tab:purple", "1f1b": "tab:brown", "tawpipe-r1": "salmon",
-          "tawpipe-p3": "darkred", "tawpipe-light0": "magenta"}
+          "tawpipe-p3": "darkred", "tawpipe-light0": "magenta", "tawpipe-gb3": "olive",
+          "tawpipe-gb3-light0-p1": "teal"}
 
 
 def plot(results: list[dict], out_dir: Path) -> None:

@@ -25,11 +25,12 @@ class TawPipeEnvironment:
     """Mixin for a Lightning/Fabric ``ParallelStrategy``: expects ``parallel_devices`` and ``cluster_environment``
     on the instance, and the knobs set by :meth:`_set_engine_knobs`."""
 
-    def _set_engine_knobs(self, n_microbatches, prefetch, reuse, schedule, group_size, partition, validate_schedules,
-                          p2p_groups, activation_checkpointing, meta_init, state_dict_type, process_group_backend,
-                          timeout, start_method, check_finite_loss) -> None:
+    def _set_engine_knobs(self, n_microbatches, prefetch, reuse, grad_buffers, schedule, group_size, partition,
+                          validate_schedules, p2p_groups, activation_checkpointing, meta_init, state_dict_type,
+                          process_group_backend, timeout, start_method, check_finite_loss) -> None:
         """Check and keep the knobs the Trainer and the Fabric strategy share, so both reject bad input alike."""
-        check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse)
+        check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse, grad_buffers)
+        self.grad_buffers = grad_buffers
         if p2p_groups not in (None, "rail", "directed"):
             raise ValueError(f"p2p_groups must be 'rail', 'directed' or None, got {p2p_groups!r}.")
         if state_dict_type not in ("sharded", "full"):
@@ -111,7 +112,7 @@ class TawPipeEnvironment:
         return health.Health(self.global_rank, self.world_size)
 
 
-def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None) -> None:
+def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None, grad_buffers=2) -> None:
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
@@ -125,6 +126,12 @@ def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse
         if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= prefetch:
             raise ValueError(f"reuse must be an int in 1..prefetch={prefetch} (chunks kept across a turn live in the "
                              f"prefetch slots; raise prefetch to keep more), got {reuse!r}.")
+    if isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int) or grad_buffers < 2:
+        raise ValueError(f"grad_buffers must be an int >= 2 (a backward step writes one buffer while the previous "
+                         f"step's gradients are still moving out of another), got {grad_buffers!r}.")
+    if grad_buffers != 2 and schedule != "tawpipe":
+        raise ValueError(f"grad_buffers applies to schedule='tawpipe' only (the WeiPipe ring has its own buffers), "
+                         f"got grad_buffers={grad_buffers!r} with schedule={schedule!r}.")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}.")
     check_partition(partition)

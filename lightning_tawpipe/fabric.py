@@ -129,6 +129,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         n_microbatches: default micro-batches of :meth:`train_step` (the plain loop runs one per iteration).
         prefetch: chunks fetched ahead of the one computing (``int >= 1``).
         reuse: chunks kept resident across each forward/backward turn (``1..prefetch``; ``None``: ``prefetch``).
+        grad_buffers: gradient buffers (``int >= 2``, TawPipe schedule only): more let backward outrun slow sends.
         schedule: ``"tawpipe"`` (topology-aware, default) or ``"weipipe"`` (ring baseline).
         group_size: ranks per TawPipe group (``None``: processes per node); emulates nodes on one machine.
         partition: ``"parameters"``, ``"uniform"`` or units per chunk, e.g. ``[2, 3, 2, 3]``.
@@ -153,6 +154,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         n_microbatches: int = 1,
         prefetch: int = 1,
         reuse: Optional[int] = None,
+        grad_buffers: int = 2,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
@@ -173,9 +175,9 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
-        self._set_engine_knobs(n_microbatches, prefetch, reuse, schedule, group_size, partition, validate_schedules,
-                               p2p_groups, activation_checkpointing, meta_init, state_dict_type, process_group_backend,
-                               timeout, start_method, check_finite_loss)
+        self._set_engine_knobs(n_microbatches, prefetch, reuse, grad_buffers, schedule, group_size, partition,
+                               validate_schedules, p2p_groups, activation_checkpointing, meta_init, state_dict_type,
+                               process_group_backend, timeout, start_method, check_finite_loss)
         self._backward_sync_control = _TawPipeBackwardSyncControl()
         self.pipeline: Optional[Pipeline] = None
         self._module: Optional[nn.Module] = None
@@ -275,6 +277,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             schedule=self.schedule,
             prefetch=self.prefetch,
             reuse=self.reuse,
+            grad_buffers=self.grad_buffers,
             partition=self.partition,
             device=self.root_device,
             param_dtype=precision.param_dtype,
@@ -381,7 +384,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         and the mean loss is returned, detached. Follow it with ``clip_gradients``/``optimizer.step()`` as usual.
         """
         n = self.n_microbatches if n_microbatches is None else n_microbatches
-        check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition, self.reuse)
+        check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition, self.reuse, self.grad_buffers)
         engine = self.pipeline.engine
         if engine.active:
             raise RuntimeError("train_step was called while a TawPipe iteration is running (a forward without its "

@@ -77,6 +77,10 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         reuse: chunks kept resident across each forward/backward turn instead of fetched again (``int`` in
             ``1..prefetch``, or ``None`` for ``prefetch``; TawPipe schedule only). The weight slots are reused, so it
             costs no memory; it saves ``reuse - 1`` chunk fetches per turn (``1`` is the paper's schedule).
+        grad_buffers: gradient buffers of the largest chunk's size (``int >= 2``; TawPipe schedule only). A backward
+            step writes one while earlier steps' gradients drain to their owners from the others; on a slow link a
+            third lets backward run on while two sends are still in flight, for one more chunk of memory
+            (``python -m lightning_tawpipe.plan --grad_buffers 3`` predicts the effect). Default 2.
         schedule: ``"tawpipe"`` (topology-aware, the default) or ``"weipipe"`` (topology-unaware ring, the WeiPipe
             baseline for ablations).
         group_size: ranks per TawPipe group (``int`` dividing the world size, or ``None`` for the processes per node).
@@ -140,6 +144,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         n_microbatches: int = 1,
         prefetch: int = 1,
         reuse: Optional[int] = None,
+        grad_buffers: int = 2,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
@@ -178,9 +183,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self._set_engine_knobs(n_microbatches, prefetch, reuse, schedule, group_size, partition, validate_schedules,
-                               p2p_groups, activation_checkpointing, meta_init, state_dict_type, process_group_backend,
-                               timeout, start_method, check_finite_loss)
+        self._set_engine_knobs(n_microbatches, prefetch, reuse, grad_buffers, schedule, group_size, partition,
+                               validate_schedules, p2p_groups, activation_checkpointing, meta_init, state_dict_type,
+                               process_group_backend, timeout, start_method, check_finite_loss)
         self.log_comm_stats = log_comm_stats
         self.async_checkpointing = bool(async_checkpointing)
         self.init_weights, self.init_weights_strict = init_weights, bool(init_weights_strict)
@@ -293,6 +298,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 schedule=self.schedule,
                 prefetch=self.prefetch,
                 reuse=self.reuse,
+            grad_buffers=self.grad_buffers,
                 partition=self.partition,
                 device=self.root_device,
                 param_dtype=precision.param_dtype,

@@ -55,8 +55,8 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
         ),
         pytest.param(
             ("--devices", "2", "--num_nodes", "2", "--group_size", "0", "--n_layer", "5", "--n_microbatches", "2",
-             "--prefetch", "1"),
-            4, 2, id="2nodes-x2-gqa-uneven-mb2-prefetch1-script-launch",
+             "--prefetch", "1", "--grad_buffers", "3"),
+            4, 2, id="2nodes-x2-gqa-uneven-mb2-prefetch1-grad-buffers3-script-launch",
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "6", "--n_microbatches", "4", "--prefetch", "2",
@@ -85,6 +85,8 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
     _assert_sharded(result, reference, world)
     if world > 1:
         assert "TawPipe layout" in result["log"]
+    if "--grad_buffers" in tawpipe_args:  # the knob reached the schedule the engine ran
+        assert "grad_buffers=3" in result["log"]
     if "--partition" in tawpipe_args:  # each rank owns exactly the units it was told: state = 16 B per parameter
         counts = [int(n) for n in tawpipe_args[tawpipe_args.index("--partition") + 1].split(",")]
         units = [u.numel() for u in find_units(GPT(tiny_llama_config(n_layer=int(n_layer), n_embd=32)))]

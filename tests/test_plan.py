@@ -285,3 +285,25 @@ def test_a_lighter_chunk_0_lowers_the_floor_and_the_plan_compares_partitions(cap
                  "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--partition", "parameters",
                  "--partition", "2,2,3,3"]) == 0
     assert "partition=2,2,3,3" in capsys.readouterr().out
+
+
+def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):
+    """With two gradient buffers, a backward step on a slow link waits for the send two steps back to drain; a
+    third buffer removes that wait. The simulated step is shorter (never longer), the schedule has three buffers,
+    the planner labels the knob, and the memory model counts one more largest-chunk buffer."""
+    w, comp = Workload(BENCH, 512, 1, 1, "32-true"), ComputeModel(50e9, 50e9)
+    c = cluster(2, 2, inter=2.5e8, intra=1e10, lat=1e-4)
+    p = plan(c, w, comp, prefetch=(1, 2), strategies=("tawpipe",), grad_buffers=(2, 3))
+    by = {(q.knobs["prefetch"], q.knobs["grad_buffers"]): q for q in p.predictions}
+    assert set(by) == {(1, 2), (1, 3), (2, 2), (2, 3)}
+    for d in (1, 2):
+        assert by[d, 3].step_time < 0.97 * by[d, 2].step_time, (d, by[d, 3].step_time, by[d, 2].step_time)
+        assert by[d, 3].memory.total > by[d, 2].memory.total
+        assert by[d, 3].inter_node_bytes == by[d, 2].inter_node_bytes  # same traffic, only its timing changes
+    fast = cluster(2, 2, inter=1e12, intra=1e12, lat=0.0)  # nothing to wait for: the buffer cannot help
+    q2, q3 = (weightpipe.predict("tawpipe", fast, w, comp, grad_buffers=b) for b in (2, 3))
+    assert q3.step_time == pytest.approx(q2.step_time, rel=1e-6)
+    assert main(["--nodes", "2", "--devices", "2", "--inter", "2gbit", "--model", "tiny-llama-1.1b", "--override",
+                 "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--grad_buffers", "2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "grad_buffers=3" in out and "grad_buffers=2" not in out  # the default is not spelled out

@@ -101,6 +101,10 @@ def test_topology_follows_nodes_and_group_size():
         ({"prefetch": 1, "reuse": 2}, r"reuse must be an int in 1..prefetch=1 .*raise prefetch"),
         ({"prefetch": 2, "reuse": 0}, "reuse must be an int"),
         ({"schedule": "weipipe", "prefetch": 2, "reuse": 2}, "reuse applies to schedule='tawpipe' only"),
+        ({"grad_buffers": 1}, r"grad_buffers must be an int >= 2 \(a backward step writes one buffer"),
+        ({"grad_buffers": 3.0}, "grad_buffers must be an int"),
+        ({"grad_buffers": True}, "grad_buffers must be an int"),
+        ({"schedule": "weipipe", "grad_buffers": 3}, "grad_buffers applies to schedule='tawpipe' only"),
     ],
 )
 def test_bad_knobs_raise_at_construction(kwargs, match):

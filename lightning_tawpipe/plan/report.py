@@ -8,7 +8,7 @@ from lightning_tawpipe.plan.planner import Plan
 def _label(p) -> str:
     shown = ("prefetch", "group_size", "defer_allreduce")
     knobs = ",".join(f"{k}={v}" for k, v in p.knobs.items()
-                     if k in shown or (k == "partition" and v != "parameters"))
+                     if k in shown or (k == "partition" and v != "parameters") or (k == "grad_buffers" and v != 2))
     return f"{p.strategy}({knobs})" if knobs else p.strategy
 
 

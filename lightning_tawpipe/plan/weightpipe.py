@@ -51,9 +51,9 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
     return Chunks(ranges, numel, costs)
 
 
-def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int) -> Schedule:
+def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int = 2) -> Schedule:
     if kind == "tawpipe":
-        return build_tawpipe(topo, n_microbatches, prefetch=prefetch)
+        return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers)
     if kind == "weipipe":
         return build_weipipe(topo, n_microbatches, prefetch=prefetch)
     raise ValueError(f"unknown weight pipeline {kind!r}")
@@ -61,7 +61,7 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int) -> Sche
 
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
             group_size: int | None = None, partition: str | Sequence[int] = "parameters",
-            schedule: Schedule | None = None) -> Prediction:
+            schedule: Schedule | None = None, grad_buffers: int = 2) -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
     ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node.
@@ -70,7 +70,7 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     if cluster.devices_per_node % g:
         raise ValueError(f"group_size {g} must divide the devices per node ({cluster.devices_per_node}).")
     topo = Topology.from_world(cluster.world_size, g)
-    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch)
+    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch, grad_buffers)
     chunks = make_chunks(workload, compute, topo.world_size, partition)
     sim = simulate(schedule, cluster, chunks.costs)
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
@@ -81,6 +81,7 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     if kind == "tawpipe":
         knobs["group_size"] = g
         knobs["reuse"] = schedule.reuse
+        knobs["grad_buffers"] = schedule.n_grad_buffers
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
         inter_node_bytes_per_node=sim.inter_bytes_per_node_max,

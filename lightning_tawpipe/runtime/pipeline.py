@@ -46,6 +46,7 @@ class Pipeline:
         schedule: str = "tawpipe",
         prefetch: int = 1,
         reuse: int | None = None,
+        grad_buffers: int = 2,
         partition: str | Sequence[int] = "parameters",
         device: torch.device,
         param_dtype: torch.dtype = torch.float32,
@@ -60,7 +61,7 @@ class Pipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
-        self.reuse = reuse
+        self.reuse, self.grad_buffers = reuse, grad_buffers
         self.replicas = replicas or ReplicaLayout((topo,))
         self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups,
                                replicas=self.replicas)
@@ -124,7 +125,7 @@ class Pipeline:
         if self.schedule_name == "weipipe":
             from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
         else:
-            builder = partial(build_tawpipe, reuse=self.reuse)
+            builder = partial(build_tawpipe, reuse=self.reuse, grad_buffers=self.grad_buffers)
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
@@ -245,7 +246,8 @@ class Pipeline:
         lines = [
             f"TawPipe layout: schedule={self.schedule_name}, {self.topo.n_groups} node(s) x {self.topo.group_size} "
             f"rank(s), prefetch={self.prefetch}"
-            + (f", reuse={default_reuse(self.prefetch, self.reuse)}" if self.schedule_name == "tawpipe" else "")
+            + (f", reuse={default_reuse(self.prefetch, self.reuse)}, grad_buffers={self.grad_buffers}"
+               if self.schedule_name == "tawpipe" else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
         for c, units in enumerate(self.chunk_units):
