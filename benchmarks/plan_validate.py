@@ -36,6 +36,10 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2",
            "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
+# speed.py's opt-in TawPipe variants, as planner knobs (None: the point's own), predicted at every TawPipe point so
+# a later measurement of the variant can be read against its prediction
+VARIANT_KNOBS = {"gb3": dict(grad_buffers=3), "light0": dict(partition=[2, 2, 3, 3]),
+                 "gb3-light0-p1": dict(grad_buffers=3, partition=[2, 2, 3, 3], prefetch=1)}
 
 
 def bench_shape(args: dict) -> ModelShape:
@@ -81,6 +85,7 @@ def validate_dir(name: str) -> list[dict]:
                          "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
             if strategy == "tawpipe":
                 rows[-1]["floors"] = floors(runs, pred.step_time, cluster, w, compute, cores)
+                rows[-1]["variants"] = variants(runs, cluster, w, compute, args["prefetch"])
     return rows
 
 
@@ -99,6 +104,20 @@ def floors(runs: dict, predicted_s: float, cluster, w: Workload, compute: Comput
             "predicted": predicted_s / co,
             "boundary": 1.0 + f.exposed / co, "cpu": cpu / (cores * co) if cpu else None,
             "shared_cores": cluster.world_size > cores, "comm_over_compute": taw.get("comm_over_compute")}
+
+
+def variants(runs: dict, cluster, w: Workload, compute: ComputeModel, prefetch: int) -> dict:
+    """Predicted tawpipe / compute-only of each ``VARIANT_KNOBS`` variant (None where its partition does not fit)."""
+    out = {}
+    for name, knobs in VARIANT_KNOBS.items():
+        knobs = {"prefetch": prefetch, **knobs}
+        try:
+            pred = weightpipe.predict("tawpipe", cluster, w, compute, **knobs)
+        except ValueError:  # e.g. four chunks' units on six ranks
+            out[name] = None
+            continue
+        out[name] = pred.step_time / runs["compute"]["step_time_median"]
+    return out
 
 
 def equivalent_rates() -> list[dict]:
@@ -156,6 +175,21 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
         ratio = f"{f['comm_over_compute']:.2f}" if f["comm_over_compute"] else "-"
         lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {'shared' if f['shared_cores'] else 'own'} | "
                      f"{ratio} | {f['measured']:.2f} | {f['predicted']:.2f} | {f['boundary']:.2f} | {cpu} |")
+    names = list(VARIANT_KNOBS)
+    lines += ["", "## Predicted TawPipe variants (speed.py `tawpipe-<name>`), tawpipe / compute-only", "",
+              "Unmeasured schedule knobs, predicted at every measured point so a later run of the variant can be "
+              "read against them: `gb3` a third gradient buffer, `light0` the partition [2, 2, 3, 3] (a lighter "
+              "chunk 0, 4 ranks only), `gb3-light0-p1` both with prefetch 1.", "",
+              "| set | rate | S | cores | measured (default) | predicted (default) | "
+              + " | ".join(f"predicted {n}" for n in names) + " |",
+              "|---|---|---|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        if "variants" not in r:
+            continue
+        f, v = r["floors"], r["variants"]
+        cells = " | ".join("n/a" if v[n] is None else f"{v[n]:.2f}" for n in names)
+        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {'shared' if f['shared_cores'] else 'own'} | "
+                     f"{f['measured']:.2f} | {f['predicted']:.2f} | {cells} |")
     lines += ["", "## Testbed link rate equivalent to a real cluster", "",
               "Benchmark model (8 x 256, S=512, 2 ranks per emulated node) at the link rate whose TawPipe "
               "comm-to-compute ratio equals that of H100 nodes (8 GPUs, one NIC) training the paper's model "
