@@ -31,7 +31,7 @@ from lightning_tawpipe.plan.testbed import calibrate_cpu, comm_compute_ratio, eq
 from lightning_tawpipe.plan.workload import ModelShape, Workload
 
 HERE = Path(__file__).resolve().parent
-RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2",
+RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2x2-gb3",
            # the GPU host's 16 CPUs, 4 pinned cores per emulated node: no CPU contention between ranks
            "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit")
 GOAL = 0.20
