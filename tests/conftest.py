@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 PORT_RACE = ("Address already in use", "EADDRINUSE")
-JOB_TIMEOUT_S = 900
+JOB_TIMEOUT_S = 540  # below pytest-timeout's 600 s, so a hung job is killed and reported, not abandoned
 
 
 _SERVER = []

@@ -101,7 +101,7 @@ def serve() -> None:
                 pids.append(pid)
                 logs.append(log)
         codes, timed_out = _wait_all(pids, job["timeout"])
-        replies.write(json.dumps({"codes": codes, "logs": logs, "timed_out": timed_out}) + "\n")
+        replies.write(json.dumps({"id": job["id"], "codes": codes, "logs": logs, "timed_out": timed_out}) + "\n")
         replies.flush()
 
 
@@ -109,6 +109,7 @@ class ForkServer:
     """The tests' handle on a running server (see the module docstring)."""
 
     def __init__(self) -> None:
+        self.jobs = 0
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         ready = self.proc.stdout.readline()
@@ -119,7 +120,8 @@ class ForkServer:
             timeout: float) -> tuple[list[int], list[str], bool]:
         """Run one job; returns each rank's exit code and log text (node-major), and whether it timed out."""
         os.makedirs(out, exist_ok=True)
-        request = {"argv": argv, "out": out, "num_nodes": num_nodes, "devices": devices, "env": env,
+        self.jobs += 1
+        request = {"id": self.jobs, "argv": argv, "out": out, "num_nodes": num_nodes, "devices": devices, "env": env,
                    "timeout": timeout}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -127,6 +129,9 @@ class ForkServer:
         if not reply:
             raise RuntimeError(f"the test fork server died (exit code {self.proc.wait()})")
         reply = json.loads(reply)
+        if reply["id"] != request["id"]:  # an earlier job's late answer: this server can no longer be trusted
+            self.proc.kill()
+            raise RuntimeError(f"the test fork server answered job {reply['id']} to job {request['id']}; restarted")
         texts = []
         for path in reply["logs"]:
             with open(path, errors="replace") as f:
