@@ -36,8 +36,8 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
-# speed.py's opt-in TawPipe variants, as planner knobs (None: the point's own), predicted at every TawPipe point so
-# a later measurement of the variant can be read against its prediction
+# speed.py's opt-in TawPipe variants, as planner knobs (a knob not given is the point's own), predicted at every
+# TawPipe point so a later measurement of the variant can be read against its prediction
 VARIANT_KNOBS = {"gb3": dict(grad_buffers=3), "light0": dict(partition=[2, 2, 3, 3]),
                  "gb3-light0-p1": dict(grad_buffers=3, partition=[2, 2, 3, 3], prefetch=1)}
 

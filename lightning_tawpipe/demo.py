@@ -340,9 +340,7 @@ def parse_replicas(text: str) -> int | list[tuple[int, int]]:
 
 def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float = 900) -> dict:
     """Run ``--worker`` jobs (one launcher per emulated node, sharing one port) and load ``result.pt``."""
-    from lightning.fabric.plugins.environments.lightning import find_free_network_port
-
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()))
+    env = job_env()
     cmd = [sys.executable, "-m", "lightning_tawpipe.demo", "--worker", "--out", out, *args]
     procs = [subprocess.Popen(cmd, env=dict(env, NODE_RANK=str(n)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for n in range(node_ranks)]
@@ -355,6 +353,13 @@ def launch_worker(args: list[str], out: str, node_ranks: int = 1, timeout: float
                 q.kill()
             raise RuntimeError(f"worker {cmd} timed out after {timeout}s")
     return worker_result(cmd, [proc.returncode for proc in procs], logs, out)
+
+
+def job_env() -> dict[str, str]:
+    """This process's environment plus a rendezvous on this machine at a free port: what every rank of a job gets."""
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    return dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()))
 
 
 def worker_result(cmd: list[str], exit_codes: list[int], logs: list[str], out: str) -> dict:

@@ -298,7 +298,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 schedule=self.schedule,
                 prefetch=self.prefetch,
                 reuse=self.reuse,
-            grad_buffers=self.grad_buffers,
+                grad_buffers=self.grad_buffers,
                 partition=self.partition,
                 device=self.root_device,
                 param_dtype=precision.param_dtype,

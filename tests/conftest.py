@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lightning_tawpipe.demo import _parser, launch_worker, worker_result
+from lightning_tawpipe.demo import _parser, job_env, launch_worker, worker_result
 
 torch.set_num_threads(1)
 
@@ -32,14 +32,11 @@ def _fork_server():
 
 def _launch_forked(args: list[str], out: str, node_ranks: int) -> dict:
     """The job ``launch_worker`` would run, with every rank forked from the fork server instead of started anew."""
-    from lightning.fabric.plugins.environments.lightning import find_free_network_port
-
     argv = ["--worker", "--out", out, *args]
     shape = _parser().parse_args(argv)
     if node_ranks != shape.num_nodes:
         raise ValueError(f"node_ranks={node_ranks} but the job asks for --num_nodes {shape.num_nodes}")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()))
-    codes, logs, timed_out = _fork_server().run(argv, out, shape.num_nodes, shape.devices, env, JOB_TIMEOUT_S)
+    codes, logs, timed_out = _fork_server().run(argv, out, shape.num_nodes, shape.devices, job_env(), JOB_TIMEOUT_S)
     cmd = [sys.executable, "-m", "lightning_tawpipe.demo", *argv]
     if timed_out:
         raise RuntimeError(f"worker {cmd} timed out after {JOB_TIMEOUT_S}s:\n" + "\n".join(l[-3000:] for l in logs))
