@@ -73,6 +73,7 @@ def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> li
             "--steps", str(a.steps), "--threads", str(a.threads),
             "--warmup", str(a.warmup), "--out", str(out),
             *([] if strategy == "1f1b" or a.precision == "32-true" else ["--precision", a.precision]),
+            *(["--sleep_blocks", a.sleep_blocks] if a.sleep_blocks else []),
             *variant_args]  # last, so they win over the shared knobs
 
 
@@ -127,6 +128,9 @@ def measure(a: argparse.Namespace) -> list[dict]:
     unknown = [s for s in strategies if s not in ALL and s not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {', '.join((*ALL, *VARIANTS))}")
+    if a.sleep_blocks and "1f1b" in strategies:
+        raise SystemExit("--sleep_blocks patches LitGPT blocks inside the Lightning workers; benchmarks.onef1b has "
+                         "its own stages, so leave 1f1b out of --strategies")
     point = 0
     for rate in a.rates.split(","):
         subprocess.run(["bash", str(NETNS), "destroy", "--prefix", PREFIX], capture_output=True)
@@ -318,6 +322,9 @@ def main() -> None:
                         "is timed too, so leave it off for timing runs); draw them with benchmarks.trace_timeline")
     p.add_argument("--cpus_per_node", type=int, default=0,
                    help="pin node n's processes to cores [n*K, (n+1)*K) with taskset (0: no pinning)")
+    p.add_argument("--sleep_blocks", default=None, metavar="FWD_MS,BWD_MS",
+                   help="every transformer block sleeps FWD_MS/BWD_MS instead of computing, leaving the cores to "
+                        "communication as on a GPU cluster (a diagnostic: benchmarks/sleep_blocks.py; not for 1f1b)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and plots from OUT/results.json")
     a = p.parse_args()

@@ -1,0 +1,60 @@
+"""Transformer blocks that sleep instead of computing: time the communication engine as if every rank had a GPU.
+
+    python -m benchmarks.speed ... --sleep_blocks 18.4,36.8   # every block: 18.4 ms forward, 36.8 ms backward
+
+Why: on a CPU testbed a rank's compute and its communication share the same cores, so a step measures both the
+schedule's exposed communication and the CPU that gloo and the kernel take from compute. On a GPU cluster compute
+runs on the device and leaves the host's cores to the communication threads. With ``--sleep_blocks`` every LitGPT
+``Block`` holds its rank for a fixed time without using a core (``time.sleep`` releases the CPU and the GIL), so even
+the 2-core box has its cores free for gloo, the kernel's TCP work and the link shaping, and the step time shows
+what the schedule and the engine leave exposed. The embedding, the head, the loss and the optimizer step still run
+for real. This is a diagnostic for the benchmark only: the model learns nothing in its blocks (their backward
+returns zero gradients, which the engines still reduce, send and apply like any other).
+
+The durations to use for a host are the planner's calibrated per-block times (``benchmarks.plan_validate``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def parse_sleep_blocks(text: str) -> tuple[float, float]:
+    """``"18.4,36.8"`` (milliseconds) -> (forward, backward) seconds per block."""
+    try:
+        fwd, bwd = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sleep_blocks takes FORWARD_MS,BACKWARD_MS (e.g. 18.4,36.8), got {text!r}") from None
+    if fwd < 0 or bwd < 0:
+        raise ValueError(f"--sleep_blocks durations must be >= 0 ms, got {text!r}")
+    return fwd / 1e3, bwd / 1e3
+
+
+class _SleepingBlock(torch.autograd.Function):
+    """Identity on the activations that sleeps; backward sleeps and gives every block parameter a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, forward_s: float, backward_s: float, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        time.sleep(forward_s)
+        ctx.backward_s = backward_s
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        time.sleep(ctx.backward_s)
+        zeros = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.param_meta]
+        return (None, None, grad, *zeros)
+
+
+def install(forward_s: float, backward_s: float) -> None:
+    """Make every LitGPT ``Block`` of this process sleep for ``forward_s`` / ``backward_s`` instead of computing."""
+    from litgpt.model import Block
+
+    def sleeping_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return _SleepingBlock.apply(forward_s, backward_s, x, *params)
+
+    Block.forward = sleeping_forward
