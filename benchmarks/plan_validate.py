@@ -33,7 +33,9 @@ from lightning_tawpipe.plan.workload import ModelShape, Workload
 HERE = Path(__file__).resolve().parent
 RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2x2-gb3",
            # the GPU host's 16 CPUs, 4 pinned cores per emulated node: no CPU contention between ranks
-           "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit")
+           "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit",
+           # the 2-core box with sleeping blocks (--sleep_blocks): compute takes no core, as on a GPU
+           "sleep-blocks/2x2-variants")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
 # speed.py's opt-in TawPipe variants, as planner knobs (a knob not given is the point's own), predicted at every
@@ -69,9 +71,12 @@ def validate_dir(name: str) -> list[dict]:
         runs = {r["strategy"]: r for r in data["results"] if (r["rate"], r["seq_length"]) == (rate, seq)}
         if "compute" not in runs:
             continue
-        # the cores the ranks compute on: the pinned ones, else the machine's (runs before CPU accounting: 2)
+        # the cores the ranks compute on: the pinned ones, else the machine's (runs before CPU accounting: 2);
+        # with sleeping blocks (benchmarks/sleep_blocks.py) compute takes no core: devices are separate, as on GPUs
         cores = args["cpus_per_node"] * args["nodes"] if args.get("cpus_per_node") else runs["compute"].get("cores", 2)
-        cluster = cpu_testbed(args["nodes"], args["devices"], None if rate == "none" else rate, host_cores=cores)
+        sleeping = bool(args.get("sleep_blocks"))
+        cluster = cpu_testbed(args["nodes"], args["devices"], None if rate == "none" else rate,
+                              host_cores=None if sleeping else cores)
         w = Workload(shape, seq, args["batch_size"], args["n_microbatches"], "32-true")
         compute = calibrate_cpu(cluster, w, runs["compute"]["step_time_median"])
         for strategy in PREDICTED:
@@ -84,39 +89,45 @@ def validate_dir(name: str) -> list[dict]:
                          "measured_link_mb": runs[strategy].get("link_tx_bytes_per_step", 0.0) / 1e6,
                          "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
             if strategy == "tawpipe":
-                rows[-1]["floors"] = floors(runs, pred.step_time, cluster, w, compute, cores)
+                rows[-1]["floors"] = floors(runs, pred.step_time, cluster, w, compute, cores, sleeping)
                 rows[-1]["variants"] = variants(runs, cluster, w, compute, args["prefetch"])
     return rows
 
 
-def floors(runs: dict, predicted_s: float, cluster, w: Workload, compute: ComputeModel, cores: int) -> dict:
+def floors(runs: dict, predicted_s: float, cluster, w: Workload, compute: ComputeModel, cores: int,
+           sleeping: bool = False) -> dict:
     """TawPipe / compute-only at one point: measured, predicted, and the two floors under it.
 
     * boundary: chunk 0's round trip between iterations (``plan/floor.py``), which no schedule hides. It holds where
       every rank has its own cores; with shared cores a waiting rank lends its cores to the others.
     * CPU: the machine CPU-seconds TawPipe's step used (compute plus moving its bytes through gloo and the kernel),
-      over the cores the ranks run on. It binds where the ranks share the cores.
+      over the cores the ranks run on. It binds where the ranks share the cores (not with sleeping blocks, whose
+      compute takes no core).
     """
     co, taw = runs["compute"]["step_time_median"], runs["tawpipe"]
     f = boundary_floor(cluster, w, compute)
     cpu = taw.get("machine_cpu_s_per_step")
     return {"measured": taw.get("vs_compute_only") or taw["step_time_median"] / co,
             "predicted": predicted_s / co,
-            "boundary": 1.0 + f.exposed / co, "cpu": cpu / (cores * co) if cpu else None,
-            "shared_cores": cluster.world_size > cores, "comm_over_compute": taw.get("comm_over_compute")}
+            "boundary": 1.0 + f.exposed / co, "cpu": cpu / (cores * co) if cpu and not sleeping else None,
+            "cores": "sleep" if sleeping else "shared" if cluster.world_size > cores else "own",
+            "comm_over_compute": taw.get("comm_over_compute")}
 
 
 def variants(runs: dict, cluster, w: Workload, compute: ComputeModel, prefetch: int) -> dict:
-    """Predicted tawpipe / compute-only of each ``VARIANT_KNOBS`` variant (None where its partition does not fit)."""
+    """Each ``VARIANT_KNOBS`` variant's tawpipe / compute-only: predicted (None where its partition does not fit)
+    and, where the point ran it (speed.py ``tawpipe-<name>``), measured."""
     out = {}
+    co = runs["compute"]["step_time_median"]
     for name, knobs in VARIANT_KNOBS.items():
         knobs = {"prefetch": prefetch, **knobs}
+        run = runs.get(f"tawpipe-{name}")
+        measured = run["step_time_median"] / co if run and "step_time_median" in run else None
         try:
-            pred = weightpipe.predict("tawpipe", cluster, w, compute, **knobs)
+            predicted = weightpipe.predict("tawpipe", cluster, w, compute, **knobs).step_time / co
         except ValueError:  # e.g. four chunks' units on six ranks
-            out[name] = None
-            continue
-        out[name] = pred.step_time / runs["compute"]["step_time_median"]
+            predicted = None
+        out[name] = {"predicted": predicted, "measured": measured}
     return out
 
 
@@ -173,23 +184,23 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
             continue
         cpu = f"{f['cpu']:.2f}" if f["cpu"] is not None else "n/a"
         ratio = f"{f['comm_over_compute']:.2f}" if f["comm_over_compute"] else "-"
-        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {'shared' if f['shared_cores'] else 'own'} | "
+        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {f['cores']} | "
                      f"{ratio} | {f['measured']:.2f} | {f['predicted']:.2f} | {f['boundary']:.2f} | {cpu} |")
     names = list(VARIANT_KNOBS)
-    lines += ["", "## Predicted TawPipe variants (speed.py `tawpipe-<name>`), tawpipe / compute-only", "",
-              "Unmeasured schedule knobs, predicted at every measured point so a later run of the variant can be "
-              "read against them: `gb3` a third gradient buffer, `light0` the partition [2, 2, 3, 3] (a lighter "
-              "chunk 0, 4 ranks only), `gb3-light0-p1` both with prefetch 1.", "",
-              "| set | rate | S | cores | measured (default) | predicted (default) | "
-              + " | ".join(f"predicted {n}" for n in names) + " |",
-              "|---|---|---|---|---|---|" + "---|" * len(names)]
+    lines += ["", "## TawPipe variants (speed.py `tawpipe-<name>`), tawpipe / compute-only: predicted (measured)", "",
+              "Schedule knobs, predicted at every measured point so a run of the variant can be read against them, "
+              "with the measurement where the set ran the variant: `gb3` a third gradient buffer, `light0` the "
+              "partition [2, 2, 3, 3] (a lighter chunk 0, 4 ranks only), `gb3-light0-p1` both with prefetch 1. "
+              "Cores *sleep*: the blocks slept instead of computing (`--sleep_blocks`), so compute took no core.", "",
+              "| set | rate | S | cores | default | " + " | ".join(names) + " |",
+              "|---|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
         if "variants" not in r:
             continue
         f, v = r["floors"], r["variants"]
-        cells = " | ".join("n/a" if v[n] is None else f"{v[n]:.2f}" for n in names)
-        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {'shared' if f['shared_cores'] else 'own'} | "
-                     f"{f['measured']:.2f} | {f['predicted']:.2f} | {cells} |")
+        cells = " | ".join(_pred_meas(v[n]["predicted"], v[n]["measured"]) for n in names)
+        lines.append(f"| {r['set']} | {r['rate']} | {r['seq']} | {f['cores']} | "
+                     f"{_pred_meas(f['predicted'], f['measured'])} | {cells} |")
     lines += ["", "## Testbed link rate equivalent to a real cluster", "",
               "Benchmark model (8 x 256, S=512, 2 ranks per emulated node) at the link rate whose TawPipe "
               "comm-to-compute ratio equals that of H100 nodes (8 GPUs, one NIC) training the paper's model "
@@ -199,6 +210,11 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
         lines.append(f"| {r['nodes']} | {r['rate']} | {r['seq']} | {r['comm_over_compute']:.3f} | "
                      f"{r['testbed_mbit']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _pred_meas(predicted: float | None, measured: float | None) -> str:
+    cell = "n/a" if predicted is None else f"{predicted:.2f}"
+    return cell if measured is None else f"{cell} ({measured:.2f})"
 
 
 def plot(rows: list[dict], path: Path) -> None:

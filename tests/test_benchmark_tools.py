@@ -78,3 +78,51 @@ def test_trace_timeline_splits_a_step_into_engine_time_and_the_models_own_work(t
     assert [r["name"] for r in s["ranges"]] == ["RW1<2@s1", "wait-for:F1.0@s1", "BW1^0@s1"]
     with pytest.raises(SystemExit, match="no traces"):
         rank_files(str(tmp_path / "missing"))
+
+
+def test_sleeping_blocks_hold_the_rank_without_computing_and_give_zero_block_gradients(monkeypatch):
+    """``--sleep_blocks``: each block is the identity and sleeps; the rest of the model still trains."""
+    import time
+
+    import torch
+    from litgpt.model import GPT, Block
+
+    from benchmarks.sleep_blocks import install, parse_sleep_blocks
+    from lightning_tawpipe.module import tiny_llama_config
+
+    assert parse_sleep_blocks("18.4,36.8") == pytest.approx((0.0184, 0.0368))
+    for bad in ("18.4", "a,b", "1,2,3", "-1,2"):
+        with pytest.raises(ValueError, match="--sleep_blocks"):
+            parse_sleep_blocks(bad)
+
+    monkeypatch.setattr(Block, "forward", Block.forward)  # undone after the test
+    torch.manual_seed(0)
+    model = GPT(tiny_llama_config(n_layer=3, n_embd=32, n_head=4, n_query_groups=2, block_size=16))
+    idx = torch.randint(0, 256, (2, 16))
+    install(0.01, 0.02)
+    start = time.perf_counter()
+    logits = model(idx)
+    forward_s = time.perf_counter() - start
+    logits.float().logsumexp(-1).mean().backward()
+    total_s = time.perf_counter() - start
+    assert forward_s >= 3 * 0.01 and total_s >= 3 * (0.01 + 0.02)
+    t = model.transformer
+    assert torch.equal(logits, model.lm_head(t.ln_f(t.wte(idx))))  # the blocks passed activations through
+    for block in t.h:
+        assert all(p.grad is not None and not p.grad.any() for p in block.parameters())
+    assert t.wte.weight.grad.abs().sum() > 0 and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_plan_validate_reads_sleeping_block_runs_as_separate_devices_with_measured_variants():
+    """The committed ``sleep-blocks`` set: no CPU floor, every variant measured, the planner within its goal."""
+    from benchmarks.plan_validate import GOAL, VARIANT_KNOBS, _pred_meas, validate_dir
+
+    rows = [r for r in validate_dir("sleep-blocks/2x2-variants") if r["strategy"] == "tawpipe"]
+    assert {r["rate"] for r in rows} == {"1gbit", "2gbit", "4gbit", "none"}
+    for r in rows:
+        assert r["floors"]["cores"] == "sleep" and r["floors"]["cpu"] is None
+        assert abs(r["error"]) <= GOAL
+        assert set(r["variants"]) == set(VARIANT_KNOBS)
+        assert all(v["measured"] is not None and v["predicted"] is not None for v in r["variants"].values())
+    assert _pred_meas(1.234, None) == "1.23" and _pred_meas(None, 1.5) == "n/a (1.50)"
+    assert _pred_meas(1.0, 1.07) == "1.00 (1.07)"
