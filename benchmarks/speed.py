@@ -322,9 +322,10 @@ def main() -> None:
                         "is timed too, so leave it off for timing runs); draw them with benchmarks.trace_timeline")
     p.add_argument("--cpus_per_node", type=int, default=0,
                    help="pin node n's processes to cores [n*K, (n+1)*K) with taskset (0: no pinning)")
-    p.add_argument("--sleep_blocks", default=None, metavar="FWD_MS,BWD_MS",
-                   help="every transformer block sleeps FWD_MS/BWD_MS instead of computing, leaving the cores to "
-                        "communication as on a GPU cluster (a diagnostic: benchmarks/sleep_blocks.py; not for 1f1b)")
+    p.add_argument("--sleep_blocks", default=None, metavar="FWD_MS,BWD_MS[,JITTER]",
+                   help="every transformer block sleeps FWD_MS/BWD_MS (each within +-JITTER of it) instead of "
+                        "computing, leaving the cores to communication as on a GPU cluster (a diagnostic: "
+                        "benchmarks/sleep_blocks.py; not for 1f1b)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and plots from OUT/results.json")
     a = p.parse_args()

@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--activation_checkpointing", action="store_true", help="tawpipe/weipipe: recompute each unit")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads per rank (Lightning would otherwise give each rank cores/ranks-per-node)")
-    p.add_argument("--sleep_blocks", default=None, metavar="FWD_MS,BWD_MS",
+    p.add_argument("--sleep_blocks", default=None, metavar="FWD_MS,BWD_MS[,JITTER]",
                    help="every transformer block sleeps instead of computing (benchmarks/sleep_blocks.py)")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the first timed step to TRACE.rank<r>.json")
     p.add_argument("--out", required=True)
@@ -134,7 +134,9 @@ def main() -> None:
     if a.sleep_blocks:
         from benchmarks import sleep_blocks
 
-        sleep_blocks.install(*sleep_blocks.parse_sleep_blocks(a.sleep_blocks))
+        # a seed per rank (Lightning's launcher starts local ranks > 0 with LOCAL_RANK set)
+        rank_seed = 1000 * int(os.environ.get("NODE_RANK", 0)) + int(os.environ.get("LOCAL_RANK", 0))
+        sleep_blocks.install(*sleep_blocks.parse_sleep_blocks(a.sleep_blocks), seed=rank_seed)
     torch.set_num_threads(a.threads)
     L.seed_everything(1234, verbose=False)
     cfg = tiny_llama_config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_query_groups=a.n_query_groups,

@@ -90,8 +90,9 @@ def test_sleeping_blocks_hold_the_rank_without_computing_and_give_zero_block_gra
     from benchmarks.sleep_blocks import install, parse_sleep_blocks
     from lightning_tawpipe.module import tiny_llama_config
 
-    assert parse_sleep_blocks("18.4,36.8") == pytest.approx((0.0184, 0.0368))
-    for bad in ("18.4", "a,b", "1,2,3", "-1,2"):
+    assert parse_sleep_blocks("18.4,36.8") == pytest.approx((0.0184, 0.0368, 0.0))
+    assert parse_sleep_blocks("18.4,36.8,0.15") == pytest.approx((0.0184, 0.0368, 0.15))
+    for bad in ("18.4", "a,b", "1,2,3,4", "-1,2", "1,2,1.5"):
         with pytest.raises(ValueError, match="--sleep_blocks"):
             parse_sleep_blocks(bad)
 
