@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from benchmarks.speed import VARIANTS
 from lightning_tawpipe.plan import analytic, weightpipe
 from lightning_tawpipe.plan.cluster import cpu_testbed, h100_ethernet
 from lightning_tawpipe.plan.compute import ComputeModel
@@ -38,10 +39,9 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "sleep-blocks/2x2-variants", "sleep-blocks/2x2-jitter15")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
-# speed.py's opt-in TawPipe variants, as planner knobs (a knob not given is the point's own), predicted at every
-# TawPipe point so a later measurement of the variant can be read against its prediction
-VARIANT_KNOBS = {"gb3": dict(grad_buffers=3), "light0": dict(partition=[2, 2, 3, 3]),
-                 "gb3-light0-p1": dict(grad_buffers=3, partition=[2, 2, 3, 3], prefetch=1)}
+# speed.py's opt-in TawPipe variants (tawpipe-<name>): predicted at every TawPipe point from the same knobs the
+# benchmark runs them with, so a measurement of a variant can be read against its prediction
+VARIANT_KNOBS = {name.removeprefix("tawpipe-"): knobs for name, knobs in VARIANTS.items()}
 
 
 def bench_shape(args: dict) -> ModelShape:
@@ -189,8 +189,9 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
     names = list(VARIANT_KNOBS)
     lines += ["", "## TawPipe variants (speed.py `tawpipe-<name>`), tawpipe / compute-only: predicted (measured)", "",
               "Schedule knobs, predicted at every measured point so a run of the variant can be read against them, "
-              "with the measurement where the set ran the variant: `gb3` a third gradient buffer, `light0` the "
-              "partition [2, 2, 3, 3] (a lighter chunk 0, 4 ranks only), `gb3-light0-p1` both with prefetch 1. "
+              "with the measurement where the set ran the variant: `r1` reuse 1 (the paper's schedule), `p3` "
+              "prefetch 3, `light0` the partition [2, 2, 3, 3] (a lighter chunk 0, 4 ranks only), `gb3` a third "
+              "gradient buffer, `gb3-light0-p1` both with prefetch 1 (`benchmarks/speed.py` `VARIANTS`). "
               "Cores *sleep*: the blocks slept instead of computing (`--sleep_blocks`), so compute took no core.", "",
               "| set | rate | S | cores | default | " + " | ".join(names) + " |",
               "|---|---|---|---|---|" + "---|" * len(names)]

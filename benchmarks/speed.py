@@ -32,18 +32,27 @@ NETNS = HERE / "netns" / "netns-topology.sh"
 PREFIX = "tawbench"
 LIGHTNING_STRATEGIES = ("compute", "tawpipe", "weipipe", "ddp", "fsdp", "hsdp", "fsdp2")
 ALL = (*LIGHTNING_STRATEGIES, "1f1b")
-# opt-in ablations: a name for a strategy run with other knobs, side by side with the default
+# opt-in ablations: a TawPipe run with other knobs, side by side with the default. The knobs are the worker's flags
+# (and TawPipeStrategy's arguments); benchmarks.plan_validate predicts every variant from the same dict.
 VARIANTS = {
-    "tawpipe-r1": ("tawpipe", ["--reuse", "1"]),  # the paper's schedule: only the turnaround chunk kept
-    "tawpipe-p3": ("tawpipe", ["--prefetch", "3"]),  # one chunk deeper prefetch (and reuse 3): 4 weight buffers
+    "tawpipe-r1": {"reuse": 1},  # the paper's schedule: only the turnaround chunk kept
+    "tawpipe-p3": {"prefetch": 3},  # one chunk deeper prefetch (and reuse 3): 4 weight buffers
     # a lighter chunk 0 (embedding + 1 block; the 8-layer benchmark model on 4 ranks): a shorter round trip at the
     # iteration boundary, which no schedule hides (plan/floor.py), for a 3-block largest chunk
-    "tawpipe-light0": ("tawpipe", ["--partition", "2,2,3,3"]),
+    "tawpipe-light0": {"partition": [2, 2, 3, 3]},
     # a third gradient buffer: backward runs on while two gradient sends still drain over the slow link
-    "tawpipe-gb3": ("tawpipe", ["--grad_buffers", "3"]),
-    # what the planner predicts best at 2-4 Gbit/s on the spare-core host: all three together
-    "tawpipe-gb3-light0-p1": ("tawpipe", ["--grad_buffers", "3", "--partition", "2,2,3,3", "--prefetch", "1"]),
+    "tawpipe-gb3": {"grad_buffers": 3},
+    # what the planner predicts best at 2-4 Gbit/s with the cores left to communication: all three together
+    "tawpipe-gb3-light0-p1": {"grad_buffers": 3, "partition": [2, 2, 3, 3], "prefetch": 1},
 }
+
+
+def variant_flags(knobs: dict) -> list[str]:
+    """Worker flags for a variant's knobs (a partition list as ``2,2,3,3``)."""
+    flags = []
+    for knob, value in knobs.items():
+        flags += [f"--{knob}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags
 
 
 def rate_bits_per_s(rate: str) -> float | None:
@@ -66,7 +75,8 @@ def check_environment() -> None:
 
 def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> list[str]:
     n_microbatches = 0 if strategy == "1f1b" else a.n_microbatches  # 1F1B: one micro-batch per stage (0 = world)
-    strategy, variant_args = VARIANTS.get(strategy, (strategy, []))
+    variant_args = variant_flags(VARIANTS[strategy]) if strategy in VARIANTS else []
+    strategy = "tawpipe" if strategy in VARIANTS else strategy
     return ["--strategy", strategy, "--n_layer", str(a.n_layer), "--n_embd", str(a.n_embd), "--n_head", str(a.n_head),
             "--n_query_groups", str(a.n_query_groups), "--seq_length", str(seq), "--batch_size", str(a.batch_size),
             "--n_microbatches", str(n_microbatches), "--prefetch", str(a.prefetch), "--reuse", str(a.reuse),

@@ -124,6 +124,23 @@ def test_plan_validate_reads_sleeping_block_runs_as_separate_devices_with_measur
         assert r["floors"]["cores"] == "sleep" and r["floors"]["cpu"] is None
         assert abs(r["error"]) <= GOAL
         assert set(r["variants"]) == set(VARIANT_KNOBS)
-        assert all(v["measured"] is not None and v["predicted"] is not None for v in r["variants"].values())
+        assert all(v["predicted"] is not None for v in r["variants"].values())
+        ran = {name for name, v in r["variants"].items() if v["measured"] is not None}
+        assert ran == {"gb3", "light0", "gb3-light0-p1"}  # the set's --strategies
     assert _pred_meas(1.234, None) == "1.23" and _pred_meas(None, 1.5) == "n/a (1.50)"
     assert _pred_meas(1.0, 1.07) == "1.00 (1.07)"
+
+
+def test_a_variant_runs_the_tawpipe_worker_with_its_knobs_after_the_shared_ones():
+    import argparse
+
+    from benchmarks.speed import VARIANTS, worker_args
+
+    a = argparse.Namespace(n_layer=8, n_embd=256, n_head=8, n_query_groups=4, batch_size=1, n_microbatches=1,
+                           prefetch=2, reuse=0, steps=6, threads=1, warmup=2, precision="32-true",
+                           sleep_blocks=None)
+    args = worker_args("tawpipe-gb3-light0-p1", a, 512, "out.json")
+    assert args[:2] == ["--strategy", "tawpipe"]
+    assert args[-6:] == ["--grad_buffers", "3", "--partition", "2,2,3,3", "--prefetch", "1"]
+    assert all(name.startswith("tawpipe-") for name in VARIANTS)
+    assert worker_args("ddp", a, 512, "out.json")[:2] == ["--strategy", "ddp"]

@@ -51,9 +51,10 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
     return Chunks(ranges, numel, costs)
 
 
-def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int = 2) -> Schedule:
+def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int = 2,
+          reuse: int | None = None) -> Schedule:
     if kind == "tawpipe":
-        return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers)
+        return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers, reuse=reuse)
     if kind == "weipipe":
         return build_weipipe(topo, n_microbatches, prefetch=prefetch)
     raise ValueError(f"unknown weight pipeline {kind!r}")
@@ -61,16 +62,17 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_bu
 
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
             group_size: int | None = None, partition: str | Sequence[int] = "parameters",
-            schedule: Schedule | None = None, grad_buffers: int = 2) -> Prediction:
+            schedule: Schedule | None = None, grad_buffers: int = 2, reuse: int | None = None) -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
-    ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node.
+    ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node. ``reuse``
+    (TawPipe) is the chunks kept resident across the turn (None: the strategy's default, ``prefetch``).
     """
     g = group_size or cluster.devices_per_node
     if cluster.devices_per_node % g:
         raise ValueError(f"group_size {g} must divide the devices per node ({cluster.devices_per_node}).")
     topo = Topology.from_world(cluster.world_size, g)
-    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch, grad_buffers)
+    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch, grad_buffers, reuse)
     chunks = make_chunks(workload, compute, topo.world_size, partition)
     sim = simulate(schedule, cluster, chunks.costs)
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
