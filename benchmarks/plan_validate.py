@@ -53,8 +53,11 @@ def bench_shape(args: dict) -> ModelShape:
                       intermediate_size=-(-4 * h // 8) * 8, vocab_size=256)
 
 
-def predict(strategy: str, cluster, w: Workload, compute: ComputeModel, prefetch: int):
-    if strategy in ("tawpipe", "weipipe"):
+def predict(strategy: str, cluster, w: Workload, compute: ComputeModel, prefetch: int, run: dict):
+    if strategy == "tawpipe":  # with the gradient buffers the run had (before the default by node count: 2)
+        grad_buffers = run.get("config", {}).get("grad_buffers", 2) or None
+        return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch, grad_buffers=grad_buffers)
+    if strategy == "weipipe":
         return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch)
     if strategy in ("fsdp", "hsdp"):
         return analytic.fsdp(cluster, w, compute, hybrid=strategy == "hsdp")
@@ -83,7 +86,7 @@ def validate_dir(name: str) -> list[dict]:
         for strategy in PREDICTED:
             if strategy not in runs:
                 continue
-            pred = predict(strategy, cluster, w, compute, args["prefetch"])
+            pred = predict(strategy, cluster, w, compute, args["prefetch"], runs[strategy])
             measured = runs[strategy]["step_time_median"]
             rows.append({"set": name, "rate": rate, "seq": seq, "strategy": strategy, "measured_s": measured,
                          "predicted_s": pred.step_time, "error": pred.step_time / measured - 1.0,
@@ -121,8 +124,10 @@ def variants(runs: dict, cluster, w: Workload, compute: ComputeModel, prefetch: 
     out = {}
     co = runs["compute"]["step_time_median"]
     for name, knobs in VARIANT_KNOBS.items():
-        knobs = {"prefetch": prefetch, **knobs}
         run = runs.get(f"tawpipe-{name}")
+        # a knob the variant does not set is the point's own; a measured run's gradient buffers are its own
+        grad_buffers = (run.get("config", {}).get("grad_buffers", 2) or None) if run else None
+        knobs = {"prefetch": prefetch, "grad_buffers": grad_buffers, **knobs}
         measured = run["step_time_median"] / co if run and "step_time_median" in run else None
         try:
             predicted = weightpipe.predict("tawpipe", cluster, w, compute, **knobs).step_time / co

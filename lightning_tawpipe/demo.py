@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n_microbatches", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--reuse", type=int, default=0, help="chunks kept resident across a turn (0: the default, prefetch)")
-    p.add_argument("--grad_buffers", type=int, default=2, help="tawpipe: gradient buffers (>= 2)")
+    p.add_argument("--grad_buffers", type=int, default=0, help="tawpipe: gradient buffers (>= 2; 0: by node count)")
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="'parameters', 'uniform', or units per chunk, e.g. 2,1,2,3")
@@ -221,7 +221,7 @@ def run_worker(a: argparse.Namespace) -> None:
     strategy, plugins = a.strategy, []
     if a.strategy == "tawpipe":
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
-                                   reuse=a.reuse or None, grad_buffers=a.grad_buffers,
+                                   reuse=a.reuse or None, grad_buffers=a.grad_buffers or None,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    partition=a.partition,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,

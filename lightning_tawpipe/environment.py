@@ -112,7 +112,7 @@ class TawPipeEnvironment:
         return health.Health(self.global_rank, self.world_size)
 
 
-def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None, grad_buffers=2) -> None:
+def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse=None, grad_buffers=None) -> None:
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}.")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
@@ -126,10 +126,12 @@ def check_knobs(n_microbatches, prefetch, schedule, group_size, partition, reuse
         if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= prefetch:
             raise ValueError(f"reuse must be an int in 1..prefetch={prefetch} (chunks kept across a turn live in the "
                              f"prefetch slots; raise prefetch to keep more), got {reuse!r}.")
-    if isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int) or grad_buffers < 2:
+    if grad_buffers is not None and (isinstance(grad_buffers, bool) or not isinstance(grad_buffers, int)
+                                     or grad_buffers < 2):
         raise ValueError(f"grad_buffers must be an int >= 2 (a backward step writes one buffer while the previous "
-                         f"step's gradients are still moving out of another), got {grad_buffers!r}.")
-    if grad_buffers != 2 and schedule != "tawpipe":
+                         f"step's gradients are still moving out of another) or None (by node count), "
+                         f"got {grad_buffers!r}.")
+    if grad_buffers not in (None, 2) and schedule != "tawpipe":
         raise ValueError(f"grad_buffers applies to schedule='tawpipe' only (the WeiPipe ring has its own buffers), "
                          f"got grad_buffers={grad_buffers!r} with schedule={schedule!r}.")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):

@@ -129,7 +129,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         n_microbatches: default micro-batches of :meth:`train_step` (the plain loop runs one per iteration).
         prefetch: chunks fetched ahead of the one computing (``int >= 1``).
         reuse: chunks kept resident across each forward/backward turn (``1..prefetch``; ``None``: ``prefetch``).
-        grad_buffers: gradient buffers (``int >= 2``, TawPipe schedule only): more let backward outrun slow sends.
+        grad_buffers: gradient buffers (``int >= 2``, TawPipe schedule only): more let backward outrun slow sends
+            (``None``: 3 with three or more nodes, else 2).
         schedule: ``"tawpipe"`` (topology-aware, default) or ``"weipipe"`` (ring baseline).
         group_size: ranks per TawPipe group (``None``: processes per node); emulates nodes on one machine.
         partition: ``"parameters"``, ``"uniform"`` or units per chunk, e.g. ``[2, 3, 2, 3]``.
@@ -154,7 +155,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         n_microbatches: int = 1,
         prefetch: int = 1,
         reuse: Optional[int] = None,
-        grad_buffers: int = 2,
+        grad_buffers: int | None = None,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",

@@ -77,10 +77,11 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         reuse: chunks kept resident across each forward/backward turn instead of fetched again (``int`` in
             ``1..prefetch``, or ``None`` for ``prefetch``; TawPipe schedule only). The weight slots are reused, so it
             costs no memory; it saves ``reuse - 1`` chunk fetches per turn (``1`` is the paper's schedule).
-        grad_buffers: gradient buffers of the largest chunk's size (``int >= 2``; TawPipe schedule only). A backward
-            step writes one while earlier steps' gradients drain to their owners from the others; on a slow link a
-            third lets backward run on while two sends are still in flight, for one more chunk of memory
-            (``python -m lightning_tawpipe.plan --grad_buffers 3`` predicts the effect). Default 2.
+        grad_buffers: gradient buffers of the largest chunk's size (``int >= 2``, or ``None``; TawPipe schedule
+            only). A backward step writes one while earlier steps' gradients drain to their owners from the others;
+            on a slow link a third lets backward run on while two sends are still in flight, for one more chunk of
+            memory (``python -m lightning_tawpipe.plan --grad_buffers 2,3`` predicts the effect). Default ``None``:
+            3 with three or more nodes (groups), where it was measured faster, and 2 with fewer.
         schedule: ``"tawpipe"`` (topology-aware, the default) or ``"weipipe"`` (topology-unaware ring, the WeiPipe
             baseline for ablations).
         group_size: ranks per TawPipe group (``int`` dividing the world size, or ``None`` for the processes per node).
@@ -144,7 +145,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         n_microbatches: int = 1,
         prefetch: int = 1,
         reuse: Optional[int] = None,
-        grad_buffers: int = 2,
+        grad_buffers: int | None = None,
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",

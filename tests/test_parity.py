@@ -64,6 +64,10 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
             4, 1, id="4procs-as-2x2-mb4-prefetch2-directed-p2p-explicit-partition",
         ),
         pytest.param(
+            ("--devices", "6", "--group_size", "2", "--n_layer", "4", "--prefetch", "2"),
+            6, 1, id="6procs-as-3x2-default-grad-buffers",
+        ),
+        pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
              "--schedule", "weipipe", "--activation_checkpointing"),
             4, 1, id="weipipe-4-mb2-interleaved-recompute",
@@ -87,6 +91,8 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
         assert "TawPipe layout" in result["log"]
     if "--grad_buffers" in tawpipe_args:  # the knob reached the schedule the engine ran
         assert "grad_buffers=3" in result["log"]
+    if request.node.callspec.id.startswith("6procs-as-3x2"):  # three nodes: a third gradient buffer by default
+        assert "3 node(s) x 2 rank(s)" in result["log"] and "grad_buffers=3" in result["log"]
     if "--partition" in tawpipe_args:  # each rank owns exactly the units it was told: state = 16 B per parameter
         counts = [int(n) for n in tawpipe_args[tawpipe_args.index("--partition") + 1].split(",")]
         units = [u.numel() for u in find_units(GPT(tiny_llama_config(n_layer=int(n_layer), n_embd=32)))]

@@ -307,3 +307,10 @@ def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):
                  "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--grad_buffers", "2,3"]) == 0
     out = capsys.readouterr().out
     assert "grad_buffers=3" in out and "grad_buffers=2" not in out  # the default is not spelled out
+    # three nodes: 3 is the strategy's default there, so 2 is the one spelled out, and the default plan uses 3
+    assert main(["--nodes", "3", "--devices", "2", "--inter", "2gbit", "--model", "tiny-llama-1.1b", "--override",
+                 "n_layer=10", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--grad_buffers", "2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "grad_buffers=2" in out and "grad_buffers=3" not in out
+    three = cluster(3, 2, inter=2.5e8, intra=1e10, lat=1e-4)
+    assert plan(three, w, comp, strategies=("tawpipe",)).predictions[0].knobs["grad_buffers"] == 3

@@ -376,6 +376,21 @@ def test_weipipe_training_is_not_safe_for_user_collectives(n_groups, group_size,
         validate(with_user_barriers(schedule))
 
 
+def test_gradient_buffers_default_by_node_count_and_every_default_schedule_validates():
+    """Two buffers on one or two nodes, three from three nodes on (where backward otherwise waits on the sends of
+    more remote-owned chunks); an explicit count always wins; TawPipe groups count as nodes."""
+    from lightning_tawpipe.schedule.tawpipe import default_grad_buffers
+
+    for topo, expected in ((Topology(1, 2), 2), (Topology(2, 2), 2), (Topology(3, 2), 3), (Topology(4, 1), 3),
+                           (Topology(2, 4), 2), (Topology(3, 1), 3)):
+        schedule = build_tawpipe(topo, 2, prefetch=2)
+        assert schedule.n_grad_buffers == default_grad_buffers(topo, None) == expected, topo
+        validate(schedule)
+        validate(with_user_barriers(schedule))
+    assert build_tawpipe(Topology(3, 2), 1, grad_buffers=2).n_grad_buffers == 2
+    assert default_grad_buffers(Topology(2, 2), 4) == 4
+
+
 def test_builders_reject_bad_knobs():
     with pytest.raises(ValueError, match="prefetch"):
         build_tawpipe(Topology(2, 2), 1, prefetch=0)

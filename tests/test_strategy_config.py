@@ -55,6 +55,7 @@ def test_trainer_by_name_tawpipe():
     assert isinstance(strategy, TawPipeStrategy)
     assert strategy.schedule == "tawpipe"
     assert (strategy.n_microbatches, strategy.prefetch, strategy.partition) == (1, 1, "parameters")
+    assert strategy.grad_buffers is None  # by node count, resolved when the pipeline is built
     assert strategy.group_size is None
     assert strategy.validate_schedules is True
     assert trainer.world_size == 2
@@ -67,6 +68,7 @@ def test_trainer_by_name_weipipe():
     strategy = make_trainer("weipipe").strategy
     assert isinstance(strategy, TawPipeStrategy)
     assert strategy.schedule == "weipipe"
+    assert TawPipeStrategy(schedule="weipipe", grad_buffers=2).grad_buffers == 2  # the ring's own count: allowed
 
 
 def test_trainer_uses_instance_as_is():
@@ -104,6 +106,7 @@ def test_topology_follows_nodes_and_group_size():
         ({"grad_buffers": 1}, r"grad_buffers must be an int >= 2 \(a backward step writes one buffer"),
         ({"grad_buffers": 3.0}, "grad_buffers must be an int"),
         ({"grad_buffers": True}, "grad_buffers must be an int"),
+        ({"grad_buffers": 0}, r"grad_buffers must be an int >= 2 .* or None \(by node count\)"),
         ({"schedule": "weipipe", "grad_buffers": 3}, "grad_buffers applies to schedule='tawpipe' only"),
     ],
 )

@@ -63,8 +63,9 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--group-size", default="", help="TawPipe group sizes to try (divisors of --devices)")
     k.add_argument("--partition", action="append", type=parse_partition,
                    help="TawPipe partitions to try (repeatable): parameters, uniform, or units per chunk (2,3,2,3)")
-    k.add_argument("--grad_buffers", default="2",
-                   help="TawPipe gradient buffer counts to try, e.g. 2,3 (more let backward outrun slow sends)")
+    k.add_argument("--grad_buffers", default="",
+                   help="TawPipe gradient buffer counts to try, e.g. 2,3 (more let backward outrun slow sends; "
+                        "default: the strategy's, 3 with three or more nodes and 2 with fewer)")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     result = plan(cluster, workload, compute, prefetch=tuple(int(d) for d in a.prefetch.split(",")),
                   group_sizes=groups, strategies=tuple(a.strategies.split(",")),
                   partitions=tuple(a.partition or ["parameters"]),
-                  grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")))
+                  grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,))
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

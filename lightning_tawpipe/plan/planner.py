@@ -44,9 +44,9 @@ class Plan:
 def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = None,
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
          strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",),
-         grad_buffers: tuple[int, ...] = (2,)) -> Plan:
-    """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers) and
-    recommend one."""
+         grad_buffers: tuple[int | None, ...] = (None,)) -> Plan:
+    """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers; None: the
+    strategy's default) and recommend one."""
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
     skipped: list[str] = []
@@ -69,7 +69,7 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
 
 def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: tuple[int, ...],
              group_sizes: tuple[int | None, ...], partitions: tuple,
-             grad_buffers: tuple[int, ...] = (2,)) -> list[Prediction]:
+             grad_buffers: tuple[int | None, ...] = (None,)) -> list[Prediction]:
     preds: list[Prediction] = []
     if s == "tawpipe":
         preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g, partition=q,

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.planner import Plan
+from lightning_tawpipe.schedule.tawpipe import default_grad_buffers
+from lightning_tawpipe.topology import Topology
 
 
-def _label(p) -> str:
+def _label(p, cluster: Cluster) -> str:
+    """The strategy and its knobs; partition and gradient buffers only where they are not the strategy's default."""
     shown = ("prefetch", "group_size", "defer_allreduce")
+    default_gb = None
+    if "grad_buffers" in p.knobs:
+        group = p.knobs.get("group_size") or cluster.devices_per_node
+        default_gb = default_grad_buffers(Topology.from_world(cluster.world_size, group), None)
     knobs = ",".join(f"{k}={v}" for k, v in p.knobs.items()
-                     if k in shown or (k == "partition" and v != "parameters") or (k == "grad_buffers" and v != 2))
+                     if k in shown or (k == "partition" and v != "parameters")
+                     or (k == "grad_buffers" and v != default_gb))
     return f"{p.strategy}({knobs})" if knobs else p.strategy
 
 
@@ -21,7 +30,7 @@ def table(plan: Plan) -> str:
     rows = [("strategy", "step ms", "tok/s", "inter MB/node", "intra MB", "bubble", "exposed comm ms",
              "peak GB/dev", "fits", "method")]
     for p in sorted(plan.predictions, key=lambda p: p.step_time):
-        rows.append((_label(p), f"{p.step_time * 1e3:.1f}", f"{p.tokens_per_s(plan.tokens_per_step):.0f}",
+        rows.append((_label(p, c), f"{p.step_time * 1e3:.1f}", f"{p.tokens_per_s(plan.tokens_per_step):.0f}",
                      f"{p.inter_node_bytes_per_node / 1e6:.1f}", f"{p.intra_node_bytes / 1e6:.0f}",
                      f"{p.bubble:.1%}", f"{p.exposed_comm * 1e3:.1f}", f"{p.memory.total / 1e9:.2f}",
                      "yes" if p.fits else "NO", p.method))

@@ -51,7 +51,7 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
     return Chunks(ranges, numel, costs)
 
 
-def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int = 2,
+def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int | None = None,
           reuse: int | None = None) -> Schedule:
     if kind == "tawpipe":
         return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers, reuse=reuse)
@@ -62,11 +62,13 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_bu
 
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
             group_size: int | None = None, partition: str | Sequence[int] = "parameters",
-            schedule: Schedule | None = None, grad_buffers: int = 2, reuse: int | None = None) -> Prediction:
+            schedule: Schedule | None = None, grad_buffers: int | None = None, reuse: int | None = None
+            ) -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
     ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node. ``reuse``
-    (TawPipe) is the chunks kept resident across the turn (None: the strategy's default, ``prefetch``).
+    (TawPipe) is the chunks kept resident across the turn and ``grad_buffers`` its gradient buffers (None: the
+    strategy's defaults, ``prefetch`` and by node count).
     """
     g = group_size or cluster.devices_per_node
     if cluster.devices_per_node % g:

@@ -28,7 +28,7 @@ from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
 from lightning_tawpipe.schedule.program import Schedule
-from lightning_tawpipe.schedule.tawpipe import default_reuse
+from lightning_tawpipe.schedule.tawpipe import default_grad_buffers, default_reuse
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -46,7 +46,7 @@ class Pipeline:
         schedule: str = "tawpipe",
         prefetch: int = 1,
         reuse: int | None = None,
-        grad_buffers: int = 2,
+        grad_buffers: int | None = None,
         partition: str | Sequence[int] = "parameters",
         device: torch.device,
         param_dtype: torch.dtype = torch.float32,
@@ -61,7 +61,9 @@ class Pipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
-        self.reuse, self.grad_buffers = reuse, grad_buffers
+        self.reuse = reuse
+        # None: by the node count (resolved here so the layout line and the planner say what runs)
+        self.grad_buffers = default_grad_buffers(topo, grad_buffers) if schedule == "tawpipe" else grad_buffers
         self.replicas = replicas or ReplicaLayout((topo,))
         self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups,
                                replicas=self.replicas)

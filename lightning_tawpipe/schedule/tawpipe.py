@@ -54,12 +54,26 @@ def default_reuse(prefetch: int, reuse: int | None) -> int:
     return prefetch if reuse is None else reuse
 
 
+def default_grad_buffers(topo: Topology, grad_buffers: int | None) -> int:
+    """The gradient buffers: ``grad_buffers`` if given, else 3 with three or more nodes and 2 with fewer.
+
+    Why the node count decides: a non-owner node sends the gradients of every chunk owned elsewhere, so with more
+    nodes more of its backward steps end in a send over the slow link. With two buffers a backward step waits until
+    the send from two steps back has drained; a third lets backward run on. On three nodes that was measured (5-7%
+    shorter steps at 2 and 4 Gbit/s, ``benchmarks/results/sleep-blocks/3x2-gb3``) and the planner predicts it for
+    GPU clusters of 3-4 nodes (2-8%); on two nodes neither showed a gain that pays for the extra buffer.
+    """
+    if grad_buffers is not None:
+        return grad_buffers
+    return 3 if topo.n_groups >= 3 else 2
+
+
 def build_tawpipe(
     topo: Topology,
     n_microbatches: int,
     prefetch: int = 1,
     train: bool = True,
-    grad_buffers: int = 2,
+    grad_buffers: int | None = None,
     recv_buffers: int | None = None,
     reuse: int | None = None,
 ) -> Schedule:
@@ -73,6 +87,7 @@ def build_tawpipe(
 
     ``reuse`` (default: ``prefetch``) is how many chunks stay resident across each forward/backward turn instead of
     being fetched again (:func:`residency`); 1 is the paper's schedule, which keeps only the turnaround chunk.
+    ``grad_buffers`` defaults by the node count (:func:`default_grad_buffers`).
     """
     with gc_paused():
         return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse)
@@ -80,6 +95,7 @@ def build_tawpipe(
 
 def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
+    grad_buffers = default_grad_buffers(topo, grad_buffers)
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1 (chunks fetched ahead of the one computing), got {prefetch}.")
     if n_microbatches < 1:
