@@ -61,7 +61,7 @@ def default_grad_buffers(topo: Topology, grad_buffers: int | None) -> int:
     nodes more of its backward steps end in a send over the slow link. With two buffers a backward step waits until
     the send from two steps back has drained; a third lets backward run on. On three nodes that was measured (5-7%
     shorter steps at 2 and 4 Gbit/s, ``benchmarks/results/sleep-blocks/3x2-gb3``) and the planner predicts it for
-    GPU clusters of 3-4 nodes (2-8%); on two nodes neither showed a gain that pays for the extra buffer.
+    GPU clusters of 3-4 nodes (1-8%); on two nodes neither showed a gain that pays for the extra buffer.
     """
     if grad_buffers is not None:
         return grad_buffers
