@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=int, default=0, help="chunks kept resident across a turn (0: the default, prefetch)")
     p.add_argument("--grad_buffers", type=int, default=0, help="tawpipe: gradient buffers (>= 2; 0: by node count)")
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
+    p.add_argument("--replicate_first_chunk", action="store_true", help="tawpipe: mirror chunk 0 on every node")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="'parameters', 'uniform', or units per chunk, e.g. 2,1,2,3")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")
@@ -223,7 +224,7 @@ def run_worker(a: argparse.Namespace) -> None:
         strategy = TawPipeStrategy(n_microbatches=a.n_microbatches, prefetch=a.prefetch, schedule=a.schedule,
                                    reuse=a.reuse or None, grad_buffers=a.grad_buffers or None,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
-                                   partition=a.partition,
+                                   partition=a.partition, replicate_first_chunk=a.replicate_first_chunk,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
                                    state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,
                                    init_weights=a.init_weights, replicas=replicas,
@@ -297,12 +298,13 @@ def run_worker(a: argparse.Namespace) -> None:
     outer_bytes = trainer.strategy.all_gather(torch.tensor(
         [outer.stats.bytes_sent if outer else 0, outer.stats.exchanges if outer else 0], device=device)).tolist()
     scaler = getattr(trainer.precision_plugin, "scaler", None)
+    first_chunk = _first_chunk_digests(trainer) if a.strategy == "tawpipe" else []
     if trainer.global_rank == 0 and a.out:
         os.makedirs(a.out, exist_ok=True)
         result = {"losses": record.losses, "model_state_bytes": [r[0] for r in per_rank],
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
                   "validation": {k: float(v) for k, v in val.items()},
-                  "grad_bytes_per_rank": grad_bytes,
+                  "grad_bytes_per_rank": grad_bytes, "first_chunk_digests": first_chunk,
                   "test": {k: float(v) for k, v in tested.items()},
                   "setup_peak_growth_mb": setup_growth.tolist(),
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
@@ -320,6 +322,28 @@ def run_worker(a: argparse.Namespace) -> None:
     # ("terminate called without an active exception") after finishing its work.
     trainer.strategy.barrier()
     torch.distributed.destroy_process_group()
+
+
+def _first_chunk_digests(trainer) -> list:
+    """Per rank: a digest of its copy of chunk 0 (master weights and optimizer state) if it holds one, else None.
+    Chunk 0's owner and its mirrors (``replicate_first_chunk``) must agree bit for bit; a collective call."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    shard = trainer.strategy.pipeline.first_chunk_shard()
+    digest = None
+    if shard is not None:
+        h = hashlib.sha256(shard.weights.detach().cpu().numpy().tobytes())
+        for optimizer in trainer.optimizers:
+            for master in shard.params.values():
+                for key, value in sorted(optimizer.state.get(master, {}).items()):
+                    if torch.is_tensor(value):
+                        h.update(key.encode() + value.detach().cpu().numpy().tobytes())
+        digest = h.hexdigest()
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, digest)
+    return out
 
 
 def _link_tx_bytes() -> int:

@@ -95,6 +95,8 @@ class TawPipePrecision(FSDPPrecision):
         self._desired_input_dtype = _PARAM_DTYPE[precision] if "true" in precision else torch.float32
         self.device = device
         self.replicated: set[torch.nn.Parameter] = set()  # set by the strategy: parameters every rank holds
+        # set by the strategy: masters of chunk 0's mirrors (replicate_first_chunk), counted by the owner only
+        self.mirrored: set[torch.nn.Parameter] = set()
         self.group = None  # set by the strategy with several replicas: one replica's ranks (clipping, inf checks)
 
     @classmethod
@@ -147,7 +149,7 @@ class TawPipePrecision(FSDPPrecision):
     @override
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         params = [p for p in self.main_params(optimizer) if p.grad is not None]
-        owned = [p.grad for p in params if p not in self.replicated]
+        owned = [p.grad for p in params if p not in self.replicated and p not in self.mirrored]
         shared = [p.grad for p in params if p in self.replicated]
         device = params[0].grad.device if params else torch.device("cpu")
         squared = torch.zeros((), dtype=torch.float64, device=device)

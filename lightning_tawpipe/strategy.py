@@ -89,6 +89,12 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         partition: ``"parameters"`` (balance parameter counts, default), ``"uniform"`` (balance unit counts), or
             the units of each rank's chunk, e.g. ``[2, 3, 2, 3]``: a lighter chunk 0 shortens the round trip every
             iteration exposes on slow links (``python -m lightning_tawpipe.plan`` predicts the effect).
+        replicate_first_chunk: keep a mirror of chunk 0 (weights, gradient accumulator, optimizer state) on one rank
+            of every other node (``bool``, default False; TawPipe schedule, one replica). Chunk 0's gradient is the
+            last an iteration makes and its weights the first the next needs, so without a mirror every other node
+            pays a gradient-out, weights-back round trip over the slow link between two steps. With it, the holders
+            sum chunk 0's gradient with one all-reduce per optimizer step and step identically: one exchange instead
+            of the round trip, and no chunk-0 weight traffic between nodes, for chunk 0's state once more per node.
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
@@ -149,6 +155,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
+        replicate_first_chunk: bool = False,
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,
@@ -187,6 +194,13 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self._set_engine_knobs(n_microbatches, prefetch, reuse, grad_buffers, schedule, group_size, partition,
                                validate_schedules, p2p_groups, activation_checkpointing, meta_init, state_dict_type,
                                process_group_backend, timeout, start_method, check_finite_loss)
+        if not isinstance(replicate_first_chunk, bool):
+            raise ValueError(f"replicate_first_chunk must be True or False, got {replicate_first_chunk!r}.")
+        if replicate_first_chunk and (schedule != "tawpipe" or replicas != 1):
+            raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' and one replica (the WeiPipe ring has "
+                             "no nodes to mirror chunk 0 in, and the outer loop of several replicas would update "
+                             f"chunk 0's owner but not its mirrors); got schedule={schedule!r}, replicas={replicas!r}.")
+        self.replicate_first_chunk = replicate_first_chunk
         self.log_comm_stats = log_comm_stats
         self.async_checkpointing = bool(async_checkpointing)
         self.init_weights, self.init_weights_strict = init_weights, bool(init_weights_strict)
@@ -286,7 +300,10 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
                     group["params"] = self.pipeline.optimizer_params(group["params"])
-            self._local_names = {**{p: name_of[p] for p in self.pipeline.replicated}, **self.pipeline.shard.names()}
+            replicated = {p: name_of[p] for p in self.pipeline.replicated}
+            self._local_names = {**replicated, **self.pipeline.master_names()}  # what this rank steps (and loads)
+            self._saved_names = {**replicated, **self.pipeline.master_names(with_mirror=False)}  # what it saves
+            self.precision_plugin.mirrored = set(self.pipeline.mirror.params.values()) if self.pipeline.mirror else set()
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -310,6 +327,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 initial_state=self._read_init_weights(),
                 initial_state_strict=self.init_weights_strict,
                 replicas=self.replica_layout,
+                replicate_first_chunk=self.replicate_first_chunk,
             )
             if self.pipeline.replicas.n_replicas > 1:
                 self.outer = OuterLoop.build(self.pipeline, self.outer_config)
@@ -513,8 +531,8 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         index = [o if not hasattr(o, "_optimizer") else o._optimizer for o in self.optimizers].index(
             getattr(optimizer, "_optimizer", optimizer))
         if self.state_dict_type == "sharded":
-            return optim_state.local_state_by_name(optimizer, self._local_names, self._full_group_names[index])
-        return optim_state.gather_full_state(optimizer, self._local_names, self._full_group_names[index])
+            return optim_state.local_state_by_name(optimizer, self._saved_names, self._full_group_names[index])
+        return optim_state.gather_full_state(optimizer, self._saved_names, self._full_group_names[index])
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
@@ -546,7 +564,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         path = check_checkpoint(checkpoint_path)
         if path.is_file():
             return self.checkpoint_io.load_checkpoint(path)
-        local = self.pipeline.local_state_dict(self.lightning_module)
+        local = self.pipeline.local_state_dict(self.lightning_module, with_mirror=True)
         names = [[self._local_names[p] for group in opt.param_groups for p in group["params"]]
                  for opt in self.optimizers] if self.lightning_module.trainer.state.fn == TrainerFn.FITTING else []
         checkpoint = load_local_shards(path, local, names, replica=self.pipeline.replica)

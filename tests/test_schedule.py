@@ -391,6 +391,43 @@ def test_gradient_buffers_default_by_node_count_and_every_default_schedule_valid
     assert default_grad_buffers(Topology(2, 2), 4) == 4
 
 
+@pytest.mark.parametrize(("n_groups", "group_size", "n_microbatches", "prefetch"),
+                         [(2, 2, 1, 1), (2, 2, 3, 2), (3, 2, 2, 1), (4, 1, 2, 3), (2, 3, 1, 2), (1, 4, 2, 1)])
+def test_replicated_first_chunk_keeps_chunk_0_inside_every_node(n_groups, group_size, n_microbatches, prefetch):
+    """With ``replicate_first_chunk`` chunk 0 never crosses nodes (no weights out, no gradients in): each node copies
+    it from its own holder and accumulates its gradient there; every other chunk moves exactly as before, and the
+    validator checks the holders' accumulators together hold every contribution once."""
+    topo = Topology(n_groups, group_size)
+    plain = build_tawpipe(topo, n_microbatches, prefetch=prefetch)
+    mirrored = build_tawpipe(topo, n_microbatches, prefetch=prefetch, replicate_first_chunk=True)
+    assert mirrored.first_chunk_mirrors == tuple(n * group_size for n in range(1, n_groups))
+    assert mirrored.holders(0) == (0,) + mirrored.first_chunk_mirrors and mirrored.holders(1) == (plain.owners[1],)
+    for schedule in (mirrored, with_user_barriers(mirrored),
+                     build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=False, replicate_first_chunk=True)):
+        validate(schedule)
+    remote = {Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G}
+    for rank in range(topo.world_size):
+        program = mirrored.program(rank)
+        assert not [a for a in program if a.chunk == 0 and a.op in remote], rank
+        copies = sum(a.op is Op.COPY_W and a.chunk == 0 for a in program)
+        adds = sum(a.op is Op.ACC_G and a.chunk == 0 for a in program)
+        assert (copies > 0 and adds == n_microbatches) if rank in mirrored.holders(0) else copies == adds == 0
+        # the rest of the program is the plain one
+        assert [a for a in program if a.chunk != 0] == [a for a in plain.program(rank) if a.chunk != 0]
+
+
+def test_validator_checks_mirrored_accumulators():
+    """A mirror that drops its node's chunk-0 gradient, or a non-holder that copies chunk 0, is caught."""
+    mirrored = build_tawpipe(Topology(2, 2), 1, replicate_first_chunk=True)
+    programs = list(mirrored.programs)
+    programs[2] = tuple(a for a in programs[2] if not (a.op is Op.ACC_G and a.chunk == 0))
+    with pytest.raises(ScheduleError, match=r"holders \(0, 2\) of chunk 0 accumulated the wrong gradients"):
+        validate(replace(mirrored, programs=tuple(programs)))
+    plain = build_tawpipe(Topology(2, 2), 1)
+    with pytest.raises(ScheduleError, match="copies a chunk it does not own"):  # rank 2 is no holder without the knob
+        validate(replace(plain, programs=mirrored.programs))
+
+
 def test_builders_reject_bad_knobs():
     with pytest.raises(ValueError, match="prefetch"):
         build_tawpipe(Topology(2, 2), 1, prefetch=0)

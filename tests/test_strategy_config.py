@@ -108,6 +108,9 @@ def test_topology_follows_nodes_and_group_size():
         ({"grad_buffers": True}, "grad_buffers must be an int"),
         ({"grad_buffers": 0}, r"grad_buffers must be an int >= 2 .* or None \(by node count\)"),
         ({"schedule": "weipipe", "grad_buffers": 3}, "grad_buffers applies to schedule='tawpipe' only"),
+        ({"replicate_first_chunk": 1}, "replicate_first_chunk must be True or False"),
+        ({"schedule": "weipipe", "replicate_first_chunk": True}, "replicate_first_chunk=True needs schedule='tawpipe'"),
+        ({"replicas": 2, "replicate_first_chunk": True}, r"and one replica .*replicas=2"),
     ],
 )
 def test_bad_knobs_raise_at_construction(kwargs, match):

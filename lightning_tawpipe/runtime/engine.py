@@ -72,14 +72,18 @@ class Engine:
         compute_dtype: torch.dtype,
         device: torch.device,
         activation_checkpointing: bool = False,
+        mirror: OwnedShard | None = None,
     ) -> None:
         self.comm, self.layout, self.shard = comm, layout, shard
+        # every chunk this rank holds: the one it owns, and chunk 0 if it mirrors it (``replicate_first_chunk``)
+        self.shards = {shard.chunk: shard, **({mirror.chunk: mirror} if mirror is not None else {})}
         self.rank = comm.rank
         self._build_schedule = build_schedule
         self._schedules: dict[tuple[bool, int], Schedule] = {}
         self.compute_dtype, self.device = compute_dtype, device
-        # what the owner serves its chunk from: the master itself, or a copy in the compute (traffic) dtype
-        self._own = shard.weights if shard.weights.dtype == compute_dtype else shard.weights.to(compute_dtype)
+        # what a holder serves its chunks from: the masters themselves, or copies in the compute (traffic) dtype
+        self._own = {c: s.weights if s.weights.dtype == compute_dtype else s.weights.to(compute_dtype)
+                     for c, s in self.shards.items()}
         self.activation_checkpointing = activation_checkpointing
         self.token = torch.zeros((), device=device, requires_grad=True)
         self._buffers: dict[str, torch.Tensor] = {}
@@ -115,8 +119,9 @@ class Engine:
             raise RuntimeError("A TawPipe iteration is already running; each step must finish before the next.")
         schedule = self.schedule(train, n_microbatches)
         self._ensure_buffers(schedule)
-        if self._own is not self.shard.weights:  # the optimizer stepped the masters since the last iteration
-            self._own.copy_(self.shard.weights)
+        for chunk, own in self._own.items():
+            if own is not self.shards[chunk].weights:  # the optimizer stepped the masters since the last iteration
+                own.copy_(self.shards[chunk].weights)
         self._program, self._pc, self._current = schedule.program(self.rank), 0, None
         self._train = train
 
@@ -212,7 +217,7 @@ class Engine:
 
     def _view(self, buf: str, chunk: int) -> torch.Tensor:
         if buf == "own":
-            return self._own
+            return self._own[chunk]
         return self._buffers[buf][: self.layout.numel[chunk]]
 
     def _grad_view(self, buf: str, chunk: int) -> torch.Tensor:
@@ -280,9 +285,9 @@ class Engine:
                 self.layout.unbind(a.chunk)
                 del self._bound[a.buf]
         elif op is Op.COPY_W:
-            self._view(a.buf, a.chunk).copy_(self.shard.weights)
+            self._view(a.buf, a.chunk).copy_(self.shards[a.chunk].weights)
         elif op is Op.ACC_G:
-            self.shard.grad_acc.add_(self._grad_view(a.buf, a.chunk))
+            self.shards[a.chunk].grad_acc.add_(self._grad_view(a.buf, a.chunk))
         elif op is Op.ADD_G:
             self._grad_view(a.buf, a.chunk).add_(self._grad_view(a.buf2, a.chunk))
         else:

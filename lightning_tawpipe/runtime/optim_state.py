@@ -20,8 +20,9 @@ def group_names(optimizer: Optimizer, name_of: dict) -> list[list[str]]:
 
 
 def gather_full_state(optimizer: Optimizer, local_name: dict, full_names: list[list[str]], dst: int = 0) -> dict:
-    """The unsharded ``state_dict`` on rank ``dst`` (``{}`` elsewhere); a collective call."""
-    mine = {local_name[p]: _cpu(s) for p, s in optimizer.state.items() if s}
+    """The unsharded ``state_dict`` on rank ``dst`` (``{}`` elsewhere); a collective call. Parameters missing from
+    ``local_name`` (a mirror's copies of another rank's masters) are left to the rank that names them."""
+    mine = {local_name[p]: _cpu(s) for p, s in optimizer.state.items() if s and p in local_name}
     gathered: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(mine, gathered, dst=dst)
     if dist.get_rank() != dst:
@@ -78,10 +79,10 @@ def local_state_by_name(optimizer: Optimizer, local_name: dict, full_names: list
     """This rank's optimizer state keyed by parameter name, with the unsharded param groups (names, not indices).
 
     This is the sharded checkpoint's ``optimizer_<i>`` entry (the layout of FSDP's sharded optimizer state): every
-    rank contributes the state of the parameters it owns; the param groups, identical everywhere, list every
+    rank contributes the state of the parameters it owns (those ``local_name`` names); the param groups, identical everywhere, list every
     parameter of the unsharded optimizer by name, so the state can be resharded onto any topology or strategy.
     """
-    state = {local_name[p]: dict(s) for p, s in optimizer.state.items() if s}
+    state = {local_name[p]: dict(s) for p, s in optimizer.state.items() if s and p in local_name}
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
               for names, group in zip(full_names, optimizer.param_groups)]
     return {"state": state, "param_groups": groups}

@@ -7,7 +7,9 @@ This is everything the Lightning strategy (and, later, a Fabric strategy) needs,
    starting point ``ddp`` gives by broadcasting rank 0's module), then free every module parameter's storage;
 3. build the engine and route the units' forward/backward through it;
 4. keep parameters that are in no unit as replicated, averaged across ranks like DDP;
-5. gather a full state dict back to one rank when someone asks (export, checks).
+5. with ``replicate_first_chunk``, keep a mirror of chunk 0 on every other node and sum its gradient across the
+   holders once per optimizer step (``schedule/tawpipe.py`` says why);
+6. gather a full state dict back to one rank when someone asks (export, checks).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
 from lightning_tawpipe.schedule.program import Schedule
-from lightning_tawpipe.schedule.tawpipe import default_grad_buffers, default_reuse
+from lightning_tawpipe.schedule.tawpipe import default_grad_buffers, default_reuse, first_chunk_mirrors
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -57,11 +59,19 @@ class Pipeline:
         initial_state: dict[str, torch.Tensor] | None = None,
         initial_state_strict: bool = True,
         replicas: ReplicaLayout | None = None,
+        replicate_first_chunk: bool = False,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
+        if replicate_first_chunk and schedule != "tawpipe":
+            raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' (the WeiPipe ring has no nodes to "
+                             "mirror chunk 0 in).")
+        if replicate_first_chunk and replicas is not None and replicas.n_replicas > 1:
+            raise ValueError("replicate_first_chunk=True is not supported with several replicas yet (the outer loop "
+                             "would update chunk 0's owner but not its mirrors); drop one of the two.")
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
         self.reuse = reuse
+        self.replicate_first_chunk = replicate_first_chunk
         # None: by the node count (resolved here so the layout line and the planner say what runs)
         self.grad_buffers = default_grad_buffers(topo, grad_buffers) if schedule == "tawpipe" else grad_buffers
         self.replicas = replicas or ReplicaLayout((topo,))
@@ -81,13 +91,21 @@ class Pipeline:
         self.shard = OwnedShard(self.layout, self.owned_chunk, initial, master_dtype)
         if initial_state is not None:
             self._load_initial_state(root, initial_state, initial_state_strict)
+        mirrors = first_chunk_mirrors(topo) if replicate_first_chunk else ()
+        # the ranks that hold chunk 0 (its owner and mirrors) sum its gradient on their rail before every step
+        self.first_chunk_holders = (self.owners[0],) + mirrors if mirrors else ()
+        self.mirror: OwnedShard | None = None
+        if self.rank in mirrors:
+            fresh = torch.empty(self.layout.numel[0], dtype=self.shard.weights.dtype, device=device)
+            self.mirror = OwnedShard(self.layout, 0, fresh, master_dtype)
+        self.sync_first_chunk_mirrors()
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
             dist.broadcast(p.data, src=0)
         self._validate = validate_schedules
         self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, param_dtype, device,
-                             activation_checkpointing=activation_checkpointing)
+                             activation_checkpointing=activation_checkpointing, mirror=self.mirror)
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
 
     def _check_same_model_everywhere(self) -> None:
@@ -127,13 +145,40 @@ class Pipeline:
         if self.schedule_name == "weipipe":
             from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
         else:
-            builder = partial(build_tawpipe, reuse=self.reuse, grad_buffers=self.grad_buffers)
+            builder = partial(build_tawpipe, reuse=self.reuse, grad_buffers=self.grad_buffers,
+                              replicate_first_chunk=self.replicate_first_chunk)
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
             if self.schedule_name == "tawpipe":  # TawPipe promises to survive collectives in user code
                 validate(with_user_barriers(schedule))
         return schedule
+
+    # -- chunk 0's mirrors (replicate_first_chunk) -------------------------------------------------------------------
+    def first_chunk_shard(self) -> OwnedShard | None:
+        """This rank's copy of chunk 0 if it is one of its holders (the owner's shard or a mirror), else None."""
+        if self.rank not in self.first_chunk_holders:
+            return None
+        return self.mirror if self.mirror is not None else self.shard
+
+    def _holders_group(self):
+        # the holders are chunk 0's owner and the ranks of its local index on the other nodes: one rail, whose
+        # communicator is quiet between iterations (the engine drains every transfer before a step ends)
+        return self.comm.lanes["grads"].rail_group
+
+    def sync_first_chunk_mirrors(self) -> None:
+        """Copy chunk 0's master weights from its owner to its mirrors (after init, loads and anything that set
+        them); a collective over the holders, a no-op elsewhere."""
+        shard = self.first_chunk_shard()
+        if shard is not None:
+            dist.broadcast(shard.weights, src=self.comm.base + self.owners[0], group=self._holders_group())
+
+    def _sum_first_chunk_gradient(self) -> None:
+        """The holders add up their nodes' chunk-0 gradients, so each steps on the full sum. An all-reduce gives
+        every member the same result (what keeps DDP's replicas equal), so owner and mirrors stay identical."""
+        shard = self.first_chunk_shard()
+        if shard is not None and self.layout.n_trainable[0] > 0:
+            dist.all_reduce(shard.grad_acc, group=self._holders_group())
 
     def _materialize_owned_chunk(self, root: nn.Module, device: torch.device) -> torch.Tensor:
         """Meta-device model: initialize only this rank's chunk (name-seeded, see ``lightning_tawpipe.init``).
@@ -252,6 +297,9 @@ class Pipeline:
                if self.schedule_name == "tawpipe" else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
+        if self.first_chunk_holders:
+            lines.append(f"  chunk 0 replicated on ranks {list(self.first_chunk_holders)} (replicate_first_chunk: "
+                         "gradients all-reduced between them once per optimizer step)")
         for c, units in enumerate(self.chunk_units):
             owner = self.owners[c]
             parts = _compress_block_labels([self.units[u].label for u in units])
@@ -266,7 +314,10 @@ class Pipeline:
     def finalize_gradients(self) -> None:
         """After the last backward of an optimizer step: owners expose the averaged gradient, replicas all-reduce."""
         world = self.topo.world_size  # this replica's ranks: replicas combine their models in the outer loop
+        self._sum_first_chunk_gradient()
         self.shard.attach_grads(1.0 / world)
+        if self.mirror is not None:
+            self.mirror.attach_grads(1.0 / world)
         for p in self.replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -275,10 +326,26 @@ class Pipeline:
 
     def zero_grad(self) -> None:
         self.shard.zero_grad()
+        if self.mirror is not None:
+            self.mirror.zero_grad()
+
+    @property
+    def masters(self) -> dict[nn.Parameter, nn.Parameter]:
+        """Module parameter -> the master this rank steps for it: its shard's, and chunk 0's mirror's."""
+        return {**self.shard.params, **(self.mirror.params if self.mirror is not None else {})}
+
+    def master_names(self, with_mirror: bool = True) -> dict[nn.Parameter, str]:
+        """Master parameter -> name. ``with_mirror=False`` leaves out chunk 0's mirror: what a checkpoint saves from
+        this rank (the owner saves chunk 0; its mirrors read it back on load)."""
+        names = self.shard.names()
+        if with_mirror and self.mirror is not None:
+            names.update(self.mirror.names())
+        return names
 
     def optimizer_params(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """Map a param group's module parameters to what this rank steps: its masters and the replicated ones."""
-        masters = set(self.shard.params.values())
+        lookup = self.masters
+        masters = set(lookup.values())
         known = set(self.layout.chunk_of_param()) | set(self.replicated) | masters
         unknown = [p for p in params if p not in known]
         if unknown:
@@ -286,13 +353,14 @@ class Pipeline:
                 f"The optimizer holds {len(unknown)} parameter(s) that are not part of the model TawPipe sharded. "
                 "Build optimizers from `self.parameters()` in `configure_optimizers`."
             )
-        mine = set(self.shard.params) | set(self.replicated) | masters
-        return [self.shard.params.get(p, p) for p in params if p in mine]
+        mine = set(lookup) | set(self.replicated) | masters
+        return [lookup.get(p, p) for p in params if p in mine]
 
     def model_state_bytes(self, optimizer_state: dict | None = None) -> int:
         """Bytes of model state this rank holds: its shard (+ optimizer state) and any replicated parameters."""
         replicated = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in self.replicated)
-        return self.shard.state_bytes(optimizer_state) + replicated
+        mirror = self.mirror.state_bytes(optimizer_state) if self.mirror is not None else 0
+        return self.shard.state_bytes(optimizer_state) + mirror + replicated
 
     def full_state_dict(self, root: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
         """``root.state_dict()`` with every chunk parameter filled in, on rank ``dst`` (other ranks get ``{}``).
@@ -321,26 +389,42 @@ class Pipeline:
                 state[e.name] = view.clone().to(e.dtype)
         return state
 
-    def local_state_dict(self, root: nn.Module) -> dict[str, torch.Tensor]:
+    def local_state_dict(self, root: nn.Module, with_mirror: bool = False) -> dict[str, torch.Tensor]:
         """What this rank contributes to a sharded checkpoint: its chunk's masters (in each parameter's own dtype),
-        plus everything outside the chunks (replicated parameters, persistent buffers), which every rank holds."""
+        plus everything outside the chunks (replicated parameters, persistent buffers), which every rank holds.
+        ``with_mirror``: chunk 0's too on its mirrors (what they read on load; the owner alone saves it)."""
         in_chunks = {e.name for entries in self.layout.entries for e in entries}
         state = {k: v for k, v in root.state_dict().items() if k not in in_chunks}
-        entries = self.layout.entries[self.owned_chunk]
-        for e, view in zip(entries, self.layout.views(self.owned_chunk, self.shard.weights)):
-            state[e.name] = view.to(e.dtype)
+        for shard in (self.shard, self.mirror if with_mirror else None):
+            if shard is None:
+                continue
+            for e, view in zip(self.layout.entries[shard.chunk], self.layout.views(shard.chunk, shard.weights)):
+                state[e.name] = view.to(e.dtype)
         return state
 
     def load_state_dict(self, root: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Take this rank's chunk and everything outside the chunks from a (full or this rank's) state dict."""
-        entries = self.layout.entries[self.owned_chunk]
+        """Take this rank's chunk (and chunk 0 on its mirrors) and everything outside the chunks from a (full or this
+        rank's) state dict."""
+        for shard in (self.shard, self.mirror):
+            if shard is not None:
+                self._load_chunk(shard, state)
+        self.sync_first_chunk_mirrors()  # a mirror must match the owner bit for bit, whatever the state held
+        in_chunks = {e.name for es in self.layout.entries for e in es}
+        rest = {k: v for k, v in state.items() if k not in in_chunks}
+        own = {k: v for k, v in root.state_dict().items() if k not in in_chunks}
+        for name, value in own.items():
+            if name in rest:
+                value.copy_(rest[name])
+
+    def _load_chunk(self, shard: OwnedShard, state: dict[str, torch.Tensor]) -> None:
+        entries = self.layout.entries[shard.chunk]
         missing = [e.name for e in entries if e.name not in state]
         if missing:
             raise KeyError(
                 f"The checkpoint lacks {len(missing)} parameter(s) of this rank's chunk, e.g. {missing[:3]}: it was "
                 "saved from another model."
             )
-        for e, view in zip(entries, self.layout.views(self.owned_chunk, self.shard.weights)):
+        for e, view in zip(entries, self.layout.views(shard.chunk, shard.weights)):
             saved = state[e.name]
             if saved.shape != e.shape:
                 raise ValueError(
@@ -348,12 +432,6 @@ class Pipeline:
                     "the checkpoint was saved from a different model config."
                 )
             view.copy_(saved.reshape(e.shape))
-        in_chunks = {e.name for es in self.layout.entries for e in es}
-        rest = {k: v for k, v in state.items() if k not in in_chunks}
-        own = {k: v for k, v in root.state_dict().items() if k not in in_chunks}
-        for name, value in own.items():
-            if name in rest:
-                value.copy_(rest[name])
 
     def describe_for_checkpoint(self) -> dict:
         """Plain data saved with every checkpoint: the layout it was written from and the LitGPT config (export)."""

@@ -56,6 +56,8 @@ class Schedule:
     n_grad_buffers: int
     n_recv_buffers: int
     reuse: int = 1  # chunks kept resident across each forward/backward turn (TawPipe's ``residency``)
+    # ranks other than chunk 0's owner that hold a replica of it (``replicate_first_chunk``): one per other node
+    first_chunk_mirrors: tuple[int, ...] = ()
 
     @property
     def n_chunks(self) -> int:
@@ -63,6 +65,12 @@ class Schedule:
 
     def program(self, rank: int) -> tuple[Action, ...]:
         return self.programs[rank]
+
+    def holders(self, chunk: int) -> tuple[int, ...]:
+        """The ranks that keep ``chunk``'s weights and accumulate its gradients: its owner, and its mirrors."""
+        if chunk == 0 and self.first_chunk_mirrors:
+            return (self.owners[0],) + self.first_chunk_mirrors
+        return (self.owners[chunk],)
 
     def compute_steps(self, rank: int) -> list[Action]:
         return [a for a in self.programs[rank] if a.op in (Op.FORWARD, Op.BACKWARD)]

@@ -22,6 +22,16 @@ Per rank the program does, in order:
   rail carries gradients, not only local rank 0); one step later that rank adds the sum into its accumulator if it
   is the owner, or sends it to the owner, which receives it into a small ring of buffers and adds it in before
   the buffer is reused (or at the end).
+
+**A replicated first chunk** (``replicate_first_chunk``): chunk 0's gradient is the last an iteration makes and its
+weights the first the next one needs, so on every node that does not own it a full round trip over the slow link
+(gradient out, new weights back) sits between two iterations with no compute to hide it
+(``lightning_tawpipe/plan/floor.py``). With the knob, the rank of chunk 0's local index on every other node keeps a
+*mirror* of chunk 0 (weights, gradient accumulator, optimizer state): each node serves chunk 0 from its own holder
+and accumulates its gradient there, exactly like an owner. The holders then sum their accumulators with one
+all-reduce per optimizer step (``Pipeline.finalize_gradients``, not in the program: with gradient accumulation over
+several iterations the sum must happen once) and step identically. That costs one one-way exchange instead of a
+round trip, and chunk 0 no longer crosses nodes in the forward.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ def build_tawpipe(
     grad_buffers: int | None = None,
     recv_buffers: int | None = None,
     reuse: int | None = None,
+    replicate_first_chunk: bool = False,
 ) -> Schedule:
     """Programs for every rank of one TawPipe iteration (``topo.world_size`` chunks, one per rank).
 
@@ -87,13 +98,21 @@ def build_tawpipe(
 
     ``reuse`` (default: ``prefetch``) is how many chunks stay resident across each forward/backward turn instead of
     being fetched again (:func:`residency`); 1 is the paper's schedule, which keeps only the turnaround chunk.
-    ``grad_buffers`` defaults by the node count (:func:`default_grad_buffers`).
+    ``grad_buffers`` defaults by the node count (:func:`default_grad_buffers`). ``replicate_first_chunk`` gives every
+    other node a mirror of chunk 0 (see the module doc; nothing changes on one node).
     """
     with gc_paused():
-        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse)
+        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse, replicate_first_chunk)
 
 
-def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse) -> Schedule:
+def first_chunk_mirrors(topo: Topology) -> tuple[int, ...]:
+    """The ranks that mirror chunk 0: on every node but its owner's, the rank with the owner's local index."""
+    owner = tawpipe_owner(0, topo)
+    return tuple(topo.rank(n, topo.local_index(owner)) for n in range(topo.n_groups) if n != topo.group_of(owner))
+
+
+def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse,
+           replicate_first_chunk) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
     grad_buffers = default_grad_buffers(topo, grad_buffers)
     if prefetch < 1:
@@ -105,6 +124,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                          f"into another buffer) and recv_buffers >= 1, got {grad_buffers} and {recv_buffers}.")
     n_chunks, n_slots, G = topo.world_size, prefetch + 1, topo.group_size
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
+    mirrors = first_chunk_mirrors(topo) if replicate_first_chunk else ()
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
     reuse = default_reuse(prefetch, reuse)
@@ -123,9 +143,10 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
             slot = slots[i]
             issue = load.issue
             owner = owners[load.chunk]
-            if owner // G == node:  # topo.same_group / topo.rank(node, topo.local_index(owner)), inlined: hot
-                group.add(owner, issue, action(Op.COPY_W, load.chunk, buf=slot))
-                root, bcast_point = owner, issue
+            # the owner, or chunk 0's mirror, copies it from its own storage (topo.same_group, inlined: hot)
+            if owner // G == node or (mirrors and load.chunk == 0):
+                root, bcast_point = node * G + owner % G, issue
+                group.add(root, issue, action(Op.COPY_W, load.chunk, buf=slot))
             else:
                 root = node * G + owner % G
                 group.add(root, issue, action(Op.RECV_W, load.chunk, peer=owner, buf=slot))
@@ -138,7 +159,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                 group.shared(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
             group.shared(load.last).append(releases[i])
         if train:
-            _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action)
+            _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action, bool(mirrors))
 
     programs: dict[int, tuple[Action, ...]] = {}
     for node, group in enumerate(groups):
@@ -158,6 +179,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         n_grad_buffers=grad_buffers,
         n_recv_buffers=recv_buffers,
         reuse=reuse,
+        first_chunk_mirrors=mirrors,
     )
 
 
@@ -168,8 +190,9 @@ def _compute_action(step, slot: str, n_backward_before: int, grad_buffers: int) 
 
 
 def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
-                     action: ActionPool) -> None:
-    """Reduce each backward step's gradients in the node, then add them at (or send them to) the owner."""
+                     action: ActionPool, mirrored_first: bool) -> None:
+    """Reduce each backward step's gradients in the node, then add them at (or send them to) the owner; a chunk held
+    in the node (its owner's, or chunk 0's mirror) is added right there."""
     last = len(steps) - 1
     G = topo.group_size
     gbufs = [f"g{i}" for i in range(grad_buffers)]
@@ -184,8 +207,8 @@ def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arri
         if G > 1:
             group.shared(j).append(action(Op.REDUCE_G, step.chunk, peer=root, buf=gbuf))
         later = min(j + 1, last)  # one compute later, so the reduce overlaps the next backward
-        if root == owner:
-            group.add(owner, later, action(Op.ACC_G, step.chunk, buf=gbuf))
+        if root == owner or (mirrored_first and step.chunk == 0):
+            group.add(root, later, action(Op.ACC_G, step.chunk, buf=gbuf))
         else:
             group.add(root, later, action(Op.SEND_G, step.chunk, peer=owner, buf=gbuf))
             arrivals[owner].append(_GradArrival(later, node, step.chunk, root))

@@ -8,7 +8,8 @@ buffer holds, so it checks more than "no deadlock":
 * every compute step finds the right chunk's weights, copied from that chunk's owner, in its slot;
 * a slot is never overwritten while it holds a chunk that was not released, and all are released at the end;
 * P2P pairs and collectives agree on chunk, root and kind;
-* every owner's accumulator ends with exactly one gradient contribution from every (rank, micro-batch);
+* every owner's accumulator ends with exactly one gradient contribution from every (rank, micro-batch) (a mirrored
+  chunk 0: its holders' accumulators together, each contribution in exactly one);
 * nothing is left unmatched, and no rank is stuck (a deadlock is reported with each rank's blocked action).
 
 ``with_user_barriers`` adds a world-wide collective at every micro-batch's loss and end, modelling user code that
@@ -374,12 +375,12 @@ class _Simulator:
     def _execute_local(self, rank: int, a: Action, c: tuple) -> None:
         buffers, kind, P = self.buffers[rank], c[0], self.world
         if kind == _CW:
-            if self.s.owners[a.chunk] != rank:
+            if self.s.owners[a.chunk] != rank and rank not in self.s.holders(a.chunk):
                 self._fail(rank, a, "copies a chunk it does not own")
             self._fill_slot(rank, a, c[1], c[5])
         elif kind == _AG:
             content = buffers[c[1]]
-            if self.s.owners[a.chunk] != rank:
+            if self.s.owners[a.chunk] != rank and rank not in self.s.holders(a.chunk):
                 self._fail(rank, a, "accumulates a chunk it does not own")
             if not content or content[0] != "G" or content[1] != a.chunk:
                 self._fail(rank, a, f"accumulates {_show(content, P)}, not chunk {a.chunk}'s gradient")
@@ -506,11 +507,18 @@ class _Simulator:
         P = self.world
         expected = ((1 << (P * self.s.n_microbatches)) - 1) << P  # bit (mb + 1) * P + rank for every (rank, mb)
         for c, owner in enumerate(self.s.owners):
-            got, twice = self.acc[owner].get(c, 0), self.twice[owner].get(c, 0)
+            # a mirrored chunk's holders each accumulate their node's part; the all-reduce after the iteration sums
+            # them, so together they must hold every contribution once
+            got = twice = 0
+            for holder in self.s.holders(c):
+                part = self.acc[holder].get(c, 0)
+                twice |= self.twice[holder].get(c, 0) | (got & part)
+                got |= part
             if got != expected or twice:
                 missing = _bits_to_pairs(expected & ~got, P)[:6]
                 extra = _bits_to_pairs((got & ~expected) | twice, P)[:6]
+                who = f"owner rank {owner}" if len(self.s.holders(c)) == 1 else f"holders {self.s.holders(c)}"
                 raise ScheduleError(
-                    f"{self.s.name}: owner rank {owner} of chunk {c} accumulated the wrong gradients "
+                    f"{self.s.name}: {who} of chunk {c} accumulated the wrong gradients "
                     f"(missing {missing}, duplicated {extra})"
                 )
