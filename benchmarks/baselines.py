@@ -171,7 +171,7 @@ class ComputeOnlyStrategy(DDPStrategy):
 def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
     activation_checkpointing: bool = False, reuse: int | None = None, partition: Any = "parameters",
-    grad_buffers: int | None = None,
+    grad_buffers: int | None = None, replicate_first_chunk: bool = False,
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -185,6 +185,7 @@ def make_strategy(
         reuse: TawPipe's turn reuse (``None``: its default, ``prefetch``); ignored by every other strategy.
         partition: TawPipe/WeiPipe's cut into chunks (a method name or units per chunk); ignored by the baselines.
         grad_buffers: TawPipe's gradient buffers (``>= 2``; ``None``: its default); ignored by every other strategy.
+        replicate_first_chunk: TawPipe's mirrors of chunk 0 on every node; ignored by every other strategy.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -199,7 +200,8 @@ def make_strategy(
         return TawPipeStrategy(n_microbatches=n_microbatches, prefetch=prefetch, schedule=name, group_size=devices,
                                activation_checkpointing=activation_checkpointing, partition=partition,
                                reuse=reuse if name == "tawpipe" else None,
-                               grad_buffers=grad_buffers if name == "tawpipe" else None)
+                               grad_buffers=grad_buffers if name == "tawpipe" else None,
+                               replicate_first_chunk=replicate_first_chunk and name == "tawpipe")
     if name == "ddp":
         return "ddp"
     if name == "compute":

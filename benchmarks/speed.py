@@ -44,13 +44,18 @@ VARIANTS = {
     "tawpipe-gb3": {"grad_buffers": 3},
     # what the planner predicts best at 2-4 Gbit/s with the cores left to communication: all three together
     "tawpipe-gb3-light0-p1": {"grad_buffers": 3, "partition": [2, 2, 3, 3], "prefetch": 1},
+    # chunk 0 mirrored on every node: its gradient is summed by one exchange, its weights never cross nodes
+    "tawpipe-rep0": {"replicate_first_chunk": True},
 }
 
 
 def variant_flags(knobs: dict) -> list[str]:
-    """Worker flags for a variant's knobs (a partition list as ``2,2,3,3``)."""
+    """Worker flags for a variant's knobs (a partition list as ``2,2,3,3``, a True switch as the bare flag)."""
     flags = []
     for knob, value in knobs.items():
+        if value is True:
+            flags.append(f"--{knob}")
+            continue
         flags += [f"--{knob}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return flags
 

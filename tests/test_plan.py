@@ -262,6 +262,11 @@ def test_no_simulated_weight_pipeline_beats_the_boundary_floor(nodes, devices):
                 sim = weightpipe.predict(kind, c, w, comp, prefetch=prefetch).detail["makespan"]
                 assert sim >= (f.compute + f.exposed) * (1 - 1e-9), (rate, m, kind, prefetch, sim, f)
                 tight += sim <= 1.1 * (f.compute + f.exposed)
+                if kind == "tawpipe" and prefetch == 2:  # mirrors of chunk 0: its exchange follows the program
+                    mirrored = weightpipe.predict(kind, c, w, comp, prefetch=prefetch, replicate_first_chunk=True)
+                    fm = boundary_floor(c, w, comp, replicate_first_chunk=True)
+                    step = mirrored.detail["makespan"] + mirrored.detail["first_chunk_exchange"]
+                    assert step >= (fm.compute + fm.exposed) * (1 - 1e-9), (rate, m, step, fm)
     assert tight > 0  # and it is not a trivial floor: some schedules come within 10% of it
 
 
@@ -285,6 +290,36 @@ def test_a_lighter_chunk_0_lowers_the_floor_and_the_plan_compares_partitions(cap
                  "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--partition", "parameters",
                  "--partition", "2,2,3,3"]) == 0
     assert "partition=2,2,3,3" in capsys.readouterr().out
+
+
+def test_mirrored_chunk_0_trades_its_round_trip_for_one_exchange(capsys):
+    """``replicate_first_chunk``: chunk 0's weights stop crossing nodes and its gradient crosses once per step in an
+    all-reduce between the holders. On a slow link the predicted step and the boundary floor drop, the bytes change
+    by exactly that, the mirror's rank holds two chunks' state, and the simulated step never beats its floor."""
+    from lightning_tawpipe.plan.floor import boundary_floor
+
+    w, comp = Workload(BENCH, 512, 1, 1, "32-true"), ComputeModel(50e9, 50e9)
+    c = cluster(2, 2, inter=2.5e8, intra=1e10, lat=1e-4)
+    plain = weightpipe.predict("tawpipe", c, w, comp)
+    mirrored = weightpipe.predict("tawpipe", c, w, comp, replicate_first_chunk=True)
+    numel = weightpipe.make_chunks(w, comp, 4).numel
+    assert mirrored.detail["first_chunk_exchange"] == pytest.approx(2 * 1e-4 + 4 * numel[0] / 2.5e8)
+    assert plain.detail["first_chunk_exchange"] == 0.0 and mirrored.knobs["replicate_first_chunk"] is True
+    assert mirrored.step_time < 0.97 * plain.step_time, (mirrored.step_time, plain.step_time)
+    schedule = build_tawpipe(Topology(2, 2), 1, prefetch=2)
+    crossing = sum(4 * numel[0] for r in range(4) for a in schedule.program(r)
+                   if a.chunk == 0 and a.op.value in ("SW", "SG") and a.peer // 2 != r // 2)
+    assert plain.inter_node_bytes - mirrored.inter_node_bytes == pytest.approx(crossing - 2 * 4 * numel[0])
+    assert mirrored.memory.model_states == pytest.approx(16 * (numel[0] + numel[1]))  # rank 2 owns chunk 1, mirrors 0
+    floor, mirrored_floor = boundary_floor(c, w, comp), boundary_floor(c, w, comp, replicate_first_chunk=True)
+    assert mirrored_floor.exposed < 0.6 * floor.exposed
+    assert (mirrored.detail["makespan"] + mirrored.detail["first_chunk_exchange"]
+            >= mirrored_floor.compute + mirrored_floor.exposed)
+    assert main(["--nodes", "2", "--devices", "2", "--inter", "1gbit", "--model", "tiny-llama-1.1b", "--override",
+                 "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--replicate_first_chunk",
+                 "both"]) == 0
+    out = capsys.readouterr().out
+    assert "replicate_first_chunk=True" in out and out.count("tawpipe(") == 4  # prefetch 1, 2 x with, without
 
 
 def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):

@@ -10,6 +10,11 @@ default (no mirrors) like ``ddp`` resumed from it.
 
 import pytest
 import torch
+from litgpt import GPT
+
+from lightning_tawpipe.module import tiny_llama_config
+from lightning_tawpipe.partition import partition_units
+from lightning_tawpipe.runtime.units import find_units
 
 ARGS = ("--steps", "4", "--accumulate", "2", "--clip_val", "0.05", "--lr", "3e-3", "--seq_length", "32",
         "--n_embd", "32", "--n_layer", "6", "--batch_size", "2", "--n_microbatches", "2")
@@ -41,6 +46,13 @@ def test_matches_ddp_and_mirrors_stay_identical(train_job, mirrored):
     digests = result["first_chunk_digests"]
     assert [d is not None for d in digests] == [True, False, True, False, True, False]
     assert len({d for d in digests if d}) == 1, digests  # owner and both mirrors: same weights and Adam moments
+    # the holders' all-reduce (ring: 2 (N - 1) / N of chunk 0's fp32 gradient from each) is in the engine's figures,
+    # carried into the first batch after each optimizer step: batch 2 sends that much more than batch 0 on a holder
+    units = find_units(GPT(tiny_llama_config(n_layer=6, n_embd=32, block_size=32)))
+    chunk0 = sum(units[u].numel() for u in partition_units([u.numel() for u in units], 6)[0])
+    for rank, per_batch in enumerate(result["comm_per_rank"]):
+        extra = 4 * chunk0 * 2 * 2 // 3 if digests[rank] else 0
+        assert per_batch[2][0] - per_batch[0][0] == extra and per_batch[1][0] == per_batch[3][0], rank
     # the mirrors hold chunk 0's state on top of their own: the total exceeds ddp's per-rank total by two copies
     per_rank, ddp_total = result["model_state_bytes"], reference["model_state_bytes"][0]
     extra = sum(per_rank) - ddp_total
@@ -57,3 +69,21 @@ def test_resumes_exactly_and_without_mirrors(train_job, mirrored):
     assert len({d for d in resumed["first_chunk_digests"] if d}) == 1
     plain = train_job(*ARGS, *TAW_3X2, "--resume", step2)  # the checkpoint holds chunk 0 once: any layout reads it
     _close(plain["losses"], result["losses"][4:], 1e-5)
+
+
+def test_bf16_mixed_mirrors_sum_in_bf16_and_stay_identical(train_job):
+    """Under bf16-mixed the holders sum chunk 0's gradient in bf16, the precision every gradient crosses nodes in
+    (half the bytes of the fp32 accumulators), and still end identical; the losses follow ddp's to the bound the
+    precision tests use for bf16-mixed (2e-3: half a bf16 ulp)."""
+    args = ("--steps", "3", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--n_layer", "4", "--batch_size",
+            "2", "--precision", "bf16-mixed")
+    result = train_job(*args, "--strategy", "tawpipe", "--devices", "4", "--group_size", "2",
+                       "--replicate_first_chunk")
+    reference = train_job(*args, "--strategy", "ddp", "--devices", "4")
+    _close(result["losses"], reference["losses"], 2e-3)
+    digests = result["first_chunk_digests"]
+    assert digests[0] is not None and digests[0] == digests[2] and digests[1] is digests[3] is None
+    units = find_units(GPT(tiny_llama_config(n_layer=4, n_embd=32, block_size=32)))
+    chunk0 = sum(units[u].numel() for u in partition_units([u.numel() for u in units], 4)[0])
+    holder = result["comm_per_rank"][2]
+    assert holder[1][0] - holder[0][0] == 2 * chunk0  # bf16, two holders: each sends the whole gradient once

@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--grad_buffers", default="",
                    help="TawPipe gradient buffer counts to try, e.g. 2,3 (more let backward outrun slow sends; "
                         "default: the strategy's, 3 with three or more nodes and 2 with fewer)")
+    k.add_argument("--replicate_first_chunk", default="false", choices=["false", "true", "both"],
+                   help="TawPipe: mirror chunk 0 on every node (no chunk-0 round trip between steps, for its state "
+                        "once more per node); 'both' predicts with and without")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
 
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     result = plan(cluster, workload, compute, prefetch=tuple(int(d) for d in a.prefetch.split(",")),
                   group_sizes=groups, strategies=tuple(a.strategies.split(",")),
                   partitions=tuple(a.partition or ["parameters"]),
-                  grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,))
+                  grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,),
+                  replicate_first_chunk={"false": (False,), "true": (True,), "both": (False, True)}[
+                      a.replicate_first_chunk])
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

@@ -18,7 +18,10 @@ Meanwhile the rank can only compute what its step order puts after the last use 
 So the iteration takes at least its compute plus ``max(0, round trip - that slack)``, maximised over chunks. For
 chunk 0 the slack is zero: its gradient is the last one made and its weights the first ones needed, so a whole
 round trip of chunk 0 is exposed every iteration, whatever the schedule, prefetch depth or overlap. Only fewer
-bytes in chunk 0 (a partition with a lighter first chunk, lower-precision traffic) or faster links lower it.
+bytes in chunk 0 (a partition with a lighter first chunk, lower-precision traffic) or faster links lower it, or
+giving up the premise for chunk 0: with ``replicate_first_chunk`` every node holds and steps a mirror of it, so its
+round trip becomes one exchange between the holders (their all-reduce), and the floor is the largest of that and
+the other chunks' uncovered round trips.
 
 The owner's optimizer step is left out of the round trip (it is in compute-only as well), which keeps the floor a
 floor. It holds for dedicated devices; on the CPU testbed with shared cores a waiting rank's cores speed up the
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.compute import ComputeModel
-from lightning_tawpipe.plan.weightpipe import make_chunks
+from lightning_tawpipe.plan.weightpipe import first_chunk_exchange, make_chunks
 from lightning_tawpipe.plan.workload import Workload
 from lightning_tawpipe.schedule.actions import Op
 from lightning_tawpipe.schedule.program import sample_major_steps
@@ -50,7 +53,7 @@ class BoundaryFloor:
 
 
 def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
-                   partition: str | Sequence[int] = "parameters") -> BoundaryFloor:
+                   partition: str | Sequence[int] = "parameters", replicate_first_chunk: bool = False) -> BoundaryFloor:
     """The iteration-boundary floor for ``workload`` on ``cluster`` with one chunk per rank (see the module doc)."""
     n_chunks = cluster.world_size
     costs = make_chunks(workload, compute, n_chunks, partition).costs
@@ -64,8 +67,12 @@ def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
     for c in range(n_chunks):
         uses = [i for i, s in enumerate(steps) if s.chunk == c]
         slack = sum(times[uses[-1] + 1:]) + sum(times[: uses[0]])
-        trip = (2 * cluster.inter_latency
-                + (costs.grad_bytes[c] + costs.weight_bytes[c]) / cluster.node_inter_bw)
+        if c == 0 and replicate_first_chunk:  # the holders' all-reduce of the gradient is the whole trip
+            numel = costs.grad_bytes[0] / workload.weight_bytes
+            trip = first_chunk_exchange(cluster, workload, numel, cluster.nodes)[0]
+        else:
+            trip = (2 * cluster.inter_latency
+                    + (costs.grad_bytes[c] + costs.weight_bytes[c]) / cluster.node_inter_bw)
         floor = BoundaryFloor(max(0.0, trip - slack), c, trip, slack, total)
         if best is None or floor.exposed > best.exposed:
             best = floor

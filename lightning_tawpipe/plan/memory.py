@@ -39,7 +39,9 @@ def activations(w: Workload, n_layers: float, micro_batches_in_flight: float, wi
 def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel: list[int],
                            schedule: Schedule) -> Memory:
     biggest = max(chunk_numel)
-    states = biggest * state_bytes_per_param(w)
+    # a rank that mirrors chunk 0 (replicate_first_chunk) keeps its state next to that of the chunk it owns
+    held = [chunk_numel[schedule.owners.index(r)] + chunk_numel[0] for r in schedule.first_chunk_mirrors]
+    states = max([biggest, *held]) * state_bytes_per_param(w)
     working = schedule.n_slots * biggest * w.weight_bytes
     if schedule.train:
         working += (schedule.n_grad_buffers + schedule.n_recv_buffers) * biggest * w.weight_bytes

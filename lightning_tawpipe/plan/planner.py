@@ -44,15 +44,16 @@ class Plan:
 def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = None,
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
          strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",),
-         grad_buffers: tuple[int | None, ...] = (None,)) -> Plan:
-    """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers; None: the
-    strategy's default) and recommend one."""
+         grad_buffers: tuple[int | None, ...] = (None,), replicate_first_chunk: tuple[bool, ...] = (False,)) -> Plan:
+    """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers x chunk-0
+    mirrors; None: the strategy's default) and recommend one."""
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
     skipped: list[str] = []
     for s in strategies:
         try:
-            preds += _predict(s, cluster, workload, compute, prefetch, group_sizes, partitions, grad_buffers)
+            preds += _predict(s, cluster, workload, compute, prefetch, group_sizes, partitions, grad_buffers,
+                              replicate_first_chunk)
         except ValueError as err:  # e.g. fewer pipeline units than ranks: the strategy cannot run here
             if s not in STRATEGIES:
                 raise
@@ -69,12 +70,14 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
 
 def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: tuple[int, ...],
              group_sizes: tuple[int | None, ...], partitions: tuple,
-             grad_buffers: tuple[int | None, ...] = (None,)) -> list[Prediction]:
+             grad_buffers: tuple[int | None, ...] = (None,),
+             replicate_first_chunk: tuple[bool, ...] = (False,)) -> list[Prediction]:
     preds: list[Prediction] = []
     if s == "tawpipe":
         preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g, partition=q,
-                                     grad_buffers=b)
-                  for d in prefetch for g in group_sizes for q in partitions for b in grad_buffers]
+                                     grad_buffers=b, replicate_first_chunk=m)
+                  for d in prefetch for g in group_sizes for q in partitions for b in grad_buffers
+                  for m in replicate_first_chunk]
     elif s == "weipipe":
         preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch),
                                         partition=partitions[0]))

@@ -4,7 +4,8 @@ Chunks are cut exactly as the strategy cuts them (``partition_units`` over the e
 one chunk per rank), the programs come from the same builders the engine runs (``build_tawpipe``,
 ``build_weipipe``), and the timing comes from ``simulate.py``. Only the optimizer step after the drain is a formula:
 each owner steps its own chunk (AdamW touches ~32 bytes per parameter: fp32 weight, gradient, two moments, the
-low-precision copy), which no schedule action models.
+low-precision copy), which no schedule action models; so is the all-reduce of chunk 0's gradient between its
+holders under ``replicate_first_chunk`` (:func:`first_chunk_exchange`), which the strategy runs after the program.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
 
 
 def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int | None = None,
-          reuse: int | None = None) -> Schedule:
+          reuse: int | None = None, replicate_first_chunk: bool = False) -> Schedule:
     if kind == "tawpipe":
-        return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers, reuse=reuse)
+        return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers, reuse=reuse,
+                             replicate_first_chunk=replicate_first_chunk)
     if kind == "weipipe":
         return build_weipipe(topo, n_microbatches, prefetch=prefetch)
     raise ValueError(f"unknown weight pipeline {kind!r}")
@@ -62,41 +64,60 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_bu
 
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
             group_size: int | None = None, partition: str | Sequence[int] = "parameters",
-            schedule: Schedule | None = None, grad_buffers: int | None = None, reuse: int | None = None
-            ) -> Prediction:
+            schedule: Schedule | None = None, grad_buffers: int | None = None, reuse: int | None = None,
+            replicate_first_chunk: bool = False) -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
     ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node. ``reuse``
     (TawPipe) is the chunks kept resident across the turn and ``grad_buffers`` its gradient buffers (None: the
-    strategy's defaults, ``prefetch`` and by node count).
+    strategy's defaults, ``prefetch`` and by node count). ``replicate_first_chunk`` (TawPipe) mirrors chunk 0 on
+    every node.
     """
     g = group_size or cluster.devices_per_node
     if cluster.devices_per_node % g:
         raise ValueError(f"group_size {g} must divide the devices per node ({cluster.devices_per_node}).")
     topo = Topology.from_world(cluster.world_size, g)
-    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch, grad_buffers, reuse)
+    schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch, grad_buffers, reuse,
+                                 replicate_first_chunk)
     chunks = make_chunks(workload, compute, topo.world_size, partition)
     sim = simulate(schedule, cluster, chunks.costs)
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
     opt = max(chunks.numel) * OPTIMIZER_BYTES_PER_PARAM / cluster.mem_bw
-    step = sim.makespan + opt
+    holders = 1 + len(schedule.first_chunk_mirrors)
+    exchange_s, exchange_bytes = first_chunk_exchange(cluster, workload, chunks.numel[0], holders)
+    step = sim.makespan + exchange_s + opt
     knobs = {"prefetch": prefetch, "chunks": len(chunks.numel),
              "partition": partition if isinstance(partition, str) else ",".join(map(str, partition))}
     if kind == "tawpipe":
         knobs["group_size"] = g
         knobs["reuse"] = schedule.reuse
         knobs["grad_buffers"] = schedule.n_grad_buffers
+        if schedule.first_chunk_mirrors:
+            knobs["replicate_first_chunk"] = True
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
-        inter_node_bytes_per_node=sim.inter_bytes_per_node_max,
-        inter_node_bytes=sim.inter_bytes, intra_node_bytes=sim.intra_bytes,
+        inter_node_bytes_per_node=sim.inter_bytes_per_node_max + exchange_bytes,
+        inter_node_bytes=sim.inter_bytes + holders * exchange_bytes if holders > 1 else sim.inter_bytes,
+        intra_node_bytes=sim.intra_bytes,
         bubble=max(0.0, ideal.idle_fraction), exposed_comm=max(0.0, sim.makespan - ideal.makespan),
         memory=weight_pipeline_memory(kind, cluster, workload, chunks.numel, schedule),
         method="simulated (schedule IR)",
         detail={"makespan": sim.makespan, "ideal_makespan": ideal.makespan, "optimizer": opt,
+                "first_chunk_exchange": exchange_s,
                 "comm_wait_max": max(sim.comm_wait), "transfers": sim.n_transfers,
                 "wait_by_op": {k: v / cluster.world_size for k, v in sim.wait_by_op.items()}},
     )
+
+
+def first_chunk_exchange(cluster: Cluster, workload: Workload, numel: int, holders: int) -> tuple[float, float]:
+    """Seconds and bytes sent per holder of the all-reduce that sums chunk 0's gradient between its ``holders``
+    (``replicate_first_chunk``; one holder: none). It runs on one rail (one NIC per node) after the iteration, in the
+    compute dtype like all gradient traffic; a ring all-reduce sends ``2 (N - 1) / N`` of the gradient from every
+    member."""
+    if holders < 2:
+        return 0.0, 0.0
+    nbytes = numel * workload.weight_bytes * 2 * (holders - 1) / holders
+    return 2 * (holders - 1) * cluster.inter_latency + nbytes / cluster.inter_bw, nbytes
 
 
 def _ideal_links(cluster: Cluster) -> Cluster:

@@ -42,11 +42,18 @@ class CommStats:
     comm_wait_s: float = 0.0
     messages: int = 0
     wait_by_op: dict[str, float] = field(default_factory=dict)  # seconds blocked, by the kind of op waited for
+    # traffic between two steps (chunk 0's exchange after an optimizer step), counted into the next step's figures
+    carried_bytes: int = 0
+    carried_wait_s: float = 0.0
 
     def reset(self) -> None:
-        self.intra_node_bytes = self.inter_node_bytes = self.grad_bytes = self.messages = 0
-        self.comm_wait_s = 0.0
-        self.wait_by_op = {}
+        """Start a step's figures, with whatever moved since the last step (so it is logged, with that step)."""
+        carried, waited = self.carried_bytes, self.carried_wait_s
+        self.intra_node_bytes = self.messages = self.carried_bytes = 0
+        self.inter_node_bytes = self.grad_bytes = carried
+        self.comm_wait_s, self.carried_wait_s = waited, 0.0
+        self.wait_by_op = {"first_chunk_exchange": waited} if carried else {}
+        self.messages = 1 if carried else 0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -168,6 +175,18 @@ class Comm:
             self._count(tensor.numel() * tensor.element_size(), True, lane)
         group = self.lanes[lane].node_group
         return dist.reduce(tensor, group=group, group_dst=self.topo.local_index(root), op=dist.ReduceOp.SUM, async_op=True)
+
+    # -- between steps --------------------------------------------------------------------------------------------
+    def all_reduce_rail(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over this rank's rail (its local index on every node), blocking: chunk 0's holders use it
+        after an optimizer step's last iteration (``replicate_first_chunk``). Every TawPipe transfer on the rail has
+        been waited for by then, so the communicator is quiet. A ring all-reduce sends ``2 (N - 1) / N`` of the
+        tensor from each member; those bytes and the wait count into the next step's figures."""
+        members = self.topo.n_groups
+        start = time.perf_counter()
+        dist.all_reduce(tensor, group=self.lanes["grads"].rail_group)
+        self.stats.carried_wait_s += time.perf_counter() - start
+        self.stats.carried_bytes += tensor.numel() * tensor.element_size() * 2 * (members - 1) // members
 
     def _count(self, nbytes: int, intra_node: bool, lane: str) -> None:
         if intra_node:

@@ -161,24 +161,26 @@ class Pipeline:
             return None
         return self.mirror if self.mirror is not None else self.shard
 
-    def _holders_group(self):
-        # the holders are chunk 0's owner and the ranks of its local index on the other nodes: one rail, whose
-        # communicator is quiet between iterations (the engine drains every transfer before a step ends)
-        return self.comm.lanes["grads"].rail_group
-
     def sync_first_chunk_mirrors(self) -> None:
         """Copy chunk 0's master weights from its owner to its mirrors (after init, loads and anything that set
         them); a collective over the holders, a no-op elsewhere."""
         shard = self.first_chunk_shard()
         if shard is not None:
-            dist.broadcast(shard.weights, src=self.comm.base + self.owners[0], group=self._holders_group())
+            # the holders are chunk 0's owner and the ranks of its local index on the other nodes: one rail
+            dist.broadcast(shard.weights, src=self.comm.base + self.owners[0], group=self.comm.lanes["grads"].rail_group)
 
     def _sum_first_chunk_gradient(self) -> None:
         """The holders add up their nodes' chunk-0 gradients, so each steps on the full sum. An all-reduce gives
-        every member the same result (what keeps DDP's replicas equal), so owner and mirrors stay identical."""
+        every member the same result (what keeps DDP's replicas equal), so owner and mirrors stay identical. It runs in
+        the compute dtype, the precision every other gradient crosses nodes in (under bf16-mixed, half the bytes)."""
         shard = self.first_chunk_shard()
-        if shard is not None and self.layout.n_trainable[0] > 0:
-            dist.all_reduce(shard.grad_acc, group=self._holders_group())
+        if shard is None or self.layout.n_trainable[0] == 0:
+            return
+        acc, traffic = shard.grad_acc, self.engine.compute_dtype
+        summed = acc if acc.dtype == traffic else acc.to(traffic)
+        self.comm.all_reduce_rail(summed)
+        if summed is not acc:
+            acc.copy_(summed)
 
     def _materialize_owned_chunk(self, root: nn.Module, device: torch.device) -> torch.Tensor:
         """Meta-device model: initialize only this rank's chunk (name-seeded, see ``lightning_tawpipe.init``).
