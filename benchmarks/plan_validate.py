@@ -37,7 +37,7 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "spare-cores/none", "spare-cores/1gbit", "spare-cores/1gbit-relay", "spare-cores/2gbit-4gbit",
            # the 2-core box with sleeping blocks (--sleep_blocks): compute takes no core, as on a GPU
            "sleep-blocks/2x2-variants", "sleep-blocks/2x2-jitter15", "sleep-blocks/3x2",
-           "sleep-blocks/3x2-gb3")
+           "sleep-blocks/3x2-gb3", "sleep-blocks/2x2-rep0", "sleep-blocks/3x2-rep0")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
 # speed.py's opt-in TawPipe variants (tawpipe-<name>): predicted at every TawPipe point from the same knobs the
@@ -197,7 +197,8 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
               "Schedule knobs, predicted at every measured point so a run of the variant can be read against them, "
               "with the measurement where the set ran the variant: `r1` reuse 1 (the paper's schedule), `p3` "
               "prefetch 3, `light0` the partition [2, 2, 3, 3] (a lighter chunk 0, 4 ranks only), `gb3` a third "
-              "gradient buffer, `gb3-light0-p1` both with prefetch 1 (`benchmarks/speed.py` `VARIANTS`). "
+              "gradient buffer, `gb3-light0-p1` both with prefetch 1, `rep0` chunk 0 mirrored on every node "
+              "(`replicate_first_chunk`) (`benchmarks/speed.py` `VARIANTS`). "
               "Cores *sleep*: the blocks slept instead of computing (`--sleep_blocks`), so compute took no core.", "",
               "| set | rate | S | cores | default | " + " | ".join(names) + " |",
               "|---|---|---|---|---|" + "---|" * len(names)]

@@ -144,3 +144,4 @@ def test_a_variant_runs_the_tawpipe_worker_with_its_knobs_after_the_shared_ones(
     assert args[-6:] == ["--grad_buffers", "3", "--partition", "2,2,3,3", "--prefetch", "1"]
     assert all(name.startswith("tawpipe-") for name in VARIANTS)
     assert worker_args("ddp", a, 512, "out.json")[:2] == ["--strategy", "ddp"]
+    assert worker_args("tawpipe-rep0", a, 512, "out.json")[-1] == "--replicate_first_chunk"  # a switch: bare flag
