@@ -56,7 +56,8 @@ def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
                    partition: str | Sequence[int] = "parameters", replicate_first_chunk: bool = False) -> BoundaryFloor:
     """The iteration-boundary floor for ``workload`` on ``cluster`` with one chunk per rank (see the module doc)."""
     n_chunks = cluster.world_size
-    costs = make_chunks(workload, compute, n_chunks, partition).costs
+    chunks = make_chunks(workload, compute, n_chunks, partition)
+    costs = chunks.costs
     slowdown = cluster.compute_slowdown(cluster.world_size)  # every rank computes: the compute-only pace
     steps = sample_major_steps(n_chunks, workload.n_microbatches, train=True)
     times = [(costs.forward if s.op == Op.FORWARD else costs.backward)[s.chunk] * slowdown for s in steps]
@@ -68,8 +69,7 @@ def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
         uses = [i for i, s in enumerate(steps) if s.chunk == c]
         slack = sum(times[uses[-1] + 1:]) + sum(times[: uses[0]])
         if c == 0 and replicate_first_chunk:  # the holders' all-reduce of the gradient is the whole trip
-            numel = costs.grad_bytes[0] / workload.weight_bytes
-            trip = first_chunk_exchange(cluster, workload, numel, cluster.nodes)[0]
+            trip = first_chunk_exchange(cluster, workload, chunks.numel[0], cluster.nodes)[0]
         else:
             trip = (2 * cluster.inter_latency
                     + (costs.grad_bytes[c] + costs.weight_bytes[c]) / cluster.node_inter_bw)

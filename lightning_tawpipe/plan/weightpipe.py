@@ -97,7 +97,7 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
         inter_node_bytes_per_node=sim.inter_bytes_per_node_max + exchange_bytes,
-        inter_node_bytes=sim.inter_bytes + holders * exchange_bytes if holders > 1 else sim.inter_bytes,
+        inter_node_bytes=sim.inter_bytes + holders * exchange_bytes,
         intra_node_bytes=sim.intra_bytes,
         bubble=max(0.0, ideal.idle_fraction), exposed_comm=max(0.0, sim.makespan - ideal.makespan),
         memory=weight_pipeline_memory(kind, cluster, workload, chunks.numel, schedule),

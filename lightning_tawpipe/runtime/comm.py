@@ -49,7 +49,7 @@ class CommStats:
     def reset(self) -> None:
         """Start a step's figures, with whatever moved since the last step (so it is logged, with that step)."""
         carried, waited = self.carried_bytes, self.carried_wait_s
-        self.intra_node_bytes = self.messages = self.carried_bytes = 0
+        self.intra_node_bytes = self.carried_bytes = 0
         self.inter_node_bytes = self.grad_bytes = carried
         self.comm_wait_s, self.carried_wait_s = waited, 0.0
         self.wait_by_op = {"first_chunk_exchange": waited} if carried else {}

@@ -74,7 +74,7 @@ class Engine:
         activation_checkpointing: bool = False,
         mirror: OwnedShard | None = None,
     ) -> None:
-        self.comm, self.layout, self.shard = comm, layout, shard
+        self.comm, self.layout = comm, layout
         # every chunk this rank holds: the one it owns, and chunk 0 if it mirrors it (``replicate_first_chunk``)
         self.shards = {shard.chunk: shard, **({mirror.chunk: mirror} if mirror is not None else {})}
         self.rank = comm.rank

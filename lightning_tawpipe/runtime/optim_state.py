@@ -79,8 +79,9 @@ def local_state_by_name(optimizer: Optimizer, local_name: dict, full_names: list
     """This rank's optimizer state keyed by parameter name, with the unsharded param groups (names, not indices).
 
     This is the sharded checkpoint's ``optimizer_<i>`` entry (the layout of FSDP's sharded optimizer state): every
-    rank contributes the state of the parameters it owns (those ``local_name`` names); the param groups, identical everywhere, list every
-    parameter of the unsharded optimizer by name, so the state can be resharded onto any topology or strategy.
+    rank contributes the state of the parameters it owns (those ``local_name`` names); the param groups, identical
+    everywhere, list every parameter of the unsharded optimizer by name, so the state can be resharded onto any
+    topology or strategy.
     """
     state = {local_name[p]: dict(s) for p, s in optimizer.state.items() if s and p in local_name}
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}

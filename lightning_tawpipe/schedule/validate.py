@@ -375,12 +375,12 @@ class _Simulator:
     def _execute_local(self, rank: int, a: Action, c: tuple) -> None:
         buffers, kind, P = self.buffers[rank], c[0], self.world
         if kind == _CW:
-            if self.s.owners[a.chunk] != rank and rank not in self.s.holders(a.chunk):
+            if self.s.owners[a.chunk] != rank and rank not in self.s.holders(a.chunk):  # owner first: hot
                 self._fail(rank, a, "copies a chunk it does not own")
             self._fill_slot(rank, a, c[1], c[5])
         elif kind == _AG:
             content = buffers[c[1]]
-            if self.s.owners[a.chunk] != rank and rank not in self.s.holders(a.chunk):
+            if self.s.owners[a.chunk] != rank and rank not in self.s.holders(a.chunk):  # owner first: hot
                 self._fail(rank, a, "accumulates a chunk it does not own")
             if not content or content[0] != "G" or content[1] != a.chunk:
                 self._fail(rank, a, f"accumulates {_show(content, P)}, not chunk {a.chunk}'s gradient")
