@@ -55,7 +55,7 @@ from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
-from lightning_tawpipe.runtime.pipeline import Pipeline
+from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self._set_engine_knobs(n_microbatches, prefetch, reuse, grad_buffers, schedule, group_size, partition,
                                validate_schedules, p2p_groups, activation_checkpointing, meta_init, state_dict_type,
                                process_group_backend, timeout, start_method, check_finite_loss)
-        if not isinstance(replicate_first_chunk, bool):
-            raise ValueError(f"replicate_first_chunk must be True or False, got {replicate_first_chunk!r}.")
-        if replicate_first_chunk and (schedule != "tawpipe" or replicas != 1):
-            raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' and one replica (the WeiPipe ring has "
-                             "no nodes to mirror chunk 0 in, and the outer loop of several replicas would update "
-                             f"chunk 0's owner but not its mirrors); got schedule={schedule!r}, replicas={replicas!r}.")
+        check_replicate_first_chunk(replicate_first_chunk, schedule, replicas)
         self.replicate_first_chunk = replicate_first_chunk
         self.log_comm_stats = log_comm_stats
         self.async_checkpointing = bool(async_checkpointing)

@@ -37,6 +37,18 @@ from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 SCHEDULES = ("tawpipe", "weipipe")
 
 
+def check_replicate_first_chunk(replicate_first_chunk, schedule: str, n_replicas: int) -> None:
+    """The mirrored chunk 0 needs nodes to mirror it in (TawPipe's groups, not the WeiPipe ring) and a single replica:
+    the outer loop of several replicas would update chunk 0's owner but not its mirrors. Checked where a user sets
+    it (the strategy, at construction) and where the runtime is built directly (``Pipeline``)."""
+    if not isinstance(replicate_first_chunk, bool):
+        raise ValueError(f"replicate_first_chunk must be True or False, got {replicate_first_chunk!r}.")
+    if replicate_first_chunk and (schedule != "tawpipe" or n_replicas != 1):
+        raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' and one replica (the WeiPipe ring has "
+                         "no nodes to mirror chunk 0 in, and the outer loop of several replicas would update "
+                         f"chunk 0's owner but not its mirrors); got schedule={schedule!r}, replicas={n_replicas!r}.")
+
+
 class Pipeline:
     """The sharded, pipelined view of ``root`` on this rank."""
 
@@ -63,12 +75,7 @@ class Pipeline:
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
-        if replicate_first_chunk and schedule != "tawpipe":
-            raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' (the WeiPipe ring has no nodes to "
-                             "mirror chunk 0 in).")
-        if replicate_first_chunk and replicas is not None and replicas.n_replicas > 1:
-            raise ValueError("replicate_first_chunk=True is not supported with several replicas yet (the outer loop "
-                             "would update chunk 0's owner but not its mirrors); drop one of the two.")
+        check_replicate_first_chunk(replicate_first_chunk, schedule, replicas.n_replicas if replicas else 1)
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
         self.reuse = reuse
         self.replicate_first_chunk = replicate_first_chunk
