@@ -360,6 +360,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             self.precision.pre_backward(tensor, module)
             self.precision.backward(tensor, module, *args, **kwargs)
             self.precision.post_backward(tensor, module)
+            if engine is not None:
+                engine.flush_deferred()  # back to user code, which may run a collective
             if engine is not None and engine.training_iteration and not self._in_train_step:
                 engine.end()
 
@@ -401,6 +403,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             if not isinstance(loss, Tensor):
                 raise RuntimeError(f"loss_fn must return the micro-batch's loss tensor, got {type(loss).__name__}.")
             self.precision.backward(loss / n, None)
+            engine.flush_deferred()  # the next micro-batch's loss_fn is user code
             return loss.detach()
 
         self._in_train_step = True

@@ -397,6 +397,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                     "returning None would leave the other ranks waiting for this rank's weights and gradients)."
                 )
             precision.backward(precision.scale_loss(loss * scale), module, None)
+            engine.flush_deferred()  # the next micro-batch's training_step is user code
             return loss.detach(), output
 
         results = MicrobatchRunner(engine).run(len(micro_batches), run_micro_batch)
@@ -412,7 +413,10 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
     @override
     def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
         if not self._backward_done:  # manual optimization: the real backward, inside the user's training_step
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            out = super().backward(closure_loss, optimizer, *args, **kwargs)
+            if self.pipeline is not None:
+                self.pipeline.engine.flush_deferred()  # back to user code, which may run a collective
+            return out
         self._backward_done = False
         module = self.lightning_module
         self.pre_backward(closure_loss)

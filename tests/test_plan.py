@@ -324,15 +324,17 @@ def test_mirrored_chunk_0_trades_its_round_trip_for_one_exchange(capsys):
 
 def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):
     """With two gradient buffers, a backward step on a slow link waits for the send two steps back to drain; a
-    third buffer removes that wait. The simulated step is shorter (never longer), the schedule has three buffers,
-    the planner labels the knob, and the memory model counts one more largest-chunk buffer."""
+    third buffer removes that wait. On three nodes at 1 Gbit/s (two of every three chunks' gradients leave the node)
+    the simulated step is shorter with prefetch 2 and never longer, the schedule has three buffers, the planner
+    labels the knob, and the memory model counts one more largest-chunk buffer."""
     w, comp = Workload(BENCH, 512, 1, 1, "32-true"), ComputeModel(50e9, 50e9)
-    c = cluster(2, 2, inter=2.5e8, intra=1e10, lat=1e-4)
+    c = cluster(3, 2, inter=1.25e8, intra=1e10, lat=1e-4)
     p = plan(c, w, comp, prefetch=(1, 2), strategies=("tawpipe",), grad_buffers=(2, 3))
     by = {(q.knobs["prefetch"], q.knobs["grad_buffers"]): q for q in p.predictions}
     assert set(by) == {(1, 2), (1, 3), (2, 2), (2, 3)}
+    assert by[2, 3].step_time < 0.97 * by[2, 2].step_time, (by[2, 3].step_time, by[2, 2].step_time)
     for d in (1, 2):
-        assert by[d, 3].step_time < 0.97 * by[d, 2].step_time, (d, by[d, 3].step_time, by[d, 2].step_time)
+        assert by[d, 3].step_time <= by[d, 2].step_time * (1 + 1e-9), (d, by[d, 3].step_time, by[d, 2].step_time)
         assert by[d, 3].memory.total > by[d, 2].memory.total
         assert by[d, 3].inter_node_bytes == by[d, 2].inter_node_bytes  # same traffic, only its timing changes
     fast = cluster(2, 2, inter=1e12, intra=1e12, lat=0.0)  # nothing to wait for: the buffer cannot help

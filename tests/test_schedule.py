@@ -155,7 +155,8 @@ def test_parse_program_round_trip(schedule):
 #    index 0 = owner's) receives it RW1<2 and broadcasts it BW1^0 one compute later. Chunks 2/3 are broadcast by
 #    rank 1 (their local index), so rank 0 only joins BW2^1 / BW3^1.
 #  * gradients: after B3 reduce onto rank 1 (RG3^1), after B2 onto rank 1, after B1 onto rank 0 which sends the sum
-#    to the owner (SG1>2) one step later, after B0 onto rank 0 = owner which adds it (AG0@g1) one step later.
+#    to the owner (SG1>2) right behind the reduce (the engine defers it until the reduce is done), after B0 onto
+#    rank 0 = owner which adds it (AG0@g1) one step later.
 GOLDEN_RANK0 = [
     "SW0>2@own SW0>2@own QG0<2@q0 CW0@s0 BW0^0@s0 RW1<2@s1",
     "F0.0@s0 X0@s0 BW1^0@s1 BW2^1@s0",
@@ -164,8 +165,8 @@ GOLDEN_RANK0 = [
     "F3.0@s1",
     "B3.0@s1>g0 X3@s1 RW1<2@s1 RG3^1@g0",
     "B2.0@s0>g1 X2@s0 BW1^0@s1 CW0@s0 BW0^0@s0 RG2^1@g1",
-    "B1.0@s1>g0 X1@s1 RG1^0@g0",
-    "B0.0@s0>g1 X0@s0 SG1>2@g0 RG0^0@g1 AG0@g1",
+    "B1.0@s1>g0 X1@s1 RG1^0@g0 SG1>2@g0",
+    "B0.0@s0>g1 X0@s0 RG0^0@g1 AG0@g1",
     "AG0@q0",
 ]
 # Rank 3 (node 1, local 1, owns chunk 3): node 0 loads chunk 3 once (F3+B3), received by rank 1 (local index 1):
@@ -173,9 +174,9 @@ GOLDEN_RANK0 = [
 # before its first compute (it starts one step late, so the broadcast cannot overlap a compute of its own); chunk 2
 # (owner rank 1, local 1) is received by rank 3 itself (RW2<1) and broadcast one compute later (BW2^3); chunk 3 is
 # its own (CW3 + BW3^3). Gradients: B3 reduces onto rank 3 = owner (AG3@g0 one step later), B2 onto rank 3 which
-# sends to owner rank 1 one step later (SG2>1), B1/B0 onto rank 2. Node 0's chunk-3 sum is added at point 6: the
-# sender posts it at its point 5 (node 1 is behind, so it is certainly posted by then) and the add waits one more
-# compute step so the transfer overlaps it.
+# sends to owner rank 1 right behind the reduce (SG2>1), B1/B0 onto rank 2. Node 0's chunk-3 sum is added at point
+# 6: the sender posts it by its point 5 (node 1 is behind, so it is certainly posted by then) and the add waits one
+# more compute step so the transfer overlaps it.
 GOLDEN_RANK3 = [
     "SW3>1@own QG3<1@q0 BW0^2@s0 BW1^2@s1",
     "F0.0@s0 X0@s0 RW2<1@s0",
@@ -183,8 +184,8 @@ GOLDEN_RANK3 = [
     "F2.0@s0 X2@s0 RW2<1@s0",
     "F3.0@s1 BW2^3@s0",
     "B3.0@s1>g0 X3@s1 BW1^2@s1 RG3^3@g0",
-    "B2.0@s0>g1 X2@s0 AG3@g0 RG2^3@g1",
-    "B1.0@s1>g0 X1@s1 BW0^2@s0 SG2>1@g1 RG1^2@g0 AG3@q0",
+    "B2.0@s0>g1 X2@s0 AG3@g0 RG2^3@g1 SG2>1@g1",
+    "B1.0@s1>g0 X1@s1 BW0^2@s0 RG1^2@g0 AG3@q0",
     "B0.0@s0>g1 X0@s0 RG0^2@g1",
 ]
 
@@ -659,7 +660,8 @@ def test_grid_with_comm_2x2():
     assert lines[1].split()[0] == "pre"
     assert "[SW0>2@own SW0>2@own QG0<2@q0 CW0@s0 BW0^0@s0 RW1<2@s1]" in lines[1]
     assert "F0.0 [X0@s0 BW1^0@s1 BW2^1@s0]" in lines[2]
-    assert "B0.0 [X0@s0 SG1>2@g0 RG0^0@g1 AG0@g1 AG0@q0]" in lines[2 + 7]
+    assert "B1.0 [X1@s1 RG1^0@g0 SG1>2@g0]" in lines[2 + 6]  # the send right behind its reduce (deferred)
+    assert "B0.0 [X0@s0 RG0^0@g1 AG0@g1 AG0@q0]" in lines[2 + 7]
     # every communication action of every rank appears in the grid, as often as in the programs
     expected = Counter(str(a) for p in tawpipe(2, 2, 1).programs for a in p if a.op not in (Op.FORWARD, Op.BACKWARD))
     assert {a: text.count(a) for a in expected} == dict(expected)

@@ -15,7 +15,9 @@ This is the validator's execution model (``schedule/validate.py``) with duration
   intra-node one the devices' own links, a collective every member's links; on the CPU testbed an intra-node
   transfer (a loopback TCP copy) also takes a share of the machine's cores, as compute does;
 * before any action touches a buffer, the host waits for every earlier posted operation that conflicts with it on
-  that buffer (read-after-write, write-after-read, write-after-write): the engine's only waiting rule;
+  that buffer (read-after-write, write-after-read, write-after-write): the engine's waiting rule. A gradient send
+  whose reduce is still running is *deferred* instead, as the engine does: it is posted the moment the reduce is
+  done, and the host runs on (later actions that touch its buffer wait for it);
 * ``CW/AG/GA`` are local copies/adds costing their bytes over the device memory bandwidth; ``X`` is free;
 * the iteration ends when every rank has run its program and every operation it posted has finished.
 
@@ -114,6 +116,7 @@ class _Sim:
         self.pending_w: list[dict[str, set]] = [dict() for _ in range(P)]
         self.pending_r: list[dict[str, set]] = [dict() for _ in range(P)]
         self.unfinished: list[int] = [0] * P
+        self.deferred: list[deque] = [deque() for _ in range(P)]  # gradient sends waiting for their reduce
         self.finish = [0.0] * P
         self.busy = [0.0] * P
         self.wait = [0.0] * P
@@ -161,6 +164,12 @@ class _Sim:
                 continue
             reads, writes = a.reads_writes(r)
             blocker = self._conflict(pw, pr, reads, writes)
+            if a.op is Op.SEND_G and (blocker is not None or self.deferred[r]):
+                # the engine defers a gradient send whose reduce still runs and posts it when the reduce is done
+                self.deferred[r].append(self._register(now, r, a, reads, writes, pw, pr))
+                self._post_deferred(now, r)
+                s_pc += 1
+                continue
             if blocker is not None:
                 self.pc[r] = s_pc
                 self.blocked_since[r] = now
@@ -208,13 +217,28 @@ class _Sim:
             self.finish[r] = max(self.finish[r], now)
 
     # -- posting and matching -----------------------------------------------------------------------------------------
-    def _post(self, now: float, r: int, a: Action, reads, writes, pw, pr) -> None:
+    def _register(self, now: float, r: int, a: Action, reads, writes, pw, pr) -> _Posted:
+        """Enter an operation in the rank's tables of unfinished ones (later actions that conflict wait for it)."""
         p = _Posted(r, a, reads, writes, now)
         for b in reads:
             pr.setdefault(b, set()).add(p)
         for b in writes:
             pw.setdefault(b, set()).add(p)
         self.unfinished[r] += 1
+        return p
+
+    def _post_deferred(self, now: float, r: int) -> None:
+        """Post rank ``r``'s deferred sends, in order, whose reduce has finished (``runtime/engine.py``)."""
+        queue, pw, pr = self.deferred[r], self.pending_w[r], self.pending_r[r]
+        while queue and self._conflict(pw, {}, queue[0].reads, ()) is None:
+            self._match(now, queue.popleft())
+
+    def _post(self, now: float, r: int, a: Action, reads, writes, pw, pr) -> None:
+        self._match(now, self._register(now, r, a, reads, writes, pw, pr))
+
+    def _match(self, now: float, p: _Posted) -> None:
+        """Pair a posted operation with its peers' (or start it once all are posted)."""
+        r, a = p.rank, p.action
         lane = "W" if a.op in _WEIGHT_LANE else "G"
         if a.op in _P2P_SEND or a.op in _P2P_RECV:
             src, dst = (r, a.peer) if a.op in _P2P_SEND else (a.peer, r)
@@ -294,6 +318,8 @@ class _Sim:
         for p in t.members:
             p.done = True
             self.unfinished[p.rank] -= 1
+            if self.deferred[p.rank]:
+                self._post_deferred(now, p.rank)
             if p.waiters:
                 for r, key in p.waiters:
                     self.wait_by_op[key] = self.wait_by_op.get(key, 0.0) + now - self.blocked_since[r]

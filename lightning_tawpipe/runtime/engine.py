@@ -10,6 +10,14 @@ the pipeline runs exactly the validated program.
 Waiting follows one rule (the same the validator simulates): before an action touches a buffer, wait for every
 earlier posted communication that conflicts with it on that buffer. No async op is read or reused before it is
 waited on, and nothing waits earlier than it must.
+
+One refinement keeps a slow gradient send from waiting a whole compute step: the schedule places a node's gradient
+send right behind the reduce that fills its buffer. Waiting for that reduce there would stall the host, so the
+engine *defers* the send instead and posts it the moment the reduce is done: it looks at every unit boundary of the
+next compute step. A deferred send is posted, waiting for its reduce if need be, as soon as anything else would
+block the host or touch its buffer, and after every backward pass (``flush_deferred``, before user code can run a
+collective). So wherever the host blocks or leaves the engine, everything before it in the program is posted, as
+in the validated order, and deferring only moves sends earlier in time than blocking on their reduce would.
 """
 
 from __future__ import annotations
@@ -91,6 +99,7 @@ class Engine:
         self._pc = 0
         self._current: Action | None = None
         self._pending: list[_Pending] = []
+        self._deferred: list[Action] = []  # gradient sends whose reduce was still running (see the module doc)
         self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
         self._grad_chunk: int | None = None  # chunk whose parameters' .grad point into a gradient buffer
         # set by MicrobatchRunner while micro-batches run interleaved in threads (see microbatch.py)
@@ -128,6 +137,8 @@ class Engine:
     def enter(self, op: Op, chunk: int) -> None:
         """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current)."""
         cur, mb = self._current, self.thread_microbatch()
+        if self._deferred:
+            self._post_deferred(block=False)  # a unit boundary: post the sends whose reduce has finished
         if cur is not None and cur.op is op and cur.chunk == chunk and (mb is None or cur.mb == mb):
             return
         if self._program is None:
@@ -147,6 +158,12 @@ class Engine:
                 f"backward once when training), through every unit in order."
             )
         self._start_compute(action)
+
+    def flush_deferred(self) -> None:
+        """Post every deferred gradient send, waiting for its reduce if need be. Called after each backward pass:
+        user code may run a collective next, and no peer may then be left waiting on a send not yet posted."""
+        if self._deferred:
+            self._post_deferred(block=True)
 
     def peek_compute(self) -> Action | None:
         """The next compute action of the running program, without executing anything."""
@@ -199,6 +216,7 @@ class Engine:
                     )
                 continue  # eval: a step that did not call the model still serves and relays weights
             self._execute(action)
+        self.flush_deferred()
         for pending in self._pending:
             self.comm.wait(pending.work, f"drain:{pending.action.op.value}")
         self._pending.clear()
@@ -258,6 +276,18 @@ class Engine:
             self._grad_chunk = None
 
     def _wait_conflicts(self, reads: set[str], writes: set[str]) -> None:
+        """The waiting rule. Before it blocks, or touches a deferred send's buffer, every deferred send is posted."""
+        if self._deferred and (self._conflicts(reads, writes) or any(
+                writes & d.reads_writes(self.rank)[0] for d in self._deferred)):
+            self._post_deferred(block=True)
+        self._wait_for(reads, writes)
+
+    def _conflicts(self, reads: set[str], writes: set[str]) -> bool:
+        """Whether a posted, unfinished operation conflicts with touching these buffers."""
+        return any(((p.writes & (reads | writes)) or (p.reads & writes)) and not p.work.is_completed()
+                   for p in self._pending)
+
+    def _wait_for(self, reads: set[str], writes: set[str]) -> None:
         keep = []
         for p in self._pending:
             if (p.writes & (reads | writes)) or (p.reads & writes):
@@ -266,20 +296,32 @@ class Engine:
                 keep.append(p)
         self._pending = keep
 
+    def _post_deferred(self, block: bool) -> None:
+        """Post deferred sends in program order; without ``block``, stop at the first whose reduce still runs."""
+        while self._deferred:
+            a = self._deferred[0]
+            reads, writes = a.reads_writes(self.rank)
+            if not block and self._conflicts(reads, writes):
+                return
+            self._deferred.pop(0)
+            self._wait_for(reads, writes)
+            self._post(a, reads, writes)
+
     def _execute(self, a: Action) -> None:
         with record_function(f"TAWPIPE:{a}"):  # profiler traces line up with the schedule IR
             self._execute_action(a)
 
     def _execute_action(self, a: Action) -> None:
         reads, writes = a.reads_writes(self.rank)
-        self._wait_conflicts(reads, writes)
-        op, work = a.op, None
+        op = a.op
         if op in _GRADIENT_OPS and self.layout.n_trainable[a.chunk] == 0:
             return  # a frozen chunk: no gradient to move (every rank's layout agrees, so peers skip it too)
+        if op is Op.SEND_G and (self._deferred or self._conflicts(reads, writes)):
+            self._deferred.append(a)  # its reduce still runs: post it when done, not by blocking here
+            return
+        self._wait_conflicts(reads, writes)
         if op in _POSTED:
-            method, lane = _POSTED[op]
-            view = self._grad_view(a.buf, a.chunk) if op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
-            work = getattr(self.comm, method)(view, a.peer, lane)
+            self._post(a, reads, writes)
         elif op is Op.RELEASE:
             if self._bound.get(a.buf) == a.chunk:
                 self.layout.unbind(a.chunk)
@@ -292,5 +334,9 @@ class Engine:
             self._grad_view(a.buf, a.chunk).add_(self._grad_view(a.buf2, a.chunk))
         else:
             raise RuntimeError(f"the engine cannot execute {a}")
-        if work is not None:
-            self._pending.append(_Pending(a, work, reads, writes))
+
+    def _post(self, a: Action, reads: set[str], writes: set[str]) -> None:
+        method, lane = _POSTED[a.op]
+        view = self._grad_view(a.buf, a.chunk) if a.op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
+        work = getattr(self.comm, method)(view, a.peer, lane)
+        self._pending.append(_Pending(a, work, reads, writes))

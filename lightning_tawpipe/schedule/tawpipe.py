@@ -20,8 +20,9 @@ Per rank the program does, in order:
   until then (a chunk kept across a turn frees its slot early), and the fast intra-node broadcast overlaps the last.
 * **gradients**, after every backward step: reduce in the node onto the rank with the owner's local index (so every
   rail carries gradients, not only local rank 0); one step later that rank adds the sum into its accumulator if it
-  is the owner, or sends it to the owner, which receives it into a small ring of buffers and adds it in before
-  the buffer is reused (or at the end).
+  is the owner. Otherwise it sends the sum to the owner right behind the reduce: the engine posts that send the
+  moment the reduce is done, during the next backward step, without waiting for it (a *deferred send*). The owner
+  receives it into a small ring of buffers and adds it in before the buffer is reused (or at the end).
 
 **A replicated first chunk** (``replicate_first_chunk``): chunk 0's gradient is the last an iteration makes and its
 weights the first the next one needs, so on every node that does not own it a full round trip over the slow link
@@ -210,7 +211,10 @@ def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arri
         if root == owner or (mirrored_first and step.chunk == 0):
             group.add(root, later, action(Op.ACC_G, step.chunk, buf=gbuf))
         else:
-            group.add(root, later, action(Op.SEND_G, step.chunk, peer=owner, buf=gbuf))
+            # right behind its reduce: the engine defers a send whose reduce is still running and posts it as soon
+            # as the reduce is done (runtime/engine.py), so the slow transfer overlaps the next backward step
+            # instead of starting after it; the owner still adds it in one step after ``later``
+            group.add(root, j, action(Op.SEND_G, step.chunk, peer=owner, buf=gbuf))
             arrivals[owner].append(_GradArrival(later, node, step.chunk, root))
 
 
