@@ -3,7 +3,7 @@
 The schedule places a node's gradient send right behind the reduce that fills its buffer. The engine must not block
 the host on that reduce: it defers the send and posts it at the first unit boundary after the reduce is done. It
 must still post it, waiting if need be, before the host blocks on anything else, before anything touches the
-buffer, after a backward pass (``flush_deferred``) and at the end of the iteration. The multi-rank parity tests
+buffer, before a forward step, after a backward pass (``flush_deferred``) and at the end of the iteration. The multi-rank parity tests
 check that results stay exact; these check the order of events, which they cannot see.
 """
 
@@ -155,3 +155,13 @@ def test_a_send_whose_reduce_has_finished_goes_out_at_once():
     engine.end()
     assert comm.events == ["post reduce", "wait RG", "post send", "wait drain:SG"]
     assert not engine._deferred
+
+
+def test_a_deferred_send_does_not_wait_through_a_forward_step():
+    """Between micro-batches the next compute is a forward, and user code runs after it: post first."""
+    f0_next = Action(Op.FORWARD, 0, mb=1, buf="s0")
+    engine, comm = engine_running([B1, REDUCE, SEND, f0_next])
+    engine.enter(Op.BACKWARD, 1)
+    engine.enter(Op.FORWARD, 0)
+    assert comm.events == ["post reduce", "wait RG", "post send"]
+    engine.end()

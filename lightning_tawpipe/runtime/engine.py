@@ -15,8 +15,8 @@ One refinement keeps a slow gradient send from waiting a whole compute step: the
 send right behind the reduce that fills its buffer. Waiting for that reduce there would stall the host, so the
 engine *defers* the send instead and posts it the moment the reduce is done: it looks at every unit boundary of the
 next compute step. A deferred send is posted, waiting for its reduce if need be, as soon as anything else would
-block the host or touch its buffer, and after every backward pass (``flush_deferred``, before user code can run a
-collective). So wherever the host blocks or leaves the engine, everything before it in the program is posted, as
+block the host or touch its buffer, before a forward step (the next micro-batch's), and after every backward pass
+(``flush_deferred``, before user code can run a collective). So wherever the host blocks or leaves the engine, everything before it in the program is posted, as
 in the validated order, and deferring only moves sends earlier in time than blocking on their reduce would.
 """
 
@@ -252,6 +252,10 @@ class Engine:
         return None
 
     def _start_compute(self, action: Action) -> None:
+        if action.op is Op.FORWARD:
+            # a deferred send may wait through backward steps only: once the forward that follows returns, user
+            # code (the loss, a logging collective) runs before the engine is called again
+            self.flush_deferred()
         reads, writes = action.reads_writes(self.rank)
         with record_function(f"TAWPIPE:wait-for:{action}"):
             self._wait_conflicts(reads, writes)
