@@ -3,8 +3,8 @@
 The schedule places a node's gradient send right behind the reduce that fills its buffer. The engine must not block
 the host on that reduce: it defers the send and posts it at the first unit boundary after the reduce is done. It
 must still post it, waiting if need be, before the host blocks on anything else, before anything touches the
-buffer, before a forward step, after a backward pass (``flush_deferred``) and at the end of the iteration. The multi-rank parity tests
-check that results stay exact; these check the order of events, which they cannot see.
+buffer, before a forward step, after a backward pass (``flush_deferred``) and at the end of the iteration. The
+multi-rank parity tests check that results stay exact; these check the order of events, which they cannot see.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ send right behind the reduce that fills its buffer. Waiting for that reduce ther
 engine *defers* the send instead and posts it the moment the reduce is done: it looks at every unit boundary of the
 next compute step. A deferred send is posted, waiting for its reduce if need be, as soon as anything else would
 block the host or touch its buffer, before a forward step (the next micro-batch's), and after every backward pass
-(``flush_deferred``, before user code can run a collective). So wherever the host blocks or leaves the engine, everything before it in the program is posted, as
-in the validated order, and deferring only moves sends earlier in time than blocking on their reduce would.
+(``flush_deferred``, before user code can run a collective). So wherever the host blocks or leaves the engine,
+everything before it in the program is posted, as in the validated order, and deferring only moves sends earlier
+in time than blocking on their reduce would.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class _Pending:
     work: object
     reads: set[str]
     writes: set[str]
+
+    def conflicts(self, reads: set[str], writes: set[str]) -> bool:
+        """Whether touching these buffers must wait for this operation (read/write after write, write after read)."""
+        return bool((self.writes & (reads | writes)) or (self.reads & writes))
 
 
 # communication actions: the Comm method that posts them and the lane (communicator set) they travel on
@@ -288,13 +293,12 @@ class Engine:
 
     def _conflicts(self, reads: set[str], writes: set[str]) -> bool:
         """Whether a posted, unfinished operation conflicts with touching these buffers."""
-        return any(((p.writes & (reads | writes)) or (p.reads & writes)) and not p.work.is_completed()
-                   for p in self._pending)
+        return any(p.conflicts(reads, writes) and not p.work.is_completed() for p in self._pending)
 
     def _wait_for(self, reads: set[str], writes: set[str]) -> None:
         keep = []
         for p in self._pending:
-            if (p.writes & (reads | writes)) or (p.reads & writes):
+            if p.conflicts(reads, writes):
                 self.comm.wait(p.work, p.action.op.value)
             else:
                 keep.append(p)
