@@ -229,7 +229,7 @@ class _Sim:
 
     def _post_deferred(self, now: float, r: int) -> None:
         """Post rank ``r``'s deferred sends, in order, whose reduce has finished (``runtime/engine.py``)."""
-        queue, pw, pr = self.deferred[r], self.pending_w[r], self.pending_r[r]
+        queue, pw = self.deferred[r], self.pending_w[r]
         while queue and self._conflict(pw, {}, queue[0].reads, ()) is None:
             self._match(now, queue.popleft())
 
