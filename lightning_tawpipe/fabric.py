@@ -360,10 +360,10 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             self.precision.pre_backward(tensor, module)
             self.precision.backward(tensor, module, *args, **kwargs)
             self.precision.post_backward(tensor, module)
-            if engine is not None:
-                engine.flush_deferred()  # back to user code, which may run a collective
             if engine is not None and engine.training_iteration and not self._in_train_step:
                 engine.end()
+            elif engine is not None:
+                engine.flush_deferred()  # back to user code, which may run a collective
 
     @contextmanager
     def _reporting_failures(self):
