@@ -1,10 +1,13 @@
-"""The engine's deferred gradient sends, on one rank with a scripted communicator (no processes, no model).
+"""The engine's deferred operations, on one rank with a scripted communicator (no processes, no model).
 
-The schedule places a node's gradient send right behind the reduce that fills its buffer. The engine must not block
-the host on that reduce: it defers the send and posts it at the first unit boundary after the reduce is done. It
-must still post it, waiting if need be, before the host blocks on anything else, before anything touches the
-buffer, before a forward step, after a backward pass (``flush_deferred``) and at the end of the iteration. The
-multi-rank parity tests check that results stay exact; these check the order of events, which they cannot see.
+The schedule places a node's gradient send right behind the reduce that fills its buffer, and a relay's broadcast
+of a remote chunk one compute step before its use, whether or not the inter-node receive has arrived. The engine
+must not block the host on either input: it defers the operation and posts it at the first unit boundary after the
+input is done. Later operations of the same communicator family queue behind it (every member must issue them in
+one order); other families go on. It must still post it, waiting if need be, before the host blocks on anything
+else, before anything touches its buffers, before the forward step after which user code runs, after a backward
+pass (``flush_deferred``) and at the end of the iteration. The multi-rank parity tests check that results stay
+exact; these check the order of events, which they cannot see.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class NoModelLayout:
 def engine_running(program: list[Action]) -> tuple[Engine, ScriptedComm]:
     comm = ScriptedComm()
     schedule = Schedule(name="scripted", topology=Topology.from_world(4, 2), owners=(0, 2, 1, 3), n_microbatches=1,
-                        prefetch=1, train=True, programs=(tuple(program),) * 4, n_slots=2, n_grad_buffers=2,
+                        prefetch=2, train=True, programs=(tuple(program),) * 4, n_slots=3, n_grad_buffers=2,
                         n_recv_buffers=1)
     shard = SimpleNamespace(chunk=0, weights=torch.zeros(NUMEL), grad_acc=torch.zeros(NUMEL))
     engine = Engine(comm, NoModelLayout(), shard, lambda train, n: schedule, torch.float32, torch.device("cpu"))
@@ -164,4 +167,72 @@ def test_a_deferred_send_does_not_wait_through_a_forward_step():
     engine.enter(Op.BACKWARD, 1)
     engine.enter(Op.FORWARD, 0)
     assert comm.events == ["post reduce", "wait RG", "post send"]
+    engine.end()
+
+
+# rank 0 relays chunk 2: it receives it from rank 2 (another node) into s2 and broadcasts it in its node
+RECV_2 = Action(Op.RECV_W, 2, peer=2, buf="s2")
+RELAY_2 = Action(Op.BCAST_W, 2, peer=0, buf="s2")
+F0, F1, F2 = (Action(Op.FORWARD, c, mb=0, buf=f"s{c}") for c in range(3))
+
+
+def test_a_relay_broadcast_waits_for_its_receive_without_blocking_compute_that_does_not_need_it():
+    engine, comm = engine_running([RECV_2, F0, RELAY_2, F1, F2])
+    engine.enter(Op.FORWARD, 0)
+    engine.enter(Op.FORWARD, 1)  # the receive is in flight: F1 (its own weights) runs, the broadcast waits
+    assert comm.events == ["post recv"]
+    engine.enter(Op.FORWARD, 1)  # a unit boundary, still in flight
+    assert comm.events == ["post recv"]
+    comm.works["recv"].done = True
+    engine.enter(Op.FORWARD, 1)  # the next boundary: the broadcast goes out
+    assert comm.events == ["post recv", "wait RW", "post bcast"]
+    engine.enter(Op.FORWARD, 2)  # reads s2 like the broadcast from it: nothing to wait for
+    assert comm.events == ["post recv", "wait RW", "post bcast"]
+    engine.end()
+
+
+def test_a_compute_that_needs_a_relayed_chunk_posts_its_broadcast_before_waiting_for_the_receive():
+    engine, comm = engine_running([RECV_2, F0, RELAY_2, F2, F1])
+    engine.enter(Op.FORWARD, 0)
+    engine.enter(Op.FORWARD, 2)  # the node's other ranks wait for this broadcast: post it before blocking
+    assert comm.events == ["post recv", "wait RW", "post bcast"]
+    engine.enter(Op.FORWARD, 1)
+    engine.end()
+
+
+def test_the_forward_step_after_which_user_code_runs_posts_everything_deferred_first():
+    engine, comm = engine_running([RECV_2, F0, RELAY_2, F1, B1])
+    engine.enter(Op.FORWARD, 0)
+    engine.enter(Op.FORWARD, 1)  # the micro-batch's last forward: the loss (user code) comes next
+    assert comm.events == ["post recv", "wait RW", "post bcast"]
+    engine.enter(Op.BACKWARD, 1)
+    engine.end()
+
+
+def test_a_deferred_broadcast_holds_back_its_familys_later_operations_and_no_other():
+    """A non-root broadcast after a deferred relay queues behind it (the node's ranks must issue broadcasts in one
+    order); a gradient send, another family, goes out as soon as its own reduce is done."""
+    bcast_1 = Action(Op.BCAST_W, 1, peer=1, buf="s1")
+    engine, comm = engine_running([RECV_2, B1, REDUCE, SEND, RELAY_2, bcast_1, B0])
+    engine.enter(Op.BACKWARD, 1)
+    engine.enter(Op.BACKWARD, 0)  # reduce running, receive in flight: the send and both broadcasts wait
+    assert comm.events == ["post recv", "post reduce"]
+    comm.works["reduce"].done = True
+    engine.enter(Op.BACKWARD, 0)
+    assert comm.events == ["post recv", "post reduce", "wait RG", "post send"]
+    comm.works["recv"].done = True
+    engine.enter(Op.BACKWARD, 0)  # the relay, then the broadcast queued behind it, in program order
+    assert comm.events[4:] == ["wait RW", "post bcast", "post bcast"]
+    assert not engine._deferred
+    engine.end()
+
+
+def test_a_compute_that_needs_a_queued_broadcast_posts_the_queue_and_waits():
+    bcast_1 = Action(Op.BCAST_W, 1, peer=1, buf="s1")
+    engine, comm = engine_running([RECV_2, F0, RELAY_2, bcast_1, F1, F2])
+    engine.enter(Op.FORWARD, 0)
+    assert comm.events == ["post recv"]
+    engine.enter(Op.FORWARD, 1)  # F1 reads s1, which the queued broadcast writes: post both, wait for it
+    assert comm.events == ["post recv", "wait RW", "post bcast", "post bcast", "wait BW"]
+    engine.enter(Op.FORWARD, 2)
     engine.end()

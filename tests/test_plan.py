@@ -67,6 +67,21 @@ def test_receiver_waits_for_the_transfer_before_computing():
     assert r.comm_wait[1] == pytest.approx(2.0)
 
 
+def test_a_relay_computes_while_its_receive_is_in_flight_and_broadcasts_when_it_lands():
+    """Rank 0 relays chunk 1 (from rank 2, another node) to rank 1. Its broadcast waits for the 2 s receive without
+    holding back its own F0 (3 s), as the engine defers it; everyone's F1 then finds chunk 1 resident: 3 + 3 s.
+    When F0 is the micro-batch's last forward, user code follows it, so the relay posts the broadcast first."""
+    topo = Topology(2, 2)
+    relay = hand_schedule(topo, ["RW1<2@s1 BW1^0@s1 F0.0@s0 F1.0@s1", "BW1^0@s1 F0.0@s0 F1.0@s1", "SW1>0@own", ""],
+                          owners=(0, 2))
+    r = simulate(relay, cluster(2, 2, inter=10.0), costs(2, f=3.0, wbytes=20.0))
+    assert r.makespan == pytest.approx(6.0) and r.comm_wait[0] == 0.0
+    last_forward = hand_schedule(topo, ["RW1<2@s1 BW1^0@s1 F0.0@s0", "BW1^0@s1 F0.0@s0", "SW1>0@own", ""],
+                                 owners=(0, 2))
+    r = simulate(last_forward, cluster(2, 2, inter=10.0), costs(2, f=3.0, wbytes=20.0))
+    assert r.makespan == pytest.approx(2.0 + 3.0) and r.comm_wait[0] == pytest.approx(2.0)
+
+
 def test_contention_on_one_nic_doubles_the_time():
     """Two senders of one node share its single NIC: 2x the time of one; with a NIC each, no slowdown."""
     topo = Topology(2, 2)  # ranks 0,1 on node 0 send to ranks 2,3 on node 1

@@ -16,8 +16,10 @@ This is the validator's execution model (``schedule/validate.py``) with duration
   transfer (a loopback TCP copy) also takes a share of the machine's cores, as compute does;
 * before any action touches a buffer, the host waits for every earlier posted operation that conflicts with it on
   that buffer (read-after-write, write-after-read, write-after-write): the engine's waiting rule. A gradient send
-  whose reduce is still running is *deferred* instead, as the engine does: it is posted the moment the reduce is
-  done, and the host runs on (later actions that touch its buffer wait for it);
+  whose reduce is still running, or a relay's broadcast whose inter-node receive is, is *deferred* instead, as the
+  engine does (later operations of its communicator family queue behind it): it is posted the moment its input is
+  done, and the host runs on; later actions that touch its buffers wait for it, and the forward step after which
+  user code runs waits until nothing is deferred;
 * ``CW/AG/GA`` are local copies/adds costing their bytes over the device memory bandwidth; ``X`` is free;
 * the iteration ends when every rank has run its program and every operation it posted has finished.
 
@@ -33,13 +35,21 @@ from dataclasses import dataclass, field
 
 from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.flows import Network
-from lightning_tawpipe.schedule.actions import Action, Op
+from lightning_tawpipe.schedule.actions import ASYNC_OPS as _ASYNC
+from lightning_tawpipe.schedule.actions import Action, Op, buffers_conflict, channel, deferrable
 from lightning_tawpipe.schedule.program import Schedule
 
 _LOCAL = (Op.COPY_W, Op.ACC_G, Op.ADD_G)
 _P2P_SEND = (Op.SEND_W, Op.SEND_G)
 _P2P_RECV = (Op.RECV_W, Op.RECV_G)
 _WEIGHT_LANE = (Op.SEND_W, Op.RECV_W, Op.BCAST_W)
+
+
+def _user_code_follows(program: tuple[Action, ...], j: int) -> bool:
+    """Whether user code runs after the forward step at ``program[j]`` (the engine's ``_user_code_follows``)."""
+    mb = program[j].mb
+    nxt = next((a for a in program[j + 1:] if a.op is Op.FORWARD or a.op is Op.BACKWARD), None)
+    return nxt is None or nxt.op is not Op.FORWARD or nxt.mb != mb
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,11 @@ class SimResult:
 
 
 class _Posted:
-    __slots__ = ("rank", "action", "reads", "writes", "done", "waiters", "t_post")
+    __slots__ = ("rank", "action", "reads", "writes", "done", "waiters", "t_post", "seq")
 
-    def __init__(self, rank: int, action: Action, reads, writes, t_post: float) -> None:
+    def __init__(self, rank: int, action: Action, reads, writes, t_post: float, seq: int) -> None:
         self.rank, self.action, self.reads, self.writes = rank, action, reads, writes
-        self.done, self.waiters, self.t_post = False, None, t_post
+        self.done, self.waiters, self.t_post, self.seq = False, None, t_post, seq  # seq: order of entry
 
 
 class _Transfer:
@@ -116,7 +126,7 @@ class _Sim:
         self.pending_w: list[dict[str, set]] = [dict() for _ in range(P)]
         self.pending_r: list[dict[str, set]] = [dict() for _ in range(P)]
         self.unfinished: list[int] = [0] * P
-        self.deferred: list[deque] = [deque() for _ in range(P)]  # gradient sends waiting for their reduce
+        self.deferred: list[list] = [[] for _ in range(P)]  # operations waiting for their input (engine.py)
         self.finish = [0.0] * P
         self.busy = [0.0] * P
         self.wait = [0.0] * P
@@ -164,12 +174,15 @@ class _Sim:
                 continue
             reads, writes = a.reads_writes(r)
             blocker = self._conflict(pw, pr, reads, writes)
-            if a.op is Op.SEND_G and (blocker is not None or self.deferred[r]):
-                # the engine defers a gradient send whose reduce still runs and posts it when the reduce is done
+            if a.op in _ASYNC and self._must_defer(r, a, blocker):
+                # the engine defers an operation whose input is in flight and posts it when the input is done
                 self.deferred[r].append(self._register(now, r, a, reads, writes, pw, pr))
                 self._post_deferred(now, r)
                 s_pc += 1
                 continue
+            if a.op is Op.FORWARD and self.deferred[r] and _user_code_follows(program, s_pc):
+                # the engine posts everything deferred before a forward step that returns to user code
+                blocker = blocker or self._input_of(self.deferred[r][0])
             if blocker is not None:
                 self.pc[r] = s_pc
                 self.blocked_since[r] = now
@@ -219,7 +232,7 @@ class _Sim:
     # -- posting and matching -----------------------------------------------------------------------------------------
     def _register(self, now: float, r: int, a: Action, reads, writes, pw, pr) -> _Posted:
         """Enter an operation in the rank's tables of unfinished ones (later actions that conflict wait for it)."""
-        p = _Posted(r, a, reads, writes, now)
+        p = _Posted(r, a, reads, writes, now, self.counter())
         for b in reads:
             pr.setdefault(b, set()).add(p)
         for b in writes:
@@ -227,11 +240,35 @@ class _Sim:
         self.unfinished[r] += 1
         return p
 
+    def _must_defer(self, r: int, a: Action, blocker) -> bool:
+        """The engine's rule: a deferred operation of the same family is queued, or ``a`` is deferrable and its
+        input is in flight."""
+        if any(channel(d.action.op) == channel(a.op) for d in self.deferred[r]):
+            return True
+        return blocker is not None and deferrable(a, r)
+
+    def _input_of(self, p: _Posted):
+        """The unfinished operation a deferred one waits for (itself excluded: it is entered in the tables)."""
+        r = p.rank
+        for bufs, table in ((p.reads, self.pending_w[r]), (p.writes, self.pending_w[r]), (p.writes, self.pending_r[r])):
+            for b in bufs:
+                for q in table.get(b, ()):
+                    if not q.done and q.seq < p.seq:
+                        return q
+        return None
+
     def _post_deferred(self, now: float, r: int) -> None:
-        """Post rank ``r``'s deferred sends, in order, whose reduce has finished (``runtime/engine.py``)."""
-        queue, pw = self.deferred[r], self.pending_w[r]
-        while queue and self._conflict(pw, {}, queue[0].reads, ()) is None:
-            self._match(now, queue.popleft())
+        """Post rank ``r``'s deferred operations whose input is done and that no earlier held one precedes (same
+        family, or a buffer they share), in program order (``runtime/engine.py``)."""
+        held = []
+        for p in self.deferred[r]:
+            if self._input_of(p) is not None or any(
+                    channel(h.action.op) == channel(p.action.op)
+                    or buffers_conflict(p.reads, p.writes, h.reads, h.writes) for h in held):
+                held.append(p)
+            else:
+                self._match(now, p)
+        self.deferred[r] = held
 
     def _post(self, now: float, r: int, a: Action, reads, writes, pw, pr) -> None:
         self._match(now, self._register(now, r, a, reads, writes, pw, pr))

@@ -11,14 +11,19 @@ Waiting follows one rule (the same the validator simulates): before an action to
 earlier posted communication that conflicts with it on that buffer. No async op is read or reused before it is
 waited on, and nothing waits earlier than it must.
 
-One refinement keeps a slow gradient send from waiting a whole compute step: the schedule places a node's gradient
-send right behind the reduce that fills its buffer. Waiting for that reduce there would stall the host, so the
-engine *defers* the send instead and posts it the moment the reduce is done: it looks at every unit boundary of the
-next compute step. A deferred send is posted, waiting for its reduce if need be, as soon as anything else would
-block the host or touch its buffer, before a forward step (the next micro-batch's), and after every backward pass
-(``flush_deferred``, before user code can run a collective). So wherever the host blocks or leaves the engine,
-everything before it in the program is posted, as in the validated order, and deferring only moves sends earlier
-in time than blocking on their reduce would.
+One refinement keeps the host from stalling on an input that is still in flight. The schedule places a node's
+gradient send right behind the reduce that fills its buffer, and a relay's broadcast of a remote chunk one compute
+step before the chunk's first use, whatever the inter-node receive before it still needs. Waiting for that input
+there would stall the host (and with it compute that does not need the data), so the engine *defers* the operation
+instead and posts it the moment its input is ready: it looks at every unit boundary. Later operations on the same
+communicator family (:func:`~lightning_tawpipe.schedule.actions.channel`) queue behind it, keeping the order every
+member issues them in. Deferred operations are posted, waiting for their input if need be, as soon as anything else
+would block the host or touch their buffers, and before control leaves the model for user code: before the
+forward step after which user code runs (the loss), and after every backward pass (``flush_deferred``). So
+wherever the host blocks or user code could run a collective, everything before it in the program is posted, as in
+the validated order; deferring only moves operations later than their place in the program, never past a wait.
+The inputs they wait for (a reduce this rank has posted, a receive whose sender posted it at the start of the
+iteration) complete without this rank doing anything more, so a deferred operation never waits on its own host.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from torch.profiler import record_function
 
 from lightning_tawpipe.runtime.comm import Comm
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
-from lightning_tawpipe.schedule.actions import COMPUTE_OPS, Action, Op
+from lightning_tawpipe.schedule.actions import COMPUTE_OPS, Action, Op, buffers_conflict, channel, deferrable
 from lightning_tawpipe.schedule.program import Schedule
 
 
@@ -44,8 +49,8 @@ class _Pending:
     writes: set[str]
 
     def conflicts(self, reads: set[str], writes: set[str]) -> bool:
-        """Whether touching these buffers must wait for this operation (read/write after write, write after read)."""
-        return bool((self.writes & (reads | writes)) or (self.reads & writes))
+        """Whether touching these buffers must wait for this operation."""
+        return buffers_conflict(reads, writes, self.reads, self.writes)
 
 
 # communication actions: the Comm method that posts them and the lane (communicator set) they travel on
@@ -104,7 +109,7 @@ class Engine:
         self._pc = 0
         self._current: Action | None = None
         self._pending: list[_Pending] = []
-        self._deferred: list[Action] = []  # gradient sends whose reduce was still running (see the module doc)
+        self._deferred: list[Action] = []  # operations posted once their input is ready (see the module doc)
         self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
         self._grad_chunk: int | None = None  # chunk whose parameters' .grad point into a gradient buffer
         # set by MicrobatchRunner while micro-batches run interleaved in threads (see microbatch.py)
@@ -165,8 +170,8 @@ class Engine:
         self._start_compute(action)
 
     def flush_deferred(self) -> None:
-        """Post every deferred gradient send, waiting for its reduce if need be. Called after each backward pass:
-        user code may run a collective next, and no peer may then be left waiting on a send not yet posted."""
+        """Post every deferred operation, waiting for its input if need be. Called after each backward pass: user
+        code may run a collective next, and no peer may then be left waiting on an operation not yet posted."""
         if self._deferred:
             self._post_deferred(block=True)
 
@@ -257,9 +262,9 @@ class Engine:
         return None
 
     def _start_compute(self, action: Action) -> None:
-        if action.op is Op.FORWARD:
-            # a deferred send may wait through backward steps only: once the forward that follows returns, user
-            # code (the loss, a logging collective) runs before the engine is called again
+        if action.op is Op.FORWARD and self._user_code_follows(action):
+            # once this forward step returns, user code (the loss, a logging collective) runs before the engine is
+            # called again; between two forward steps of one micro-batch only the model's own forward runs
             self.flush_deferred()
         reads, writes = action.reads_writes(self.rank)
         with record_function(f"TAWPIPE:wait-for:{action}"):
@@ -277,6 +282,12 @@ class Engine:
             self._grad_chunk = action.chunk
         self._current = action
 
+    def _user_code_follows(self, forward: Action) -> bool:
+        """Whether control leaves the model after this forward step: the next compute is not the same micro-batch's
+        next forward step (the program counter is already past ``forward``)."""
+        nxt = self.peek_compute()
+        return nxt is None or nxt.op is not Op.FORWARD or nxt.mb != forward.mb
+
     def _detach_grads(self) -> None:
         """Gradients go to the buffer only during their chunk's backward step."""
         if self._grad_chunk is not None:
@@ -285,9 +296,10 @@ class Engine:
             self._grad_chunk = None
 
     def _wait_conflicts(self, reads: set[str], writes: set[str]) -> None:
-        """The waiting rule. Before it blocks, or touches a deferred send's buffer, every deferred send is posted."""
+        """The waiting rule. Before it blocks, or touches a deferred operation's buffers, every deferred one is
+        posted."""
         if self._deferred and (self._conflicts(reads, writes) or any(
-                writes & d.reads_writes(self.rank)[0] for d in self._deferred)):
+                buffers_conflict(reads, writes, *d.reads_writes(self.rank)) for d in self._deferred)):
             self._post_deferred(block=True)
         self._wait_for(reads, writes)
 
@@ -304,16 +316,27 @@ class Engine:
                 keep.append(p)
         self._pending = keep
 
+    def _must_defer(self, a: Action, reads: set[str], writes: set[str]) -> bool:
+        """Defer ``a`` if its communicator family has a deferred operation queued (order), or if it is deferrable
+        and its input is still in flight."""
+        if any(channel(d.op) == channel(a.op) for d in self._deferred):
+            return True
+        return deferrable(a, self.rank) and self._conflicts(reads, writes)
+
     def _post_deferred(self, block: bool) -> None:
-        """Post deferred sends in program order; without ``block``, stop at the first whose reduce still runs."""
-        while self._deferred:
-            a = self._deferred[0]
+        """Post deferred operations in program order. With ``block``, all of them, waiting for their inputs; without,
+        those whose input is ready and that no earlier held one precedes (same family, or a buffer they share)."""
+        held: list[Action] = []
+        for a in self._deferred:
             reads, writes = a.reads_writes(self.rank)
-            if not block and self._conflicts(reads, writes):
-                return
-            self._deferred.pop(0)
+            if not block and (self._conflicts(reads, writes) or any(
+                    channel(h.op) == channel(a.op) or buffers_conflict(reads, writes, *h.reads_writes(self.rank))
+                    for h in held)):
+                held.append(a)
+                continue
             self._wait_for(reads, writes)
             self._post(a, reads, writes)
+        self._deferred = held
 
     def _execute(self, a: Action) -> None:
         with record_function(f"TAWPIPE:{a}"):  # profiler traces line up with the schedule IR
@@ -324,8 +347,8 @@ class Engine:
         op = a.op
         if op in _GRADIENT_OPS and self.layout.n_trainable[a.chunk] == 0:
             return  # a frozen chunk: no gradient to move (every rank's layout agrees, so peers skip it too)
-        if op is Op.SEND_G and (self._deferred or self._conflicts(reads, writes)):
-            self._deferred.append(a)  # its reduce still runs: post it when done, not by blocking here
+        if op in _POSTED and self._must_defer(a, reads, writes):
+            self._deferred.append(a)  # its input is in flight: post it when ready, not by blocking here
             return
         self._wait_conflicts(reads, writes)
         if op in _POSTED:

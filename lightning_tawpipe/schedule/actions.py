@@ -62,6 +62,26 @@ COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G})
 WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W})
 
 
+def channel(op: Op) -> tuple[str, str]:
+    """The communicator family an async operation travels on: its lane and whether it is point to point or a
+    collective in the node. Operations of one family must be posted in program order (a collective's members issue
+    them in the same order, and a pair's messages match in order); families are independent of each other."""
+    return ("weights" if op in WEIGHT_OPS else "grads", "p2p" if op in P2P_OPS else "node")
+
+
+def deferrable(action: Action, rank: int) -> bool:
+    """Whether the engine may post ``action`` later than its place in the program, once its input is ready, instead
+    of blocking the host on that input: a node's gradient send (its input is the reduce before it) and a relay's
+    broadcast (its input is the inter-node receive before it). Both inputs complete without this rank doing anything
+    more, which is what makes deferring them safe (``runtime/engine.py``)."""
+    return action.op is Op.SEND_G or (action.op is Op.BCAST_W and action.peer == rank)
+
+
+def buffers_conflict(reads: set[str], writes: set[str], other_reads: set[str], other_writes: set[str]) -> bool:
+    """Whether two operations touching these buffers must be ordered (read/write after write, write after read)."""
+    return bool((other_writes & (reads | writes)) or (other_reads & writes))
+
+
 @dataclass(frozen=True, slots=True)
 class Action:
     """One step of a rank's program. ``peer`` is the P2P partner or the collective's root (-1 if none).

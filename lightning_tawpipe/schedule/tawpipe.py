@@ -18,6 +18,8 @@ Per rank the program does, in order:
   same-local-index rank receives it from the remote owner and relays it with a broadcast placed one compute step
   before the chunk's first use. The slow inter-node receive so overlaps every compute step from the slot's release
   until then (a chunk kept across a turn frees its slot early), and the fast intra-node broadcast overlaps the last.
+  If the receive has not arrived when the relay reaches its broadcast, the engine defers the broadcast rather than
+  stall the relay's own compute, and posts it the moment the receive is done.
 * **gradients**, after every backward step: reduce in the node onto the rank with the owner's local index (so every
   rail carries gradients, not only local rank 0); one step later that rank adds the sum into its accumulator if it
   is the owner. Otherwise it sends the sum to the owner right behind the reduce: the engine posts that send the
