@@ -10,6 +10,7 @@ resumes a 2-rank checkpoint continues the 2-rank reference exactly (up to summat
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,18 +31,37 @@ RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RAN
             "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED")
 
 
+def _run(cmd: list[str], env: dict, logs: Path) -> tuple[int, str, str]:
+    """Run ``cmd`` in a session of its own with its output in files, then kill whatever it left behind.
+
+    Output goes to files, not pipes: reading a pipe to its end would also wait for any rank process that outlives
+    the launcher while holding the pipe (seen once: the ddp run had exited 0 and the read hung for minutes)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout.log", "w") as stdout, open(logs / "stderr.log", "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return returncode, (logs / "stdout.log").read_text(), (logs / "stderr.log").read_text()
+
+
 def _launch(out: Path, *args: str) -> dict:
     """Run the example (Fabric launches the other ranks itself) and load what rank 0 recorded."""
     env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
     cmd = [sys.executable, str(EXAMPLE), "--out_dir", str(out), "--results", str(out / "result.pt"), *args]
     for attempt in range(2):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0:
+        returncode, stdout, stderr = _run(cmd, env, out.parent / f"{out.name}-launch-{attempt}")
+        if returncode == 0:
             break
-        if attempt == 0 and ("Address already in use" in proc.stderr or "EADDRINUSE" in proc.stderr):
+        if attempt == 0 and ("Address already in use" in stderr or "EADDRINUSE" in stderr):
             continue  # the free port Fabric picked was taken before it bound it
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return {**torch.load(out / "result.pt", weights_only=True), "log": proc.stdout + proc.stderr}
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    return {**torch.load(out / "result.pt", weights_only=True), "log": stdout + stderr}
 
 
 @pytest.fixture(scope="module")
