@@ -236,3 +236,13 @@ def test_a_compute_that_needs_a_queued_broadcast_posts_the_queue_and_waits():
     assert comm.events == ["post recv", "wait RW", "post bcast", "post bcast", "wait BW"]
     engine.enter(Op.FORWARD, 2)
     engine.end()
+
+
+def test_a_receive_is_not_held_back_by_a_deferred_send_to_the_same_peer():
+    """Messages match in order per direction and peer: a receive from rank 2 is independent of a send to it."""
+    receive = Action(Op.RECV_G, 0, peer=2, buf="q0")
+    engine, comm = engine_running([B1, REDUCE, SEND, receive, B0])
+    engine.enter(Op.BACKWARD, 1)
+    engine.enter(Op.BACKWARD, 0)
+    assert comm.events == ["post reduce", "post recv"]  # the send still waits for its reduce
+    engine.end()

@@ -243,7 +243,7 @@ class _Sim:
     def _must_defer(self, r: int, a: Action, blocker) -> bool:
         """The engine's rule: a deferred operation of the same family is queued, or ``a`` is deferrable and its
         input is in flight."""
-        if any(channel(d.action.op) == channel(a.op) for d in self.deferred[r]):
+        if any(channel(d.action) == channel(a) for d in self.deferred[r]):
             return True
         return blocker is not None and deferrable(a, r)
 
@@ -263,7 +263,7 @@ class _Sim:
         held = []
         for p in self.deferred[r]:
             if self._input_of(p) is not None or any(
-                    channel(h.action.op) == channel(p.action.op)
+                    channel(h.action) == channel(p.action)
                     or buffers_conflict(p.reads, p.writes, h.reads, h.writes) for h in held):
                 held.append(p)
             else:

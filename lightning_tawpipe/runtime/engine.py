@@ -319,7 +319,7 @@ class Engine:
     def _must_defer(self, a: Action, reads: set[str], writes: set[str]) -> bool:
         """Defer ``a`` if its communicator family has a deferred operation queued (order), or if it is deferrable
         and its input is still in flight."""
-        if any(channel(d.op) == channel(a.op) for d in self._deferred):
+        if any(channel(d) == channel(a) for d in self._deferred):
             return True
         return deferrable(a, self.rank) and self._conflicts(reads, writes)
 
@@ -330,7 +330,7 @@ class Engine:
         for a in self._deferred:
             reads, writes = a.reads_writes(self.rank)
             if not block and (self._conflicts(reads, writes) or any(
-                    channel(h.op) == channel(a.op) or buffers_conflict(reads, writes, *h.reads_writes(self.rank))
+                    channel(h) == channel(a) or buffers_conflict(reads, writes, *h.reads_writes(self.rank))
                     for h in held)):
                 held.append(a)
                 continue

@@ -62,11 +62,15 @@ COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G})
 WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W})
 
 
-def channel(op: Op) -> tuple[str, str]:
-    """The communicator family an async operation travels on: its lane and whether it is point to point or a
-    collective in the node. Operations of one family must be posted in program order (a collective's members issue
-    them in the same order, and a pair's messages match in order); families are independent of each other."""
-    return ("weights" if op in WEIGHT_OPS else "grads", "p2p" if op in P2P_OPS else "node")
+def channel(action: Action) -> tuple:
+    """The family of operations that must be posted in program order with ``action``: the node's collectives of its
+    lane (every member issues them in one order), or its lane's messages in one direction with one peer (a pair's
+    messages match in order). Different families are independent, so the engine may post them in any order."""
+    op = action.op
+    lane = "weights" if op in WEIGHT_OPS else "grads"
+    if op in P2P_OPS:
+        return (lane, "send" if op is Op.SEND_W or op is Op.SEND_G else "recv", action.peer)
+    return (lane, "node")
 
 
 def deferrable(action: Action, rank: int) -> bool:
