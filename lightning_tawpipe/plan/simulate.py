@@ -35,21 +35,21 @@ from dataclasses import dataclass, field
 
 from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.flows import Network
-from lightning_tawpipe.schedule.actions import ASYNC_OPS as _ASYNC
-from lightning_tawpipe.schedule.actions import Action, Op, buffers_conflict, channel, deferrable
+from lightning_tawpipe.schedule.actions import (
+    ASYNC_OPS,
+    Action,
+    Op,
+    buffers_conflict,
+    channel,
+    deferrable,
+    user_code_follows,
+)
 from lightning_tawpipe.schedule.program import Schedule
 
 _LOCAL = (Op.COPY_W, Op.ACC_G, Op.ADD_G)
 _P2P_SEND = (Op.SEND_W, Op.SEND_G)
 _P2P_RECV = (Op.RECV_W, Op.RECV_G)
 _WEIGHT_LANE = (Op.SEND_W, Op.RECV_W, Op.BCAST_W)
-
-
-def _user_code_follows(program: tuple[Action, ...], j: int) -> bool:
-    """Whether user code runs after the forward step at ``program[j]`` (the engine's ``_user_code_follows``)."""
-    mb = program[j].mb
-    nxt = next((a for a in program[j + 1:] if a.op is Op.FORWARD or a.op is Op.BACKWARD), None)
-    return nxt is None or nxt.op is not Op.FORWARD or nxt.mb != mb
 
 
 @dataclass(frozen=True)
@@ -174,13 +174,13 @@ class _Sim:
                 continue
             reads, writes = a.reads_writes(r)
             blocker = self._conflict(pw, pr, reads, writes)
-            if a.op in _ASYNC and self._must_defer(r, a, blocker):
+            if a.op in ASYNC_OPS and self._must_defer(r, a, blocker):
                 # the engine defers an operation whose input is in flight and posts it when the input is done
                 self.deferred[r].append(self._register(now, r, a, reads, writes, pw, pr))
                 self._post_deferred(now, r)
                 s_pc += 1
                 continue
-            if a.op is Op.FORWARD and self.deferred[r] and _user_code_follows(program, s_pc):
+            if a.op is Op.FORWARD and self.deferred[r] and user_code_follows(program, s_pc):
                 # the engine posts everything deferred before a forward step that returns to user code
                 blocker = blocker or self._input_of(self.deferred[r][0])
             if blocker is not None:
@@ -212,8 +212,9 @@ class _Sim:
         self._maybe_finish(now, r)
 
     @staticmethod
-    def _conflict(pw: dict, pr: dict, reads, writes):
-        """The first unfinished conflicting posted op, or None (finished conflicting ops are dropped: waited on)."""
+    def _conflict(pw: dict, pr: dict, reads, writes, before: int | None = None):
+        """The first unfinished conflicting posted op (entered before entry ``before`` if given), or None (finished
+        conflicting ops are dropped: waited on)."""
         for bufs, table in ((reads, pw), (writes, pw), (writes, pr)):
             for b in bufs:
                 posted = table.get(b)
@@ -221,7 +222,9 @@ class _Sim:
                     continue
                 for p in list(posted):
                     if not p.done:
-                        return p
+                        if before is None or p.seq < before:
+                            return p
+                        continue
                     posted.discard(p)
         return None
 
@@ -248,14 +251,9 @@ class _Sim:
         return blocker is not None and deferrable(a, r)
 
     def _input_of(self, p: _Posted):
-        """The unfinished operation a deferred one waits for (itself excluded: it is entered in the tables)."""
-        r = p.rank
-        for bufs, table in ((p.reads, self.pending_w[r]), (p.writes, self.pending_w[r]), (p.writes, self.pending_r[r])):
-            for b in bufs:
-                for q in table.get(b, ()):
-                    if not q.done and q.seq < p.seq:
-                        return q
-        return None
+        """The unfinished operation a deferred one waits for: the waiting rule over what was entered before it (it
+        is in the tables itself)."""
+        return self._conflict(self.pending_w[p.rank], self.pending_r[p.rank], p.reads, p.writes, before=p.seq)
 
     def _post_deferred(self, now: float, r: int) -> None:
         """Post rank ``r``'s deferred operations whose input is done and that no earlier held one precedes (same

@@ -38,6 +38,7 @@ from torch.profiler import record_function
 from lightning_tawpipe.runtime.comm import Comm
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule.actions import COMPUTE_OPS, Action, Op, buffers_conflict, channel, deferrable
+from lightning_tawpipe.schedule.actions import user_code_follows
 from lightning_tawpipe.schedule.program import Schedule
 
 
@@ -148,7 +149,7 @@ class Engine:
         """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current)."""
         cur, mb = self._current, self.thread_microbatch()
         if self._deferred:
-            self._post_deferred(block=False)  # a unit boundary: post the sends whose reduce has finished
+            self._post_deferred(block=False)  # a unit boundary: post the deferred operations whose input is ready
         if cur is not None and cur.op is op and cur.chunk == chunk and (mb is None or cur.mb == mb):
             return
         if self._program is None:
@@ -262,7 +263,7 @@ class Engine:
         return None
 
     def _start_compute(self, action: Action) -> None:
-        if action.op is Op.FORWARD and self._user_code_follows(action):
+        if action.op is Op.FORWARD and user_code_follows(self._program, self._pc - 1):  # pc is past ``action``
             # once this forward step returns, user code (the loss, a logging collective) runs before the engine is
             # called again; between two forward steps of one micro-batch only the model's own forward runs
             self.flush_deferred()
@@ -281,12 +282,6 @@ class Engine:
                     e.param.grad = view
             self._grad_chunk = action.chunk
         self._current = action
-
-    def _user_code_follows(self, forward: Action) -> bool:
-        """Whether control leaves the model after this forward step: the next compute is not the same micro-batch's
-        next forward step (the program counter is already past ``forward``)."""
-        nxt = self.peek_compute()
-        return nxt is None or nxt.op is not Op.FORWARD or nxt.mb != forward.mb
 
     def _detach_grads(self) -> None:
         """Gradients go to the buffer only during their chunk's backward step."""

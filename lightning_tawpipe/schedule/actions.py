@@ -81,6 +81,17 @@ def deferrable(action: Action, rank: int) -> bool:
     return action.op is Op.SEND_G or (action.op is Op.BCAST_W and action.peer == rank)
 
 
+def user_code_follows(program: tuple[Action, ...], j: int) -> bool:
+    """Whether user code runs after the forward step ``program[j]``: the next compute is not the same micro-batch's
+    next forward step (between those only the model's own forward runs). Nothing may stay deferred past it."""
+    mb = program[j].mb
+    for k in range(j + 1, len(program)):
+        op = program[k].op
+        if op is Op.FORWARD or op is Op.BACKWARD:
+            return op is not Op.FORWARD or program[k].mb != mb
+    return True
+
+
 def buffers_conflict(reads: set[str], writes: set[str], other_reads: set[str], other_writes: set[str]) -> bool:
     """Whether two operations touching these buffers must be ordered (read/write after write, write after read)."""
     return bool((other_writes & (reads | writes)) or (other_reads & writes))
