@@ -12,8 +12,11 @@ exact; these check the order of events, which they cannot see.
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from lightning_tawpipe.runtime.engine import Engine
@@ -84,13 +87,15 @@ class NoModelLayout:
         return []
 
 
-def engine_running(program: list[Action]) -> tuple[Engine, ScriptedComm]:
-    comm = ScriptedComm()
+def engine_running(program: list[Action], comm: ScriptedComm | None = None,
+                   watch_inputs: bool = False) -> tuple[Engine, ScriptedComm]:
+    comm = comm or ScriptedComm()
     schedule = Schedule(name="scripted", topology=Topology.from_world(4, 2), owners=(0, 2, 1, 3), n_microbatches=1,
                         prefetch=2, train=True, programs=(tuple(program),) * 4, n_slots=3, n_grad_buffers=2,
                         n_recv_buffers=1)
     shard = SimpleNamespace(chunk=0, weights=torch.zeros(NUMEL), grad_acc=torch.zeros(NUMEL))
-    engine = Engine(comm, NoModelLayout(), shard, lambda train, n: schedule, torch.float32, torch.device("cpu"))
+    engine = Engine(comm, NoModelLayout(), shard, lambda train, n: schedule, torch.float32, torch.device("cpu"),
+                    watch_inputs=watch_inputs)
     engine.begin(train=True, n_microbatches=1)
     return engine, comm
 
@@ -246,3 +251,76 @@ def test_a_receive_is_not_held_back_by_a_deferred_send_to_the_same_peer():
     engine.enter(Op.BACKWARD, 0)
     assert comm.events == ["post reduce", "post recv"]  # the send still waits for its reduce
     engine.end()
+
+
+# -- helper threads (``watch_inputs``, on for gloo): post the moment the input completes, with no unit boundary ------
+class GlooLikeWork:
+    """Finishes when the test releases it (or fails with ``error``). Like gloo's point-to-point work it reports
+    completion only after a wait, and it counts waits: a second wait on a gloo receive blocks until the timeout."""
+
+    def __init__(self) -> None:
+        self.released, self.finished, self.waits, self.error = threading.Event(), False, 0, None
+
+    def is_completed(self) -> bool:
+        return self.finished
+
+    def wait(self) -> None:
+        self.waits += 1
+        assert self.released.wait(10), "the test never released this work"
+        if self.error is not None:
+            raise self.error
+        self.finished = True
+
+
+class ThreadedComm(ScriptedComm):
+    def _post(self, kind: str, peer: int) -> GlooLikeWork:
+        self.events.append(f"post {kind}")
+        self.works[kind] = work = GlooLikeWork()
+        if kind in ("send", "bcast"):
+            work.released.set()  # outputs: done when waited for
+        return work
+
+
+def wait_for_event(comm: ScriptedComm, event: str) -> None:
+    deadline = time.monotonic() + 10
+    while event not in comm.events:
+        assert time.monotonic() < deadline, f"{event!r} never happened: {comm.events}"
+        time.sleep(0.001)
+
+
+def test_a_helper_thread_posts_a_deferred_send_the_moment_its_reduce_finishes():
+    engine, comm = engine_running([B1, REDUCE, SEND, B0], ThreadedComm(), watch_inputs=True)
+    engine.enter(Op.BACKWARD, 1)
+    engine.enter(Op.BACKWARD, 0)  # the host computes B0; no unit boundary comes until it is done
+    time.sleep(0.05)
+    assert comm.events == ["post reduce"]
+    comm.works["reduce"].released.set()
+    wait_for_event(comm, "post send")  # posted while the host is still inside B0
+    assert comm.events == ["post reduce", "wait RG", "post send"]
+    engine.end()
+    assert comm.works["reduce"].waits == 1
+
+
+def test_a_helper_thread_posts_a_relay_broadcast_when_its_receive_lands_and_waits_for_it_only_once():
+    engine, comm = engine_running([RECV_2, F0, RELAY_2, F1, F2], ThreadedComm(), watch_inputs=True)
+    engine.enter(Op.FORWARD, 0)
+    engine.enter(Op.FORWARD, 1)  # the receive is in flight: F1 runs, the broadcast waits for it
+    assert comm.events == ["post recv"]
+    comm.works["recv"].released.set()
+    wait_for_event(comm, "post bcast")
+    engine.enter(Op.FORWARD, 2)  # reads s2: the receive is done, and only the helper ever waited on it
+    engine.end()
+    assert comm.events[:3] == ["post recv", "wait RW", "post bcast"]
+    assert comm.works["recv"].waits == 1
+
+
+def test_an_input_that_fails_in_a_helper_thread_fails_the_host_where_it_needs_it():
+    engine, comm = engine_running([RECV_2, F0, RELAY_2, F1, F2], ThreadedComm(), watch_inputs=True)
+    engine.enter(Op.FORWARD, 0)
+    engine.enter(Op.FORWARD, 1)
+    comm.works["recv"].error = RuntimeError("connection closed by peer rank 2")
+    comm.works["recv"].released.set()
+    with pytest.raises(RuntimeError, match="connection closed by peer rank 2"):
+        engine.enter(Op.FORWARD, 2)  # F2 needs the relayed chunk: the helper's failure is raised here
+    assert "post bcast" not in comm.events  # nothing was posted from a failed receive
+    assert comm.works["recv"].waits == 1

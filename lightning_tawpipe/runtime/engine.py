@@ -15,7 +15,9 @@ One refinement keeps the host from stalling on an input that is still in flight.
 gradient send right behind the reduce that fills its buffer, and a relay's broadcast of a remote chunk one compute
 step before the chunk's first use, whatever the inter-node receive before it still needs. Waiting for that input
 there would stall the host (and with it compute that does not need the data), so the engine *defers* the operation
-instead and posts it the moment its input is ready: it looks at every unit boundary. Later operations on the same
+instead and posts it the moment its input is ready. On the CPU (gloo) a helper thread waits for that input and posts
+the operation as soon as it completes (``watch_inputs``); elsewhere, and as a fallback, the engine looks at every unit
+boundary, which inside a long backward step can be a whole transformer block late. Later operations on the same
 communicator family (:func:`~lightning_tawpipe.schedule.actions.channel`) queue behind it, keeping the order every
 member issues them in. Deferred operations are posted, waiting for their input if need be, as soon as anything else
 would block the host or touch their buffers, and before control leaves the model for user code: before the
@@ -28,6 +30,7 @@ iteration) complete without this rank doing anything more, so a deferred operati
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +43,38 @@ from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule.actions import COMPUTE_OPS, Action, Op, buffers_conflict, channel, deferrable
 from lightning_tawpipe.schedule.actions import user_code_follows
 from lightning_tawpipe.schedule.program import Schedule
+
+
+class _Watched:
+    """A posted operation whose completion a helper thread waits for, so that what is deferred behind it can be
+    posted the moment it is done (:meth:`Engine._watch`).
+
+    Why a thread and not ``is_completed()`` polling or a future: gloo reports a point-to-point operation complete only
+    once some thread has waited for it, allows only one wait (a second one blocks until the timeout), and gives it no
+    future. So the helper owns the wait, and everyone else waits on this event instead.
+    """
+
+    def __init__(self, work) -> None:
+        self.work, self.done, self.error = work, threading.Event(), None
+
+    def is_completed(self) -> bool:
+        return self.done.is_set()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def run(self, then: Callable[[], None]) -> None:
+        """The helper thread: wait for the operation, record how it ended, then call ``then``."""
+        try:
+            self.work.wait()
+        except BaseException as e:  # noqa: BLE001 - re-raised by whoever waits on this operation
+            self.error = e
+        finally:
+            self.done.set()
+        if self.error is None:
+            then()
 
 
 @dataclass
@@ -92,6 +127,7 @@ class Engine:
         device: torch.device,
         activation_checkpointing: bool = False,
         mirror: OwnedShard | None = None,
+        watch_inputs: bool = False,
     ) -> None:
         self.comm, self.layout = comm, layout
         # every chunk this rank holds: the one it owns, and chunk 0 if it mirrors it (``replicate_first_chunk``)
@@ -111,6 +147,11 @@ class Engine:
         self._current: Action | None = None
         self._pending: list[_Pending] = []
         self._deferred: list[Action] = []  # operations posted once their input is ready (see the module doc)
+        # post deferred operations from helper threads the moment their input completes (see _watch); off on CUDA,
+        # where waiting on a work only orders streams, so a helper would post at once
+        self.watch_inputs = watch_inputs
+        self._lock = threading.RLock()  # the host thread and the helpers post, wait and edit the lists under it
+        self._helper_error: BaseException | None = None
         self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
         self._grad_chunk: int | None = None  # chunk whose parameters' .grad point into a gradient buffer
         # set by MicrobatchRunner while micro-batches run interleaved in threads (see microbatch.py)
@@ -137,6 +178,7 @@ class Engine:
         """Start an iteration: ``n_microbatches`` forward (and, if ``train``, backward) passes will follow."""
         if self._program is not None:
             raise RuntimeError("A TawPipe iteration is already running; each step must finish before the next.")
+        self._raise_helper_error()
         schedule = self.schedule(train, n_microbatches)
         self._ensure_buffers(schedule)
         for chunk, own in self._own.items():
@@ -149,7 +191,8 @@ class Engine:
         """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current)."""
         cur, mb = self._current, self.thread_microbatch()
         if self._deferred:
-            self._post_deferred(block=False)  # a unit boundary: post the deferred operations whose input is ready
+            with self._lock:  # a unit boundary: post the deferred operations whose input is ready
+                self._post_deferred(block=False)
         if cur is not None and cur.op is op and cur.chunk == chunk and (mb is None or cur.mb == mb):
             return
         if self._program is None:
@@ -159,22 +202,26 @@ class Engine:
                 "predict_step (or gather a full copy first with `strategy.full_state_dict()`)."
             )
         while self.gate is not None and (nxt := self.peek_compute()) is not None and nxt.mb != mb:
-            self.gate(nxt.mb)
-        action = self._run_until_compute()
-        if action is None or action.op is not op or action.chunk != chunk:
-            expected = "the end of the iteration" if action is None else str(action)
-            raise RuntimeError(
-                f"TawPipe schedule mismatch on rank {self.rank}: the model asked for {op.value}{chunk} but the "
-                f"schedule expects {expected}. Each micro-batch must run the model forward exactly once (and "
-                f"backward once when training), through every unit in order."
-            )
-        self._start_compute(action)
+            self.gate(nxt.mb)  # not under the lock: the micro-batch that takes over enters the engine itself
+        with self._lock:
+            self._raise_helper_error()
+            action = self._run_until_compute()
+            if action is None or action.op is not op or action.chunk != chunk:
+                expected = "the end of the iteration" if action is None else str(action)
+                raise RuntimeError(
+                    f"TawPipe schedule mismatch on rank {self.rank}: the model asked for {op.value}{chunk} but the "
+                    f"schedule expects {expected}. Each micro-batch must run the model forward exactly once (and "
+                    f"backward once when training), through every unit in order."
+                )
+            self._start_compute(action)
 
     def flush_deferred(self) -> None:
         """Post every deferred operation, waiting for its input if need be. Called after each backward pass: user
         code may run a collective next, and no peer may then be left waiting on an operation not yet posted."""
-        if self._deferred:
-            self._post_deferred(block=True)
+        with self._lock:
+            self._raise_helper_error()
+            if self._deferred:
+                self._post_deferred(block=True)
 
     def peek_compute(self) -> Action | None:
         """The next compute action of the running program, without executing anything."""
@@ -211,6 +258,10 @@ class Engine:
 
     def end(self) -> None:
         """Finish the iteration: run the remaining actions and wait for all communication."""
+        with self._lock:
+            self._end()
+
+    def _end(self) -> None:
         if self._program is None:
             return
         self._current = None
@@ -322,16 +373,50 @@ class Engine:
         """Post deferred operations in program order. With ``block``, all of them, waiting for their inputs; without,
         those whose input is ready and that no earlier held one precedes (same family, or a buffer they share)."""
         held: list[Action] = []
-        for a in self._deferred:
-            reads, writes = a.reads_writes(self.rank)
-            if not block and (self._conflicts(reads, writes) or any(
-                    channel(h) == channel(a) or buffers_conflict(reads, writes, *h.reads_writes(self.rank))
-                    for h in held)):
-                held.append(a)
-                continue
-            self._wait_for(reads, writes)
-            self._post(a, reads, writes)
-        self._deferred = held
+        queue = list(self._deferred)
+        try:
+            while queue:
+                a = queue[0]
+                reads, writes = a.reads_writes(self.rank)
+                if not block and (self._conflicts(reads, writes) or any(
+                        channel(h) == channel(a) or buffers_conflict(reads, writes, *h.reads_writes(self.rank))
+                        for h in held)):
+                    held.append(queue.pop(0))
+                    continue
+                self._wait_for(reads, writes)
+                self._post(a, reads, writes)
+                queue.pop(0)
+        finally:  # whatever was posted is off the list even if a later post fails
+            self._deferred = held + queue
+        for a in self._deferred:  # now held by an operation just posted: watch that one too
+            self._watch(*a.reads_writes(self.rank))
+
+    def _watch(self, reads: set[str], writes: set[str]) -> None:
+        """Have a helper thread wait for each unfinished input of an operation just deferred and post what is ready
+        the moment it completes, instead of at the next unit boundary (a whole block of backward, 37 ms on the
+        benchmark, by which time a gradient send over a slow link is that much later)."""
+        if not self.watch_inputs:
+            return
+        for p in self._pending:
+            if p.conflicts(reads, writes) and not isinstance(p.work, _Watched) and not p.work.is_completed():
+                p.work = watched = _Watched(p.work)
+                threading.Thread(target=watched.run, args=(self._post_ready,), daemon=True,
+                                 name=f"tawpipe-watch-{p.action}").start()
+
+    def _post_ready(self) -> None:
+        """A helper thread, after an input completed: post the deferred operations that are ready now."""
+        with self._lock:
+            if not self._deferred:
+                return
+            try:
+                self._post_deferred(block=False)
+            except BaseException as e:  # noqa: BLE001 - the host thread raises it at its next call
+                self._helper_error = e
+
+    def _raise_helper_error(self) -> None:
+        if self._helper_error is not None:
+            error, self._helper_error = self._helper_error, None
+            raise RuntimeError(f"TawPipe rank {self.rank}: posting a deferred operation failed: {error}") from error
 
     def _execute(self, a: Action) -> None:
         with record_function(f"TAWPIPE:{a}"):  # profiler traces line up with the schedule IR
@@ -344,6 +429,7 @@ class Engine:
             return  # a frozen chunk: no gradient to move (every rank's layout agrees, so peers skip it too)
         if op in _POSTED and self._must_defer(a, reads, writes):
             self._deferred.append(a)  # its input is in flight: post it when ready, not by blocking here
+            self._watch(reads, writes)
             return
         self._wait_conflicts(reads, writes)
         if op in _POSTED:

@@ -112,7 +112,8 @@ class Pipeline:
             dist.broadcast(p.data, src=0)
         self._validate = validate_schedules
         self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, param_dtype, device,
-                             activation_checkpointing=activation_checkpointing, mirror=self.mirror)
+                             activation_checkpointing=activation_checkpointing, mirror=self.mirror,
+                             watch_inputs=device.type == "cpu")
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
 
     def _check_same_model_everywhere(self) -> None:
