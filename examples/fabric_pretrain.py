@@ -66,6 +66,7 @@ def setup(
     out_dir: Path = Path("out/fabric-pretrain"),
     seed: int = 1337,
     results: Optional[Path] = None,
+    replicate_first_chunk: bool = False,
 ) -> None:
     """Pretrain a tiny LitGPT LLaMA with Fabric.
 
@@ -101,12 +102,14 @@ def setup(
         seed: random seed (same on every rank).
         results: rank 0 writes per-iteration losses, gradient norms, validation losses and the final weights
             here (``torch.save``), for comparisons and tests.
+        replicate_first_chunk: TawPipe on several nodes: mirror chunk 0 on every node (see ``TawPipeStrategy``).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # ranks share the CPU cores
     if strategy in ("tawpipe", "weipipe"):
         strategy = TawPipeFabricStrategy(schedule=strategy, group_size=group_size, n_microbatches=n_microbatches,
-                                         state_dict_type=state_dict_type)
+                                         state_dict_type=state_dict_type,
+                                         replicate_first_chunk=replicate_first_chunk)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision=precision)
     fabric.launch()

@@ -82,7 +82,7 @@ from lightning_tawpipe.checkpoint_io import read_meta
 from lightning_tawpipe.fabric_precision import TawPipeFabricPrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
-from lightning_tawpipe.runtime.pipeline import Pipeline
+from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk
 from lightning_tawpipe.environment import TawPipeEnvironment, check_knobs
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.strategy import DEFAULT_TIMEOUT
@@ -146,6 +146,9 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"``, ``"forkserver"``.
         check_finite_loss: before each backward, stop every rank together (naming the iteration) when any rank's
             loss is NaN/inf (one tiny all-gather per iteration; default True).
+        replicate_first_chunk: keep a mirror of chunk 0 (weights, gradient, optimizer state) on one rank of every
+            other node, so chunk 0 never crosses nodes and its gradient is summed by one exchange per optimizer
+            step instead of a round trip between iterations (TawPipe schedule, several nodes; default False).
     """
 
     strategy_name = "tawpipe"
@@ -173,17 +176,22 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         check_finite_loss: bool = True,
+        replicate_first_chunk: bool = False,
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
         self._set_engine_knobs(n_microbatches, prefetch, reuse, grad_buffers, schedule, group_size, partition,
                                validate_schedules, p2p_groups, activation_checkpointing, meta_init, state_dict_type,
                                process_group_backend, timeout, start_method, check_finite_loss)
+        check_replicate_first_chunk(replicate_first_chunk, schedule, n_replicas=1)
+        self.replicate_first_chunk = replicate_first_chunk
         self._backward_sync_control = _TawPipeBackwardSyncControl()
         self.pipeline: Optional[Pipeline] = None
         self._module: Optional[nn.Module] = None
         self._name_of: dict[nn.Parameter, str] = {}
-        self._local_names: dict[nn.Parameter, str] = {}
+        self._local_names: dict[nn.Parameter, str] = {}  # what this rank steps and loads (chunk 0's mirror too)
+        self._saved_names: dict[nn.Parameter, str] = {}  # what it saves (a mirror's chunk 0 is its owner's to save)
+        self._mirrored: set[nn.Parameter] = set()  # masters of chunk 0's mirror: counted by its owner in norms
         self._full_group_names: dict[Optimizer, list[list[str]]] = {}
         self._released = False
         self._grads_final = False  # gradients exposed to the optimizers (averaged) since the last training forward
@@ -286,6 +294,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             validate_schedules=self.validate_schedules,
             p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
             activation_checkpointing=self.activation_checkpointing,
+            replicate_first_chunk=self.replicate_first_chunk,
         )
         rank_zero_info(self.pipeline.describe())
         if self.meta_init and not self.pipeline.meta_init:
@@ -296,7 +305,10 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         precision.core.replicated = set(self.pipeline.replicated)
         self._module = module
         self._name_of = {p: n for n, p in module.named_parameters()}
-        self._local_names = {**{p: self._name_of[p] for p in self.pipeline.replicated}, **self.pipeline.shard.names()}
+        replicated = {p: self._name_of[p] for p in self.pipeline.replicated}
+        self._local_names = {**replicated, **self.pipeline.master_names()}
+        self._saved_names = {**replicated, **self.pipeline.master_names(with_mirror=False)}
+        self._mirrored = set(self.pipeline.mirror.params.values()) if self.pipeline.mirror is not None else set()
         return _TawPipeModule(module, self)
 
     @override
@@ -429,8 +441,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         trainable = [m for m in shard.params.values() if m.requires_grad]
         if all(m.grad is None for m in trainable):  # optimizer.zero_grad() (set_to_none) ran
             self.pipeline.zero_grad()
-        else:  # zeroed in place (set_to_none=False) or kept: undo the averaging, accumulation goes on
-            shard.grad_acc.mul_(self.pipeline.topo.world_size)
+        else:  # zeroed in place (set_to_none=False) or kept: accumulation goes on
+            self.pipeline.resume_accumulation()
         self._grads_final = False
 
     def _finalize_gradients(self) -> None:
@@ -470,7 +482,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
 
     def _global_grad_norm(self, params: list[Tensor], norm_type: float) -> Tensor:
         replicated = set(self.pipeline.replicated)
-        owned = [p.grad for p in params if p not in replicated]
+        owned = [p.grad for p in params if p not in replicated and p not in self._mirrored]
         shared = [p.grad for p in params if p in replicated]  # identical on every rank: counted once
         zero = torch.zeros((), dtype=torch.float64, device=self.root_device)
 
@@ -521,8 +533,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         """Sharded: this rank's state by parameter name. Full: the unsharded ``torch.optim`` state on rank 0."""
         names = self._optimizer_names(optimizer)
         if self.state_dict_type == "sharded":
-            return optim_state.local_state_by_name(optimizer, self._local_names, names)
-        return optim_state.gather_full_state(optimizer, self._local_names, names)
+            return optim_state.local_state_by_name(optimizer, self._saved_names, names)
+        return optim_state.gather_full_state(optimizer, self._saved_names, names)
 
     def _optimizer_names(self, optimizer: Optimizer) -> list[list[str]]:
         if optimizer not in self._full_group_names:
@@ -620,7 +632,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         for key in optimizer_keys:
             names[layout["optimizers"].index(key)] = [
                 self._local_names[p] for group in state[key].param_groups for p in group["params"]]
-        local = self.pipeline.local_state_dict(self._module) if model_key is not None else {}
+        local = self.pipeline.local_state_dict(self._module, with_mirror=True) if model_key is not None else {}
         checkpoint = load_local_shards(path, local, names)
         if model_key is not None:
             self.pipeline.load_state_dict(self._module, checkpoint["state_dict"])

@@ -20,7 +20,9 @@ import pytest
 import torch
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 
+from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO
 from lightning_tawpipe.fabric import TawPipeFabricPrecision, TawPipeFabricStrategy
+from lightning_tawpipe.runtime.optim_state import indexed_from_named
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fabric_pretrain.py"
 # 6 optimizer steps of 2 accumulated iterations, clipped (the norms stay above 0.5), validated and saved at 3 and 6
@@ -71,9 +73,10 @@ def runs(tmp_path_factory):
     specs = {
         "ddp": ["--strategy", "ddp", "--devices", "2", "--micro_batch_size", "4"],
         "tawpipe": ["--devices", "2", "--micro_batch_size", "4"],
-        # resharded: 4 ranks (2 emulated nodes) resume the 2-rank TawPipe checkpoint, 2 pipelined micro-batches
+        # resharded: 4 ranks (2 emulated nodes) resume the 2-rank TawPipe checkpoint, 2 pipelined micro-batches, chunk 0
+        # mirrored on node 1 (its mirror reads the owner's weights and optimizer state from the checkpoint)
         "tawpipe4": ["--devices", "4", "--group_size", "2", "--micro_batch_size", "2", "--n_microbatches", "2",
-                     "--resume", str(root / "tawpipe" / "step-000003.ckpt")],
+                     "--replicate_first_chunk", "true", "--resume", str(root / "tawpipe" / "step-000003.ckpt")],
         # regrouped (2 groups of 1 rank), full-file checkpoints, resuming the ddp run's checkpoint
         "tawpipe_from_ddp": ["--devices", "2", "--group_size", "1", "--micro_batch_size", "4",
                              "--state_dict_type", "full", "--resume", str(root / "ddp" / "step-000003.ckpt")],
@@ -118,6 +121,8 @@ def test_registered_in_fabrics_registry_and_built_from_flags():
         L.Fabric(accelerator="cpu", devices=3, strategy=TawPipeFabricStrategy(group_size=2))
     with pytest.raises(TypeError, match="TawPipeFabricPrecision"):
         L.Fabric(accelerator="cpu", devices=2, strategy="tawpipe", precision="64-true")
+    with pytest.raises(ValueError, match="replicate_first_chunk=True needs schedule='tawpipe'"):
+        TawPipeFabricStrategy(schedule="weipipe", replicate_first_chunk=True)
 
 
 @pytest.fixture
@@ -216,13 +221,23 @@ def test_two_ranks_match_ddp_with_accumulation_clipping_and_validation(runs):
     assert (taw["dir"] / "final" / "lit_model.pth").is_file() and (taw["dir"] / "final" / "model_config.yaml").is_file()
 
 
-def test_four_ranks_resume_two_rank_sharded_checkpoint_with_pipelined_microbatches(runs):
+def test_four_ranks_resume_two_rank_sharded_checkpoint_with_pipelined_microbatches_and_mirrored_chunk_0(runs):
+    """Chunk 0's mirror must sum its gradient with the owner's once per optimizer step (2 accumulated iterations) and
+    count once in the clipping norm; its own step-6 checkpoint saves chunk 0 once (from the owner)."""
     ddp, resumed = runs("ddp"), runs("tawpipe4")
-    assert "2 node(s) x 2 rank(s)" in resumed["log"]
+    assert "2 node(s) x 2 rank(s)" in resumed["log"] and "chunk 0 replicated on ranks [0, 2]" in resumed["log"]
     _assert_close_rel(resumed["losses"], ddp["losses"][6:])
     _assert_close_rel(resumed["grad_norms"], ddp["grad_norms"][3:])
     _assert_close_rel(resumed["val_losses"], ddp["val_losses"][1:])
     _assert_same_weights(resumed["state_dict"], ddp["state_dict"])
+    # its step-6 checkpoint (written by 4 ranks, chunk 0 by its owner only) holds what ddp's holds
+    ours = TawPipeCheckpointIO().load_checkpoint(resumed["dir"] / "step-000006.ckpt")
+    theirs = torch.load(ddp["dir"] / "step-000006.ckpt", weights_only=True)
+    _assert_same_weights(ours["state_dict"], theirs["model"])
+    moments = indexed_from_named(ours["optimizer_states"][0])["state"]
+    assert moments.keys() == theirs["optimizer"]["state"].keys()
+    for i, state in theirs["optimizer"]["state"].items():
+        torch.testing.assert_close(moments[i]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-6)
 
 
 def test_resume_from_ddp_checkpoint_and_write_ddp_compatible_full_checkpoints(runs):

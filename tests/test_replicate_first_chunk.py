@@ -87,3 +87,26 @@ def test_bf16_mixed_mirrors_sum_in_bf16_and_stay_identical(train_job):
     chunk0 = sum(units[u].numel() for u in partition_units([u.numel() for u in units], 4)[0])
     holder = result["comm_per_rank"][2]
     assert holder[1][0] - holder[0][0] == 2 * chunk0  # bf16, two holders: each sends the whole gradient once
+
+
+def test_gradients_kept_across_an_optimizer_step_are_summed_once_across_holders():
+    """A Fabric loop may keep its gradients through ``optimizer.step()`` and accumulate on (no ``zero_grad``). The
+    holders then all hold the step's sum, so if each simply undid the averaging, their next exchange would count it
+    once per holder. ``Pipeline.resume_accumulation`` leaves it with the owner and starts each mirror from zero."""
+    from types import SimpleNamespace
+
+    from lightning_tawpipe.runtime.pipeline import Pipeline
+
+    world, holders = 6, 3
+    summed = torch.randn(8, dtype=torch.float64)  # the step's gradient sum, which finalize_gradients averaged
+    owner = SimpleNamespace(grad_acc=summed / world)
+    mirrors = [SimpleNamespace(grad_acc=summed / world) for _ in range(holders - 1)]
+    for m in mirrors:
+        m.zero_grad = m.grad_acc.zero_
+    Pipeline.resume_accumulation(SimpleNamespace(shard=owner, mirror=None, topo=SimpleNamespace(world_size=world)))
+    for m in mirrors:
+        Pipeline.resume_accumulation(SimpleNamespace(shard=SimpleNamespace(grad_acc=torch.zeros(8)), mirror=m,
+                                                     topo=SimpleNamespace(world_size=world)))
+    new = [torch.randn(8, dtype=torch.float64) for _ in range(holders)]  # each node's next gradients
+    total = owner.grad_acc + new[0] + sum(m.grad_acc + n for m, n in zip(mirrors, new[1:]))  # the holders' sum
+    torch.testing.assert_close(total, summed + sum(new))

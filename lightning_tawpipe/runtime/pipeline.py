@@ -334,6 +334,15 @@ class Pipeline:
             dist.all_reduce(p.grad, group=self.comm.replica_group)
             p.grad.div_(world)
 
+    def resume_accumulation(self) -> None:
+        """Accumulate on top of gradients an optimizer step has already seen (a Fabric loop that kept or zeroed them
+        in place instead of setting them to None): undo :meth:`finalize_gradients`' averaging. Chunk 0's mirrors
+        start from zero instead, because its owner carries the sum every holder has; otherwise the holders' next sum
+        would count it once per holder."""
+        self.shard.grad_acc.mul_(self.topo.world_size)
+        if self.mirror is not None:
+            self.mirror.zero_grad()
+
     def zero_grad(self) -> None:
         self.shard.zero_grad()
         if self.mirror is not None:
