@@ -171,7 +171,7 @@ class ComputeOnlyStrategy(DDPStrategy):
 def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
     activation_checkpointing: bool = False, reuse: int | None = None, partition: Any = "parameters",
-    grad_buffers: int | None = None, replicate_first_chunk: bool = False,
+    grad_buffers: int | None = None, replicate_first_chunk: bool | int = False,
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -185,7 +185,8 @@ def make_strategy(
         reuse: TawPipe's turn reuse (``None``: its default, ``prefetch``); ignored by every other strategy.
         partition: TawPipe/WeiPipe's cut into chunks (a method name or units per chunk); ignored by the baselines.
         grad_buffers: TawPipe's gradient buffers (``>= 2``; ``None``: its default); ignored by every other strategy.
-        replicate_first_chunk: TawPipe's mirrors of chunk 0 on every node; ignored by every other strategy.
+        replicate_first_chunk: TawPipe's mirrors of chunk 0 (or the first N chunks) on every node; ignored by the
+            others.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")

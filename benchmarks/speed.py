@@ -49,6 +49,9 @@ VARIANTS = {
     # the mirror with a third gradient buffer: on 2 nodes at 1-2 Gbit/s the planner finds backward stalling on a full
     # gradient buffer while chunk 3's gradient drains over the link, which the third buffer absorbs
     "tawpipe-rep0-gb3": {"replicate_first_chunk": True, "grad_buffers": 3},
+    # chunks 0 and 1 mirrored: chunk 1's round trip, which binds at 1 Gbit/s once chunk 0's is gone, goes too, and
+    # its exchange overlaps B0
+    "tawpipe-rep01": {"replicate_first_chunk": 2},
 }
 
 

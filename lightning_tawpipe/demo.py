@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=int, default=0, help="chunks kept resident across a turn (0: the default, prefetch)")
     p.add_argument("--grad_buffers", type=int, default=0, help="tawpipe: gradient buffers (>= 2; 0: by node count)")
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
-    p.add_argument("--replicate_first_chunk", action="store_true", help="tawpipe: mirror chunk 0 on every node")
+    p.add_argument("--replicate_first_chunk", type=int, nargs="?", const=1, default=0,
+                   help="tawpipe: mirror chunk 0 (or the first N chunks) on every node")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="'parameters', 'uniform', or units per chunk, e.g. 2,1,2,3")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")
@@ -298,13 +299,13 @@ def run_worker(a: argparse.Namespace) -> None:
     outer_bytes = trainer.strategy.all_gather(torch.tensor(
         [outer.stats.bytes_sent if outer else 0, outer.stats.exchanges if outer else 0], device=device)).tolist()
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    first_chunk = _first_chunk_digests(trainer) if a.strategy == "tawpipe" else []
+    mirrored = _mirrored_digests(trainer) if a.strategy == "tawpipe" else {}
     if trainer.global_rank == 0 and a.out:
         os.makedirs(a.out, exist_ok=True)
         result = {"losses": record.losses, "model_state_bytes": [r[0] for r in per_rank],
                   "resident_params": [r[1] for r in per_rank], "comm_per_rank": comm_per_rank,
                   "validation": {k: float(v) for k, v in val.items()},
-                  "grad_bytes_per_rank": grad_bytes, "first_chunk_digests": first_chunk,
+                  "grad_bytes_per_rank": grad_bytes, "mirrored_digests": mirrored,
                   "test": {k: float(v) for k, v in tested.items()},
                   "setup_peak_growth_mb": setup_growth.tolist(),
                   "grad_scale": float(scaler.get_scale()) if scaler is not None else None,
@@ -324,26 +325,28 @@ def run_worker(a: argparse.Namespace) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _first_chunk_digests(trainer) -> list:
-    """Per rank: a digest of its copy of chunk 0 (master weights and optimizer state) if it holds one, else None.
-    Chunk 0's owner and its mirrors (``replicate_first_chunk``) must agree bit for bit; a collective call."""
+def _mirrored_digests(trainer) -> dict[str, list]:
+    """For each mirrored chunk (``replicate_first_chunk``), per rank: a digest of its copy (master weights and
+    optimizer state) if it holds one, else None. A chunk's owner and its mirrors must agree bit for bit; a collective
+    call."""
     import hashlib
 
     import torch.distributed as dist
 
-    shard = trainer.strategy.pipeline.first_chunk_shard()
-    digest = None
-    if shard is not None:
+    pipeline = trainer.strategy.pipeline
+    mine = {}
+    for c in pipeline.held_chunks():
+        shard = pipeline.mirrors.get(c, pipeline.shard)
         h = hashlib.sha256(shard.weights.detach().cpu().numpy().tobytes())
         for optimizer in trainer.optimizers:
             for master in shard.params.values():
                 for key, value in sorted(optimizer.state.get(master, {}).items()):
                     if torch.is_tensor(value):
                         h.update(key.encode() + value.detach().cpu().numpy().tobytes())
-        digest = h.hexdigest()
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, digest)
-    return out
+        mine[c] = h.hexdigest()
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {str(c): [d.get(c) for d in everyone] for c in range(len(pipeline.holders))}
 
 
 def _link_tx_bytes() -> int:

@@ -146,9 +146,10 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"``, ``"forkserver"``.
         check_finite_loss: before each backward, stop every rank together (naming the iteration) when any rank's
             loss is NaN/inf (one tiny all-gather per iteration; default True).
-        replicate_first_chunk: keep a mirror of chunk 0 (weights, gradient, optimizer state) on one rank of every
-            other node, so chunk 0 never crosses nodes and its gradient is summed by one exchange per optimizer
-            step instead of a round trip between iterations (TawPipe schedule, several nodes; default False).
+        replicate_first_chunk: keep a mirror of chunk 0 (``True``) or of the first ``k`` chunks (an int) on one rank
+            of every other node, so they never cross nodes and their gradients are summed by one exchange per
+            optimizer step instead of a round trip between iterations (TawPipe schedule, several nodes; default
+            False). Fabric sums after the step's last backward (``optimizer.step`` or clipping).
     """
 
     strategy_name = "tawpipe"
@@ -176,7 +177,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         check_finite_loss: bool = True,
-        replicate_first_chunk: bool = False,
+        replicate_first_chunk: bool | int = False,
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
@@ -308,7 +309,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         replicated = {p: self._name_of[p] for p in self.pipeline.replicated}
         self._local_names = {**replicated, **self.pipeline.master_names()}
         self._saved_names = {**replicated, **self.pipeline.master_names(with_mirror=False)}
-        self._mirrored = set(self.pipeline.mirror.params.values()) if self.pipeline.mirror is not None else set()
+        self._mirrored = {m for s in self.pipeline.mirrors.values() for m in s.params.values()}
         return _TawPipeModule(module, self)
 
     @override

@@ -95,6 +95,8 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             pays a gradient-out, weights-back round trip over the slow link between two steps. With it, the holders
             sum chunk 0's gradient with one all-reduce per optimizer step and step identically: one exchange instead
             of the round trip, and no chunk-0 weight traffic between nodes, for chunk 0's state once more per node.
+            An int ``k`` mirrors the first ``k`` chunks: with ``2`` chunk 1's round trip (which binds next, over slow
+            links) goes too, and its exchange overlaps chunk 0's backward in the iteration that ends the step.
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
@@ -155,7 +157,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         schedule: Literal["tawpipe", "weipipe"] = "tawpipe",
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
-        replicate_first_chunk: bool = False,
+        replicate_first_chunk: bool | int = False,
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,
@@ -209,6 +211,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self.pipeline: Optional[Pipeline] = None
         self._health: Optional[health.Health] = None
         self._backward_done = False
+        self._in_optimizer_step = False  # the closure of an optimizer step runs: its iteration ends the step
 
     # -- precision ------------------------------------------------------------------------------------------------
     @property
@@ -298,7 +301,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             replicated = {p: name_of[p] for p in self.pipeline.replicated}
             self._local_names = {**replicated, **self.pipeline.master_names()}  # what this rank steps (and loads)
             self._saved_names = {**replicated, **self.pipeline.master_names(with_mirror=False)}  # what it saves
-            self.precision_plugin.mirrored = set(self.pipeline.mirror.params.values()) if self.pipeline.mirror else set()
+            self.precision_plugin.mirrored = {m for s in self.pipeline.mirrors.values() for m in s.params.values()}
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -385,7 +388,9 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         precision = self.precision_plugin
         micro_batches = split_batch(batch, self.n_microbatches)
         scale = 1.0 / (self.n_microbatches * self.lightning_module.trainer.accumulate_grad_batches)
-        engine.begin(train=True, n_microbatches=self.n_microbatches)
+        # the last iteration of an optimizer step runs inside optimizer_step (Lightning calls the closure there): its
+        # program can then sum the mirrored chunks' gradients as soon as they are final
+        engine.begin(train=True, n_microbatches=self.n_microbatches, ends_step=self._in_optimizer_step)
 
         def run_micro_batch(i: int):
             with precision.train_step_context():
@@ -433,7 +438,11 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         outer = self.outer
 
         def closure_then_gradients():
-            result = closure()
+            self._in_optimizer_step = True
+            try:
+                result = closure()
+            finally:
+                self._in_optimizer_step = False
             pipeline.finalize_gradients()
             if outer is not None and outer.config.method is None:
                 outer.average_gradients()  # synchronous replicas: one data-parallel job

@@ -310,7 +310,9 @@ def test_a_lighter_chunk_0_lowers_the_floor_and_the_plan_compares_partitions(cap
 def test_mirrored_chunk_0_trades_its_round_trip_for_one_exchange(capsys):
     """``replicate_first_chunk``: chunk 0's weights stop crossing nodes and its gradient crosses once per step in an
     all-reduce between the holders. On a slow link the predicted step and the boundary floor drop, the bytes change
-    by exactly that, the mirror's rank holds two chunks' state, and the simulated step never beats its floor."""
+    by exactly that, the mirror's rank holds two chunks' state, and the simulated step never beats its floor. The
+    exchange is simulated inside the program (an iteration that ends the optimizer step) or, for one that does not,
+    added after it; mirroring chunk 1 too is predicted faster again at 1 Gbit/s, for no more state per rank."""
     from lightning_tawpipe.plan.floor import boundary_floor
 
     w, comp = Workload(BENCH, 512, 1, 1, "32-true"), ComputeModel(50e9, 50e9)
@@ -318,8 +320,18 @@ def test_mirrored_chunk_0_trades_its_round_trip_for_one_exchange(capsys):
     plain = weightpipe.predict("tawpipe", c, w, comp)
     mirrored = weightpipe.predict("tawpipe", c, w, comp, replicate_first_chunk=True)
     numel = weightpipe.make_chunks(w, comp, 4).numel
-    assert mirrored.detail["first_chunk_exchange"] == pytest.approx(2 * 1e-4 + 4 * numel[0] / 2.5e8)
+    after = weightpipe.predict("tawpipe", c, w, comp, replicate_first_chunk=True, schedule=build_tawpipe(
+        Topology(2, 2), 1, prefetch=1, replicate_first_chunk=True, exchange=False))
+    assert after.detail["first_chunk_exchange"] == pytest.approx(2 * 1e-4 + 4 * numel[0] / 2.5e8)
+    assert after.inter_node_bytes == pytest.approx(mirrored.inter_node_bytes)
+    assert mirrored.detail["first_chunk_exchange"] == 0.0  # in the program: its makespan
     assert plain.detail["first_chunk_exchange"] == 0.0 and mirrored.knobs["replicate_first_chunk"] is True
+    slow = cluster(2, 2, inter=1.25e8, intra=1e10, lat=1e-4)
+    one, two = (weightpipe.predict("tawpipe", slow, w, comp, prefetch=2, replicate_first_chunk=k) for k in (1, 2))
+    assert two.step_time < 0.97 * one.step_time and two.knobs["replicate_first_chunk"] == 2
+    assert two.memory.model_states == pytest.approx(one.memory.model_states)  # ranks 0 and 2 hold chunks 0 and 1
+    floor_two = boundary_floor(slow, w, comp, replicate_first_chunk=2)
+    assert two.detail["makespan"] >= floor_two.compute + floor_two.exposed
     assert mirrored.step_time < 0.97 * plain.step_time, (mirrored.step_time, plain.step_time)
     schedule = build_tawpipe(Topology(2, 2), 1, prefetch=2)
     crossing = sum(4 * numel[0] for r in range(4) for a in schedule.program(r)
@@ -335,6 +347,11 @@ def test_mirrored_chunk_0_trades_its_round_trip_for_one_exchange(capsys):
                  "both"]) == 0
     out = capsys.readouterr().out
     assert "replicate_first_chunk=True" in out and out.count("tawpipe(") == 4  # prefetch 1, 2 x with, without
+    assert main(["--nodes", "2", "--devices", "2", "--inter", "1gbit", "--model", "tiny-llama-1.1b", "--override",
+                 "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--prefetch", "2",
+                 "--replicate_first_chunk", "0,1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "replicate_first_chunk=2" in out and out.count("tawpipe(") == 3
 
 
 def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):

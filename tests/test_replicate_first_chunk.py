@@ -1,11 +1,12 @@
-"""``replicate_first_chunk``: chunk 0 mirrored on every node trains exactly like ``ddp``, and its copies stay equal.
+"""``replicate_first_chunk``: mirrored chunks train exactly like ``ddp``, and their copies stay equal.
 
-One 3-node x 2-rank job (three holders of chunk 0, so the all-reduce that sums its gradient has more than two members)
-with two micro-batches, gradient accumulation over two batches (the holders must sum once per optimizer step, not
-per batch) and norm clipping (a mirror's gradient must not count twice in the global norm), checkpointing every two
-steps. Against ``ddp`` with the same settings: same losses (1e-5) and weights; chunk 0's owner and mirrors hold the
-same weights and optimizer state bit for bit. Its step-2 checkpoint resumes bit for bit with the knob, and under the
-default (no mirrors) like ``ddp`` resumed from it.
+One 3-node x 2-rank job with chunks 0 and 1 mirrored (``replicate_first_chunk=2``: three holders of each, so the
+all-reduce that sums a gradient has more than two members, and one rank mirrors both) with two micro-batches,
+gradient accumulation over two batches (the holders must sum once per optimizer step, not per batch: inside the
+program of the step's last iteration) and norm clipping (a mirror's gradient must not count twice in the global
+norm), checkpointing every two steps. Against ``ddp`` with the same settings: same losses (1e-5) and weights; each
+chunk's owner and mirrors hold the same weights and optimizer state bit for bit. Its step-2 checkpoint resumes bit
+for bit with the knob, and under the default (no mirrors) like ``ddp`` resumed from it.
 """
 
 import pytest
@@ -15,6 +16,9 @@ from litgpt import GPT
 from lightning_tawpipe.module import tiny_llama_config
 from lightning_tawpipe.partition import partition_units
 from lightning_tawpipe.runtime.units import find_units
+from lightning_tawpipe.schedule.actions import Op
+from lightning_tawpipe.schedule.tawpipe import build_tawpipe
+from lightning_tawpipe.topology import Topology
 
 ARGS = ("--steps", "4", "--accumulate", "2", "--clip_val", "0.05", "--lr", "3e-3", "--seq_length", "32",
         "--n_embd", "32", "--n_layer", "6", "--batch_size", "2", "--n_microbatches", "2")
@@ -30,7 +34,7 @@ def _close(xs, ys, rel):
 @pytest.fixture(scope="module")
 def mirrored(train_job, tmp_path_factory):
     ckpt_dir = tmp_path_factory.mktemp("mirrored")
-    result = train_job(*ARGS, *TAW_3X2, "--replicate_first_chunk", "--checkpoint_dir", str(ckpt_dir),
+    result = train_job(*ARGS, *TAW_3X2, "--replicate_first_chunk", "2", "--checkpoint_dir", str(ckpt_dir),
                        "--every_n_steps", "2")
     return result, ckpt_dir
 
@@ -43,30 +47,34 @@ def test_matches_ddp_and_mirrors_stay_identical(train_job, mirrored):
     for name, ref in reference["state_dict"].items():
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
     assert "chunk 0 replicated on ranks [0, 2, 4]" in result["log"]
-    digests = result["first_chunk_digests"]
-    assert [d is not None for d in digests] == [True, False, True, False, True, False]
-    assert len({d for d in digests if d}) == 1, digests  # owner and both mirrors: same weights and Adam moments
-    # the holders' all-reduce (ring: 2 (N - 1) / N of chunk 0's fp32 gradient from each) is in the engine's figures,
-    # carried into the first batch after each optimizer step: batch 2 sends that much more than batch 0 on a holder
+    assert "chunk 1 replicated on ranks [2, 0, 4]" in result["log"]
+    for chunk in ("0", "1"):
+        digests = result["mirrored_digests"][chunk]
+        assert [d is not None for d in digests] == [True, False, True, False, True, False]
+        assert len({d for d in digests if d}) == 1, digests  # owner and both mirrors: same weights and Adam moments
+    # the holders' all-reduces (ring: 2 (N - 1) / N of each chunk's fp32 gradient from each) are in the engine's
+    # figures of the iteration that ends each optimizer step (batches 1 and 3), not of the accumulating ones
     units = find_units(GPT(tiny_llama_config(n_layer=6, n_embd=32, block_size=32)))
-    chunk0 = sum(units[u].numel() for u in partition_units([u.numel() for u in units], 6)[0])
+    numel = [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], 6)]
     for rank, per_batch in enumerate(result["comm_per_rank"]):
-        extra = 4 * chunk0 * 2 * 2 // 3 if digests[rank] else 0
-        assert per_batch[2][0] - per_batch[0][0] == extra and per_batch[1][0] == per_batch[3][0], rank
-    # the mirrors hold chunk 0's state on top of their own: the total exceeds ddp's per-rank total by two copies
+        extra = sum(4 * numel[c] * 2 * 2 // 3 for c in (0, 1)) if rank % 2 == 0 else 0
+        assert per_batch[1][0] - per_batch[0][0] == extra, rank
+        assert per_batch[0][0] == per_batch[2][0] and per_batch[1][0] == per_batch[3][0], rank
+    # the mirrors hold their chunks' state (fp32 weights, gradient, two Adam moments) on top of their own: two copies
+    # of chunks 0 and 1 more than ddp's per-rank total, on ranks 0, 2 and 4 (up to the few bytes every rank holds)
     per_rank, ddp_total = result["model_state_bytes"], reference["model_state_bytes"][0]
-    extra = sum(per_rank) - ddp_total
-    assert per_rank[2] - per_rank[3] > 0.5 * extra / 2 and extra > 0
+    assert sum(per_rank) - ddp_total == pytest.approx(16 * 2 * (numel[0] + numel[1]), rel=1e-3)
+    assert per_rank[4] - per_rank[5] > per_rank[0] - per_rank[1] > 0  # rank 4 mirrors both chunks
 
 
 def test_resumes_exactly_and_without_mirrors(train_job, mirrored):
     result, ckpt_dir = mirrored
     step2 = str(ckpt_dir / "epoch=0-step=2.ckpt")
-    resumed = train_job(*ARGS, *TAW_3X2, "--replicate_first_chunk", "--resume", step2)
-    assert resumed["losses"] == result["losses"][4:]  # bit for bit: mirrors reload chunk 0 and its Adam moments
+    resumed = train_job(*ARGS, *TAW_3X2, "--replicate_first_chunk", "2", "--resume", step2)
+    assert resumed["losses"] == result["losses"][4:]  # bit for bit: mirrors reload their chunks and Adam moments
     for name, value in result["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=0, msg=name)
-    assert len({d for d in resumed["first_chunk_digests"] if d}) == 1
+    assert all(len({d for d in digests if d}) == 1 for digests in resumed["mirrored_digests"].values())
     plain = train_job(*ARGS, *TAW_3X2, "--resume", step2)  # the checkpoint holds chunk 0 once: any layout reads it
     _close(plain["losses"], result["losses"][4:], 1e-5)
 
@@ -81,12 +89,17 @@ def test_bf16_mixed_mirrors_sum_in_bf16_and_stay_identical(train_job):
                        "--replicate_first_chunk")
     reference = train_job(*args, "--strategy", "ddp", "--devices", "4")
     _close(result["losses"], reference["losses"], 2e-3)
-    digests = result["first_chunk_digests"]
+    digests = result["mirrored_digests"]["0"]
     assert digests[0] is not None and digests[0] == digests[2] and digests[1] is digests[3] is None
+    # bf16, two holders: each sends the whole gradient once, inside every iteration (each ends an optimizer step),
+    # on top of what its program sends to the other node
     units = find_units(GPT(tiny_llama_config(n_layer=4, n_embd=32, block_size=32)))
-    chunk0 = sum(units[u].numel() for u in partition_units([u.numel() for u in units], 4)[0])
-    holder = result["comm_per_rank"][2]
-    assert holder[1][0] - holder[0][0] == 2 * chunk0  # bf16, two holders: each sends the whole gradient once
+    numel = [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], 4)]
+    schedule = build_tawpipe(Topology(2, 2), 2, prefetch=2, replicate_first_chunk=True, exchange=True)  # demo's
+    for rank in (0, 2):
+        sent = sum(2 * numel[a.chunk] for a in schedule.program(rank)
+                   if a.op in (Op.SEND_W, Op.SEND_G) and a.peer // 2 != rank // 2)
+        assert [batch[0] for batch in result["comm_per_rank"][rank]] == [sent + 2 * numel[0]] * 3, rank
 
 
 def test_gradients_kept_across_an_optimizer_step_are_summed_once_across_holders():
@@ -103,9 +116,9 @@ def test_gradients_kept_across_an_optimizer_step_are_summed_once_across_holders(
     mirrors = [SimpleNamespace(grad_acc=summed / world) for _ in range(holders - 1)]
     for m in mirrors:
         m.zero_grad = m.grad_acc.zero_
-    Pipeline.resume_accumulation(SimpleNamespace(shard=owner, mirror=None, topo=SimpleNamespace(world_size=world)))
+    Pipeline.resume_accumulation(SimpleNamespace(shard=owner, mirrors={}, topo=SimpleNamespace(world_size=world)))
     for m in mirrors:
-        Pipeline.resume_accumulation(SimpleNamespace(shard=SimpleNamespace(grad_acc=torch.zeros(8)), mirror=m,
+        Pipeline.resume_accumulation(SimpleNamespace(shard=SimpleNamespace(grad_acc=torch.zeros(8)), mirrors={0: m},
                                                      topo=SimpleNamespace(world_size=world)))
     new = [torch.randn(8, dtype=torch.float64) for _ in range(holders)]  # each node's next gradients
     total = owner.grad_acc + new[0] + sum(m.grad_acc + n for m, n in zip(mirrors, new[1:]))  # the holders' sum

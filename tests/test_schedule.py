@@ -80,6 +80,7 @@ EVERY_KIND = [
     Action(Op.RECV_G, 3, peer=5, buf="q0"),
     Action(Op.ACC_G, 3, buf="q0"),
     Action(Op.ADD_G, 3, buf="q0", buf2="g1"),
+    Action(Op.EXCHANGE_G, 1, buf="acc1"),
     Action(Op.BARRIER),
     Action(Op.FORWARD, 0, mb=0, buf="s0"),  # zeros must not be confused with "absent" (-1)
     Action(Op.RECV_W, 0, peer=0, buf="s0"),
@@ -394,31 +395,54 @@ def test_gradient_buffers_default_by_node_count_and_every_default_schedule_valid
 
 @pytest.mark.parametrize(("n_groups", "group_size", "n_microbatches", "prefetch"),
                          [(2, 2, 1, 1), (2, 2, 3, 2), (3, 2, 2, 1), (4, 1, 2, 3), (2, 3, 1, 2), (1, 4, 2, 1)])
-def test_replicated_first_chunk_keeps_chunk_0_inside_every_node(n_groups, group_size, n_microbatches, prefetch):
-    """With ``replicate_first_chunk`` chunk 0 never crosses nodes (no weights out, no gradients in): each node copies
-    it from its own holder and accumulates its gradient there; every other chunk moves exactly as before, and the
-    validator checks the holders' accumulators together hold every contribution once."""
+@pytest.mark.parametrize("mirrored_chunks", [True, 2])
+def test_mirrored_chunks_stay_inside_every_node(n_groups, group_size, n_microbatches, prefetch, mirrored_chunks):
+    """With ``replicate_first_chunk`` (chunk 0, or the first ``k`` chunks) a mirrored chunk never crosses nodes (no
+    weights out, no gradients in): each node copies it from its own holder, the rank of the owner's local index, and
+    accumulates its gradient there; every other chunk moves exactly as before. In an iteration that ends an
+    optimizer step (``exchange``) each holder adds its last gradient right behind the reduce and exchanges the sum
+    at once (``XG``), so chunk 1's overlaps B0. The validator checks every case."""
     topo = Topology(n_groups, group_size)
+    k = int(mirrored_chunks)
     plain = build_tawpipe(topo, n_microbatches, prefetch=prefetch)
-    mirrored = build_tawpipe(topo, n_microbatches, prefetch=prefetch, replicate_first_chunk=True)
-    assert mirrored.first_chunk_mirrors == tuple(n * group_size for n in range(1, n_groups))
-    assert mirrored.holders(0) == (0,) + mirrored.first_chunk_mirrors and mirrored.holders(1) == (plain.owners[1],)
-    for schedule in (mirrored, with_user_barriers(mirrored),
-                     build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=False, replicate_first_chunk=True)):
-        validate(schedule)
-    remote = {Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G}
-    for rank in range(topo.world_size):
-        program = mirrored.program(rank)
-        assert not [a for a in program if a.chunk == 0 and a.op in remote], rank
-        copies = sum(a.op is Op.COPY_W and a.chunk == 0 for a in program)
-        adds = sum(a.op is Op.ACC_G and a.chunk == 0 for a in program)
-        assert (copies > 0 and adds == n_microbatches) if rank in mirrored.holders(0) else copies == adds == 0
-        # the rest of the program is the plain one
-        assert [a for a in program if a.chunk != 0] == [a for a in plain.program(rank) if a.chunk != 0]
+    expected = tuple(tuple(topo.rank(n, topo.local_index(plain.owners[c])) for n in range(n_groups)
+                           if n != topo.group_of(plain.owners[c])) for c in range(k)) if n_groups > 1 else ()
+    for exchange in (False, True):
+        mirrored = build_tawpipe(topo, n_microbatches, prefetch=prefetch, replicate_first_chunk=mirrored_chunks,
+                                 exchange=exchange)
+        assert mirrored.mirrors == expected and mirrored.exchanges == (exchange and n_groups > 1)
+        assert all(mirrored.holders(c) == (plain.owners[c],) + m for c, m in enumerate(expected))
+        assert mirrored.holders(k) == (plain.owners[k],)
+        for schedule in (mirrored, with_user_barriers(mirrored),
+                         build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=False,
+                                       replicate_first_chunk=mirrored_chunks, exchange=exchange)):
+            validate(schedule)
+        remote = {Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G}
+        for rank in range(topo.world_size):
+            program = mirrored.program(rank)
+            # the rest of the program is the plain one
+            assert [a for a in program if a.chunk >= len(expected)] == [
+                a for a in plain.program(rank) if a.chunk >= len(expected)]
+            for c in range(len(expected)):
+                assert not [a for a in program if a.chunk == c and a.op in remote], rank
+                copies = sum(a.op is Op.COPY_W and a.chunk == c for a in program)
+                adds = [i for i, a in enumerate(program) if a.op is Op.ACC_G and a.chunk == c]
+                sums = [i for i, a in enumerate(program) if a.op is Op.EXCHANGE_G and a.chunk == c]
+                if rank not in mirrored.holders(c):
+                    assert copies == len(adds) == len(sums) == 0
+                    continue
+                assert copies > 0 and len(adds) == n_microbatches
+                if exchange:  # right behind the last add (chunk 0's: after the last compute)
+                    assert sums == [adds[-1] + 1], (rank, c)
+                    computes_after = [a for a in program[sums[0]:] if a.op in (Op.FORWARD, Op.BACKWARD)]
+                    assert bool(computes_after) == (c > 0), (rank, c)
+                else:
+                    assert sums == []
 
 
 def test_validator_checks_mirrored_accumulators():
-    """A mirror that drops its node's chunk-0 gradient, or a non-holder that copies chunk 0, is caught."""
+    """A mirror that drops its node's chunk-0 gradient, a non-holder that copies chunk 0, a gradient added after the
+    holders exchanged it, or holders of a rail exchanging chunks in different orders, are caught."""
     mirrored = build_tawpipe(Topology(2, 2), 1, replicate_first_chunk=True)
     programs = list(mirrored.programs)
     programs[2] = tuple(a for a in programs[2] if not (a.op is Op.ACC_G and a.chunk == 0))
@@ -427,6 +451,16 @@ def test_validator_checks_mirrored_accumulators():
     plain = build_tawpipe(Topology(2, 2), 1)
     with pytest.raises(ScheduleError, match="copies a chunk it does not own"):  # rank 2 is no holder without the knob
         validate(replace(plain, programs=mirrored.programs))
+    exchanging = build_tawpipe(Topology(2, 2), 1, replicate_first_chunk=2, exchange=True)
+    late = list(exchanging.programs[0])
+    i = next(i for i, a in enumerate(late) if a.op is Op.EXCHANGE_G and a.chunk == 1)
+    late.insert(i - 1, late.pop(i))  # exchanged before its own last gradient was added
+    with pytest.raises(ScheduleError, match="adds a gradient after the holders exchanged it"):
+        validate(replace(exchanging, programs=(tuple(late), *exchanging.programs[1:])))
+    swapped = list(exchanging.programs[0])
+    swapped.append(swapped.pop(i))  # chunk 1's exchange after chunk 0's on rank 0 only
+    with pytest.raises(ScheduleError, match="exchange mismatch on the rail"):
+        validate(replace(exchanging, programs=(tuple(swapped), *exchanging.programs[1:])))
 
 
 def test_builders_reject_bad_knobs():
@@ -438,6 +472,8 @@ def test_builders_reject_bad_knobs():
         build_tawpipe(Topology(2, 2), 1, grad_buffers=1)
     with pytest.raises(ValueError, match="recv_buffers >= 1"):
         build_tawpipe(Topology(2, 2), 1, recv_buffers=-1)
+    with pytest.raises(ValueError, match=r"number of leading chunks from 0 to 4 \(one chunk per rank\), got 5"):
+        build_tawpipe(Topology(2, 2), 1, replicate_first_chunk=5)
     with pytest.raises(ValueError):
         build_weipipe(Topology(2, 2), 1, prefetch=0)
     with pytest.raises(ValueError):

@@ -66,11 +66,26 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--grad_buffers", default="",
                    help="TawPipe gradient buffer counts to try, e.g. 2,3 (more let backward outrun slow sends; "
                         "default: the strategy's, 3 with three or more nodes and 2 with fewer)")
-    k.add_argument("--replicate_first_chunk", default="false", choices=["false", "true", "both"],
+    k.add_argument("--replicate_first_chunk", default="false", type=parse_mirrored,
                    help="TawPipe: mirror chunk 0 on every node (no chunk-0 round trip between steps, for its state "
-                        "once more per node); 'both' predicts with and without")
+                        "once more per node): false, true, 'both' (with and without), or numbers of leading chunks "
+                        "to mirror, e.g. 0,1,2")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
+
+
+def parse_mirrored(text: str) -> tuple[bool | int, ...]:
+    """``--replicate_first_chunk``: false, true, both, or a comma list of leading-chunk counts."""
+    named = {"false": (False,), "true": (True,), "both": (False, True)}
+    if text in named:
+        return named[text]
+    try:
+        counts = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected false, true, both or counts like 0,1,2; got {text!r}") from None
+    if any(k < 0 for k in counts):
+        raise argparse.ArgumentTypeError(f"chunk counts must be >= 0, got {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                   group_sizes=groups, strategies=tuple(a.strategies.split(",")),
                   partitions=tuple(a.partition or ["parameters"]),
                   grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,),
-                  replicate_first_chunk={"false": (False,), "true": (True,), "both": (False, True)}[
-                      a.replicate_first_chunk])
+                  replicate_first_chunk=a.replicate_first_chunk)
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

@@ -21,7 +21,8 @@ round trip of chunk 0 is exposed every iteration, whatever the schedule, prefetc
 bytes in chunk 0 (a partition with a lighter first chunk, lower-precision traffic) or faster links lower it, or
 giving up the premise for chunk 0: with ``replicate_first_chunk`` every node holds and steps a mirror of it, so its
 round trip becomes one exchange between the holders (their all-reduce), and the floor is the largest of that and
-the other chunks' uncovered round trips.
+the other chunks' uncovered round trips (a mirrored chunk ``c > 0``: its exchange, which starts after its last
+backward, against ``B_{c-1} .. B_0``).
 
 The owner's optimizer step is left out of the round trip (it is in compute-only as well), which keeps the floor a
 floor. It holds for dedicated devices; on the CPU testbed with shared cores a waiting rank's cores speed up the
@@ -39,6 +40,7 @@ from lightning_tawpipe.plan.weightpipe import first_chunk_exchange, make_chunks
 from lightning_tawpipe.plan.workload import Workload
 from lightning_tawpipe.schedule.actions import Op
 from lightning_tawpipe.schedule.program import sample_major_steps
+from lightning_tawpipe.schedule.tawpipe import mirrored_chunk_count
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class BoundaryFloor:
 
 
 def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
-                   partition: str | Sequence[int] = "parameters", replicate_first_chunk: bool = False) -> BoundaryFloor:
+                   partition: str | Sequence[int] = "parameters",
+                   replicate_first_chunk: bool | int = False) -> BoundaryFloor:
     """The iteration-boundary floor for ``workload`` on ``cluster`` with one chunk per rank (see the module doc)."""
     n_chunks = cluster.world_size
     chunks = make_chunks(workload, compute, n_chunks, partition)
@@ -65,11 +68,13 @@ def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
     if cluster.nodes < 2:
         return BoundaryFloor(0.0, 0, 0.0, total, total)
     best = None
+    n_mirrored = mirrored_chunk_count(replicate_first_chunk, n_chunks)
     for c in range(n_chunks):
         uses = [i for i, s in enumerate(steps) if s.chunk == c]
         slack = sum(times[uses[-1] + 1:]) + sum(times[: uses[0]])
-        if c == 0 and replicate_first_chunk:  # the holders' all-reduce of the gradient is the whole trip
-            trip = first_chunk_exchange(cluster, workload, chunks.numel[0], cluster.nodes)[0]
+        if c < n_mirrored:  # the holders' all-reduce of the gradient is the whole trip, before the step
+            slack = sum(times[uses[-1] + 1:])
+            trip = first_chunk_exchange(cluster, workload, chunks.numel[c], cluster.nodes)[0]
         else:
             trip = (2 * cluster.inter_latency
                     + (costs.grad_bytes[c] + costs.weight_bytes[c]) / cluster.node_inter_bw)

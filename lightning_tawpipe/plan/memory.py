@@ -39,8 +39,11 @@ def activations(w: Workload, n_layers: float, micro_batches_in_flight: float, wi
 def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel: list[int],
                            schedule: Schedule) -> Memory:
     biggest = max(chunk_numel)
-    # a rank that mirrors chunk 0 (replicate_first_chunk) keeps its state next to that of the chunk it owns
-    held = [chunk_numel[schedule.owners.index(r)] + chunk_numel[0] for r in schedule.first_chunk_mirrors]
+    # a rank that mirrors chunks (replicate_first_chunk) keeps their state next to that of the chunk it owns
+    held = [chunk_numel[schedule.owners.index(r)] for r in range(len(schedule.owners))]
+    for c, mirrors in enumerate(schedule.mirrors):
+        for r in mirrors:
+            held[r] += chunk_numel[c]
     states = max([biggest, *held]) * state_bytes_per_param(w)
     working = schedule.n_slots * biggest * w.weight_bytes
     if schedule.train:

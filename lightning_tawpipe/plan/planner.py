@@ -44,7 +44,8 @@ class Plan:
 def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = None,
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
          strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",),
-         grad_buffers: tuple[int | None, ...] = (None,), replicate_first_chunk: tuple[bool, ...] = (False,)) -> Plan:
+         grad_buffers: tuple[int | None, ...] = (None,),
+         replicate_first_chunk: tuple[bool | int, ...] = (False,)) -> Plan:
     """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers x chunk-0
     mirrors; None: the strategy's default) and recommend one."""
     compute = compute or ComputeModel.from_device(cluster.device_flops)
@@ -71,7 +72,7 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
 def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: tuple[int, ...],
              group_sizes: tuple[int | None, ...], partitions: tuple,
              grad_buffers: tuple[int | None, ...] = (None,),
-             replicate_first_chunk: tuple[bool, ...] = (False,)) -> list[Prediction]:
+             replicate_first_chunk: tuple[bool | int, ...] = (False,)) -> list[Prediction]:
     preds: list[Prediction] = []
     if s == "tawpipe":
         preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g, partition=q,

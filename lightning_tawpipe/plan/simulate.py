@@ -20,6 +20,8 @@ This is the validator's execution model (``schedule/validate.py``) with duration
   engine does (later operations of its communicator family queue behind it): it is posted the moment its input is
   done, and the host runs on; later actions that touch its buffers wait for it, and the forward step after which
   user code runs waits until nothing is deferred;
+* ``XG`` (the holders of a mirrored chunk summing its gradient) is an all-reduce over the rail: it starts when every
+  node's holder has posted it, and each sends and receives ``2 (N - 1) / N`` of the gradient through its NIC;
 * ``CW/AG/GA`` are local copies/adds costing their bytes over the device memory bandwidth; ``X`` is free;
 * the iteration ends when every rank has run its program and every operation it posted has finished.
 
@@ -286,6 +288,14 @@ class _Sim:
                 self._matched(now, self._p2p_transfer(send, recv, key))
             else:
                 mine.setdefault(key, deque()).append(p)
+        elif a.op is Op.EXCHANGE_G:
+            key = ("rail", self.topo.local_index(r))
+            queues = self.coll.get(key)
+            if queues is None:
+                queues = self.coll[key] = [deque() for _ in range(self.topo.n_groups)]
+            queues[self.topo.group_of(r)].append(p)
+            if all(queues):
+                self._matched(now, self._exchange([q.popleft() for q in queues], key))
         else:
             node = self.topo.group_of(r)
             key = (node, lane)
@@ -326,6 +336,17 @@ class _Sim:
         return _Transfer(tuple(members), nbytes, resources, hops * self.c.intra_latency, ("c",) + key, False,
                          len(ranks) - 1, self._node(ranks[0]), self.c.intra_bw)
 
+    def _exchange(self, members: list[_Posted], key: tuple) -> _Transfer:
+        """A ring all-reduce between the holders (one per node): each sends and receives ``2 (N - 1) / N`` of the
+        gradient through its own NIC, over ``2 (N - 1)`` steps."""
+        c, n = self.c, len(members)
+        base, nics, G = 2 * c.world_size, c.nics_per_node, c.devices_per_node
+        resources = tuple(base + self._node(m.rank) * nics + c.nic_of(m.rank % G) for m in members)
+        resources += tuple(base + c.nodes * nics + self._node(m.rank) * nics + c.nic_of(m.rank % G) for m in members)
+        nbytes = self._bytes(members[0].action) * 2 * (n - 1) / n
+        return _Transfer(tuple(members), nbytes, resources, 2 * (n - 1) * c.inter_latency, ("x",) + key, True, n,
+                         tuple(self._node(m.rank) for m in members), c.inter_bw)
+
     def _matched(self, now: float, t: _Transfer) -> None:
         """Both/all sides posted: start now, or after the communicator's previous operation."""
         q = self.comm_queue.get(t.key)
@@ -339,8 +360,9 @@ class _Sim:
         self.res.n_transfers += 1
         self.res.intra_bytes += 0.0 if t.inter else t.nbytes * t.receivers
         if t.inter:
-            self.res.inter_bytes += t.nbytes
-            self.node_egress[t.src_node] += t.nbytes
+            for node in t.src_node if isinstance(t.src_node, tuple) else (t.src_node,):  # an exchange: every holder's
+                self.res.inter_bytes += t.nbytes
+                self.node_egress[node] += t.nbytes
         if t.nbytes <= 0:
             self._push(now + t.latency, self._done, (t,))
         else:

@@ -4,8 +4,9 @@ Chunks are cut exactly as the strategy cuts them (``partition_units`` over the e
 one chunk per rank), the programs come from the same builders the engine runs (``build_tawpipe``,
 ``build_weipipe``), and the timing comes from ``simulate.py``. Only the optimizer step after the drain is a formula:
 each owner steps its own chunk (AdamW touches ~32 bytes per parameter: fp32 weight, gradient, two moments, the
-low-precision copy), which no schedule action models; so is the all-reduce of chunk 0's gradient between its
-holders under ``replicate_first_chunk`` (:func:`first_chunk_exchange`), which the strategy runs after the program.
+low-precision copy), which no schedule action models; so is, where the program does not sum them itself (an
+iteration that does not end an optimizer step), the all-reduce of the mirrored chunks' gradients between their
+holders under ``replicate_first_chunk`` (:func:`first_chunk_exchange`), which the strategy then runs after it.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
 
 
 def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int | None = None,
-          reuse: int | None = None, replicate_first_chunk: bool = False) -> Schedule:
+          reuse: int | None = None, replicate_first_chunk: bool | int = False, exchange: bool = True) -> Schedule:
     if kind == "tawpipe":
         return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers, reuse=reuse,
-                             replicate_first_chunk=replicate_first_chunk)
+                             replicate_first_chunk=replicate_first_chunk, exchange=exchange)
     if kind == "weipipe":
         return build_weipipe(topo, n_microbatches, prefetch=prefetch)
     raise ValueError(f"unknown weight pipeline {kind!r}")
@@ -65,13 +66,14 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_bu
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
             group_size: int | None = None, partition: str | Sequence[int] = "parameters",
             schedule: Schedule | None = None, grad_buffers: int | None = None, reuse: int | None = None,
-            replicate_first_chunk: bool = False) -> Prediction:
+            replicate_first_chunk: bool | int = False) -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
     ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node. ``reuse``
     (TawPipe) is the chunks kept resident across the turn and ``grad_buffers`` its gradient buffers (None: the
-    strategy's defaults, ``prefetch`` and by node count). ``replicate_first_chunk`` (TawPipe) mirrors chunk 0 on
-    every node.
+    strategy's defaults, ``prefetch`` and by node count). ``replicate_first_chunk`` (TawPipe) mirrors chunk 0 (or
+    the first ``k`` chunks) on every node. The iteration is one that ends an optimizer step (the Trainer's with no
+    gradient accumulation): it sums the mirrored chunks' gradients in its program.
     """
     g = group_size or cluster.devices_per_node
     if cluster.devices_per_node % g:
@@ -82,9 +84,18 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     chunks = make_chunks(workload, compute, topo.world_size, partition)
     sim = simulate(schedule, cluster, chunks.costs)
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
-    opt = max(chunks.numel) * OPTIMIZER_BYTES_PER_PARAM / cluster.mem_bw
-    holders = 1 + len(schedule.first_chunk_mirrors)
-    exchange_s, exchange_bytes = first_chunk_exchange(cluster, workload, chunks.numel[0], holders)
+    # every rank steps the chunk it owns and the ones it mirrors
+    stepped = [chunks.numel[schedule.owners.index(r)] for r in range(topo.world_size)]
+    for c, mirrors in enumerate(schedule.mirrors):
+        for r in mirrors:
+            stepped[r] += chunks.numel[c]
+    opt = max(stepped) * OPTIMIZER_BYTES_PER_PARAM / cluster.mem_bw
+    exchange_s = exchange_bytes = 0.0
+    if not schedule.exchanges:  # summed after the program, chunk after chunk
+        for c, mirrors in enumerate(schedule.mirrors):
+            s, b = first_chunk_exchange(cluster, workload, chunks.numel[c], 1 + len(mirrors))
+            exchange_s, exchange_bytes = exchange_s + s, exchange_bytes + b
+    holders = 1 + len(schedule.mirrors[0]) if schedule.mirrors else 1
     step = sim.makespan + exchange_s + opt
     knobs = {"prefetch": prefetch, "chunks": len(chunks.numel),
              "partition": partition if isinstance(partition, str) else ",".join(map(str, partition))}
@@ -92,8 +103,8 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
         knobs["group_size"] = g
         knobs["reuse"] = schedule.reuse
         knobs["grad_buffers"] = schedule.n_grad_buffers
-        if schedule.first_chunk_mirrors:
-            knobs["replicate_first_chunk"] = True
+        if schedule.mirrors:
+            knobs["replicate_first_chunk"] = True if len(schedule.mirrors) == 1 else len(schedule.mirrors)
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
         inter_node_bytes_per_node=sim.inter_bytes_per_node_max + exchange_bytes,
@@ -110,10 +121,9 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
 
 
 def first_chunk_exchange(cluster: Cluster, workload: Workload, numel: int, holders: int) -> tuple[float, float]:
-    """Seconds and bytes sent per holder of the all-reduce that sums chunk 0's gradient between its ``holders``
-    (``replicate_first_chunk``; one holder: none). It runs on one rail (one NIC per node) after the iteration, in the
-    compute dtype like all gradient traffic; a ring all-reduce sends ``2 (N - 1) / N`` of the gradient from every
-    member."""
+    """Seconds and bytes sent per holder of the all-reduce that sums a mirrored chunk's gradient between its
+    ``holders`` (``replicate_first_chunk``; one holder: none). It runs on one rail (one NIC per node), in the compute
+    dtype like all gradient traffic; a ring all-reduce sends ``2 (N - 1) / N`` of the gradient from every member."""
     if holders < 2:
         return 0.0, 0.0
     nbytes = numel * workload.weight_bytes * 2 * (holders - 1) / holders

@@ -177,16 +177,18 @@ class Comm:
         return dist.reduce(tensor, group=group, group_dst=self.topo.local_index(root), op=dist.ReduceOp.SUM, async_op=True)
 
     # -- between steps --------------------------------------------------------------------------------------------
-    def all_reduce_rail(self, tensor: torch.Tensor) -> None:
-        """Sum ``tensor`` over this rank's rail (its local index on every node), blocking: chunk 0's holders use it
-        after an optimizer step's last iteration (``replicate_first_chunk``). Every TawPipe transfer on the rail has
-        been waited for by then, so the communicator is quiet. A ring all-reduce sends ``2 (N - 1) / N`` of the
-        tensor from each member; those bytes and the wait count into the next step's figures."""
+    def all_reduce_rail(self, tensor: torch.Tensor, between_steps: bool = False):
+        """Post the sum of ``tensor`` over this rank's rail (its local index on every node) and return the work: the
+        holders of a mirrored chunk exchange its gradient this way (``replicate_first_chunk``), inside an iteration
+        that ends an optimizer step or after it. A ring all-reduce sends ``2 (N - 1) / N`` of the tensor from each
+        member; ``between_steps`` (after the step's figures were logged) counts those bytes into the next step's."""
         members = self.topo.n_groups
-        start = time.perf_counter()
-        dist.all_reduce(tensor, group=self.lanes["grads"].rail_group)
-        self.stats.carried_wait_s += time.perf_counter() - start
-        self.stats.carried_bytes += tensor.numel() * tensor.element_size() * 2 * (members - 1) // members
+        nbytes = tensor.numel() * tensor.element_size() * 2 * (members - 1) // members
+        if between_steps:
+            self.stats.carried_bytes += nbytes
+        else:
+            self._count(nbytes, False, "grads")
+        return dist.all_reduce(tensor, group=self.lanes["grads"].rail_group, async_op=True)
 
     def _count(self, nbytes: int, intra_node: bool, lane: str) -> None:
         if intra_node:

@@ -31,6 +31,7 @@ iteration) complete without this rank doing anything more, so a deferred operati
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ _POSTED = {
 
 
 # actions that move or combine gradients: they cover only a chunk's trainable prefix (see ChunkLayout)
-_GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G)
+_GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G, Op.EXCHANGE_G)
 
 
 @dataclass(frozen=True)
@@ -126,15 +127,19 @@ class Engine:
         compute_dtype: torch.dtype,
         device: torch.device,
         activation_checkpointing: bool = False,
-        mirror: OwnedShard | None = None,
+        mirrors: dict[int, OwnedShard] | None = None,
         watch_inputs: bool = False,
     ) -> None:
         self.comm, self.layout = comm, layout
-        # every chunk this rank holds: the one it owns, and chunk 0 if it mirrors it (``replicate_first_chunk``)
-        self.shards = {shard.chunk: shard, **({mirror.chunk: mirror} if mirror is not None else {})}
+        # every chunk this rank holds: the one it owns, and those it mirrors (``replicate_first_chunk``)
+        self.shards = {shard.chunk: shard, **(mirrors or {})}
         self.rank = comm.rank
         self._build_schedule = build_schedule
-        self._schedules: dict[tuple[bool, int], Schedule] = {}
+        self._schedules: dict[tuple[bool, int, bool], Schedule] = {}
+        # mirrored chunks whose gradients the holders summed (XG) since the strategy last asked, and the exchanges of
+        # this iteration still to finish: (accumulator, the tensor on the wire when the traffic dtype differs)
+        self.exchanged: set[int] = set()
+        self._exchanges: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.compute_dtype, self.device = compute_dtype, device
         # what a holder serves its chunks from: the masters themselves, or copies in the compute (traffic) dtype
         self._own = {c: s.weights if s.weights.dtype == compute_dtype else s.weights.to(compute_dtype)
@@ -159,10 +164,11 @@ class Engine:
         self.thread_microbatch: Callable[[], int | None] = lambda: None
 
     # -- public API -----------------------------------------------------------------------------------------------
-    def schedule(self, train: bool, n_microbatches: int) -> Schedule:
-        key = (train, n_microbatches)
+    def schedule(self, train: bool, n_microbatches: int, exchange: bool = False) -> Schedule:
+        key = (train, n_microbatches, exchange)
         if key not in self._schedules:
-            self._schedules[key] = self._build_schedule(train, n_microbatches)
+            self._schedules[key] = (self._build_schedule(train, n_microbatches, exchange) if exchange
+                                    else self._build_schedule(train, n_microbatches))
         return self._schedules[key]
 
     @property
@@ -174,12 +180,13 @@ class Engine:
         """Whether the running iteration has backward steps."""
         return self._program is not None and self._train
 
-    def begin(self, train: bool, n_microbatches: int) -> None:
-        """Start an iteration: ``n_microbatches`` forward (and, if ``train``, backward) passes will follow."""
+    def begin(self, train: bool, n_microbatches: int, ends_step: bool = False) -> None:
+        """Start an iteration: ``n_microbatches`` forward (and, if ``train``, backward) passes will follow.
+        ``ends_step``: the optimizer steps right after it, so mirrored chunks' gradients are summed inside it."""
         if self._program is not None:
             raise RuntimeError("A TawPipe iteration is already running; each step must finish before the next.")
         self._raise_helper_error()
-        schedule = self.schedule(train, n_microbatches)
+        schedule = self.schedule(train, n_microbatches, exchange=ends_step and train)
         self._ensure_buffers(schedule)
         for chunk, own in self._own.items():
             if own is not self.shards[chunk].weights:  # the optimizer stepped the masters since the last iteration
@@ -282,6 +289,7 @@ class Engine:
         for pending in self._pending:
             self.comm.wait(pending.work, f"drain:{pending.action.op.value}")
         self._pending.clear()
+        self._finish_exchanges()
         self._program = None
 
     # -- internals ------------------------------------------------------------------------------------------------
@@ -442,10 +450,41 @@ class Engine:
             self._view(a.buf, a.chunk).copy_(self.shards[a.chunk].weights)
         elif op is Op.ACC_G:
             self.shards[a.chunk].grad_acc.add_(self._grad_view(a.buf, a.chunk))
+        elif op is Op.EXCHANGE_G:
+            self._pending.append(_Pending(a, self._post_exchange(a.chunk), reads, writes))
         elif op is Op.ADD_G:
             self._grad_view(a.buf, a.chunk).add_(self._grad_view(a.buf2, a.chunk))
         else:
             raise RuntimeError(f"the engine cannot execute {a}")
+
+    # -- mirrored chunks: the holders' sum of their gradients -------------------------------------------------------
+    def sum_mirrored_gradients(self, chunks: list[int]) -> None:
+        """Between iterations: sum the gradients of these mirrored chunks with their other holders, last chunk first
+        (the order the programs' ``XG`` use), and wait (counted into the next step's figures). Each holder must list
+        the same chunks of a rail."""
+        start = time.perf_counter()
+        for chunk in sorted(chunks, reverse=True):
+            if self.layout.n_trainable[chunk]:  # a frozen chunk: no gradient (every holder skips it)
+                self._post_exchange(chunk, between_steps=True).wait()
+        self.comm.stats.carried_wait_s += time.perf_counter() - start
+        self._finish_exchanges()
+
+    def _post_exchange(self, chunk: int, between_steps: bool = False):
+        """Post the all-reduce of ``chunk``'s accumulator over its holders' rail. It runs in the compute dtype, the
+        precision every other gradient crosses nodes in (under bf16-mixed, half the bytes); an all-reduce gives every
+        member the same result, so owner and mirrors stay identical."""
+        acc = self.shards[chunk].grad_acc
+        wire = acc if acc.dtype == self.compute_dtype else acc.to(self.compute_dtype)
+        self._exchanges.append((acc, wire))
+        self.exchanged.add(chunk)
+        return self.comm.all_reduce_rail(wire, between_steps)
+
+    def _finish_exchanges(self) -> None:
+        """After the exchanges were waited for: copy sums made in another dtype back into the accumulators."""
+        for acc, wire in self._exchanges:
+            if wire is not acc:
+                acc.copy_(wire)
+        self._exchanges.clear()
 
     def _post(self, a: Action, reads: set[str], writes: set[str]) -> None:
         method, lane = _POSTED[a.op]

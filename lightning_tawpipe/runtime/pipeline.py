@@ -7,8 +7,8 @@ This is everything the Lightning strategy (and, later, a Fabric strategy) needs,
    starting point ``ddp`` gives by broadcasting rank 0's module), then free every module parameter's storage;
 3. build the engine and route the units' forward/backward through it;
 4. keep parameters that are in no unit as replicated, averaged across ranks like DDP;
-5. with ``replicate_first_chunk``, keep a mirror of chunk 0 on every other node and sum its gradient across the
-   holders once per optimizer step (``schedule/tawpipe.py`` says why);
+5. with ``replicate_first_chunk``, keep a mirror of chunk 0 (or of the first ``k`` chunks) on every other node and sum
+   its gradient across the holders once per optimizer step (``schedule/tawpipe.py`` says why);
 6. gather a full state dict back to one rank when someone asks (export, checks).
 """
 
@@ -30,7 +30,7 @@ from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
 from lightning_tawpipe.schedule.program import Schedule
-from lightning_tawpipe.schedule.tawpipe import default_grad_buffers, default_reuse, first_chunk_mirrors
+from lightning_tawpipe.schedule.tawpipe import chunk_mirrors, default_grad_buffers, default_reuse, mirrored_chunk_count
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -38,11 +38,13 @@ SCHEDULES = ("tawpipe", "weipipe")
 
 
 def check_replicate_first_chunk(replicate_first_chunk, schedule: str, n_replicas: int) -> None:
-    """The mirrored chunk 0 needs nodes to mirror it in (TawPipe's groups, not the WeiPipe ring) and a single replica:
-    the outer loop of several replicas would update chunk 0's owner but not its mirrors. Checked where a user sets
-    it (the strategy, at construction) and where the runtime is built directly (``Pipeline``)."""
-    if not isinstance(replicate_first_chunk, bool):
-        raise ValueError(f"replicate_first_chunk must be True or False, got {replicate_first_chunk!r}.")
+    """Mirrored chunks need nodes to mirror them in (TawPipe's groups, not the WeiPipe ring) and a single replica:
+    the outer loop of several replicas would update a chunk's owner but not its mirrors. Checked where a user sets
+    it (the strategy, at construction) and where the runtime is built directly (``Pipeline``); how many chunks there
+    are to mirror is known only at setup (:func:`mirrored_chunk_count`)."""
+    if not (isinstance(replicate_first_chunk, int) and replicate_first_chunk >= 0):  # bool is an int
+        raise ValueError(f"replicate_first_chunk must be True, False or a number of leading chunks to mirror, got "
+                         f"{replicate_first_chunk!r}.")
     if replicate_first_chunk and (schedule != "tawpipe" or n_replicas != 1):
         raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' and one replica (the WeiPipe ring has "
                          "no nodes to mirror chunk 0 in, and the outer loop of several replicas would update "
@@ -71,7 +73,7 @@ class Pipeline:
         initial_state: dict[str, torch.Tensor] | None = None,
         initial_state_strict: bool = True,
         replicas: ReplicaLayout | None = None,
-        replicate_first_chunk: bool = False,
+        replicate_first_chunk: bool | int = False,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
@@ -98,21 +100,24 @@ class Pipeline:
         self.shard = OwnedShard(self.layout, self.owned_chunk, initial, master_dtype)
         if initial_state is not None:
             self._load_initial_state(root, initial_state, initial_state_strict)
-        mirrors = first_chunk_mirrors(topo) if replicate_first_chunk else ()
-        # the ranks that hold chunk 0 (its owner and mirrors) sum its gradient on their rail before every step
-        self.first_chunk_holders = (self.owners[0],) + mirrors if mirrors else ()
-        self.mirror: OwnedShard | None = None
-        if self.rank in mirrors:
-            fresh = torch.empty(self.layout.numel[0], dtype=self.shard.weights.dtype, device=device)
-            self.mirror = OwnedShard(self.layout, 0, fresh, master_dtype)
-        self.sync_first_chunk_mirrors()
+        n_mirrored = mirrored_chunk_count(replicate_first_chunk, topo.world_size) if topo.n_groups > 1 else 0
+        mirrored_chunk_count(replicate_first_chunk, topo.world_size)  # a bad count fails on one node too
+        # the ranks that hold each mirrored chunk (its owner and mirrors, one rail) sum its gradient before every step
+        self.holders = [(self.owners[c],) + m for c, m in enumerate(chunk_mirrors(topo, n_mirrored))]
+        self.first_chunk_holders = self.holders[0] if self.holders else ()
+        self.mirrors: dict[int, OwnedShard] = {}  # chunk -> this rank's mirror of it
+        for c, holders in enumerate(self.holders):
+            if self.rank in holders[1:]:
+                fresh = torch.empty(self.layout.numel[c], dtype=self.shard.weights.dtype, device=device)
+                self.mirrors[c] = OwnedShard(self.layout, c, fresh, master_dtype)
+        self.sync_mirrors()
         in_units = set(self.layout.chunk_of_param())
         self.replicated = [p for p in root.parameters() if p not in in_units]
         for p in self.replicated:
             dist.broadcast(p.data, src=0)
         self._validate = validate_schedules
         self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, param_dtype, device,
-                             activation_checkpointing=activation_checkpointing, mirror=self.mirror,
+                             activation_checkpointing=activation_checkpointing, mirrors=self.mirrors,
                              watch_inputs=device.type == "cpu")
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
 
@@ -149,12 +154,14 @@ class Pipeline:
         out = {name: owners[c] for c, r in enumerate(ranges) for u in r for name, _ in self.units[u].named_parameters()}
         return {name: out.get(name, 0) for name, _ in self.root.named_parameters()}
 
-    def _build_schedule(self, train: bool, n_microbatches: int) -> Schedule:
+    def _build_schedule(self, train: bool, n_microbatches: int, exchange: bool = False) -> Schedule:
+        """The programs of one iteration; ``exchange``: it ends an optimizer step, so the holders of mirrored chunks
+        sum their gradients inside it (``XG``)."""
         if self.schedule_name == "weipipe":
             from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
         else:
             builder = partial(build_tawpipe, reuse=self.reuse, grad_buffers=self.grad_buffers,
-                              replicate_first_chunk=self.replicate_first_chunk)
+                              replicate_first_chunk=self.replicate_first_chunk, exchange=exchange)
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
@@ -162,33 +169,29 @@ class Pipeline:
                 validate(with_user_barriers(schedule))
         return schedule
 
-    # -- chunk 0's mirrors (replicate_first_chunk) -------------------------------------------------------------------
+    # -- mirrored chunks (replicate_first_chunk) -----------------------------------------------------------------
+    @property
+    def mirror(self) -> OwnedShard | None:
+        """This rank's mirror of chunk 0, if it holds one."""
+        return self.mirrors.get(0)
+
+    def held_chunks(self) -> list[int]:
+        """The mirrored chunks this rank holds (as owner or mirror)."""
+        return [c for c, holders in enumerate(self.holders) if self.rank in holders]
+
     def first_chunk_shard(self) -> OwnedShard | None:
         """This rank's copy of chunk 0 if it is one of its holders (the owner's shard or a mirror), else None."""
         if self.rank not in self.first_chunk_holders:
             return None
-        return self.mirror if self.mirror is not None else self.shard
+        return self.mirrors.get(0, self.shard)
 
-    def sync_first_chunk_mirrors(self) -> None:
-        """Copy chunk 0's master weights from its owner to its mirrors (after init, loads and anything that set
-        them); a collective over the holders, a no-op elsewhere."""
-        shard = self.first_chunk_shard()
-        if shard is not None:
-            # the holders are chunk 0's owner and the ranks of its local index on the other nodes: one rail
-            dist.broadcast(shard.weights, src=self.comm.base + self.owners[0], group=self.comm.lanes["grads"].rail_group)
-
-    def _sum_first_chunk_gradient(self) -> None:
-        """The holders add up their nodes' chunk-0 gradients, so each steps on the full sum. An all-reduce gives
-        every member the same result (what keeps DDP's replicas equal), so owner and mirrors stay identical. It runs in
-        the compute dtype, the precision every other gradient crosses nodes in (under bf16-mixed, half the bytes)."""
-        shard = self.first_chunk_shard()
-        if shard is None or self.layout.n_trainable[0] == 0:
-            return
-        acc, traffic = shard.grad_acc, self.engine.compute_dtype
-        summed = acc if acc.dtype == traffic else acc.to(traffic)
-        self.comm.all_reduce_rail(summed)
-        if summed is not acc:
-            acc.copy_(summed)
+    def sync_mirrors(self) -> None:
+        """Copy each mirrored chunk's master weights from its owner to its mirrors (after init, loads and anything
+        that set them); a collective over each chunk's holders (the ranks of its owner's local index: one rail),
+        chunk by chunk in order, a no-op elsewhere."""
+        for c in self.held_chunks():
+            shard = self.mirrors.get(c, self.shard)
+            dist.broadcast(shard.weights, src=self.comm.base + self.owners[c], group=self.comm.lanes["grads"].rail_group)
 
     def _materialize_owned_chunk(self, root: nn.Module, device: torch.device) -> torch.Tensor:
         """Meta-device model: initialize only this rank's chunk (name-seeded, see ``lightning_tawpipe.init``).
@@ -307,9 +310,9 @@ class Pipeline:
                if self.schedule_name == "tawpipe" else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
-        if self.first_chunk_holders:
-            lines.append(f"  chunk 0 replicated on ranks {list(self.first_chunk_holders)} (replicate_first_chunk: "
-                         "gradients all-reduced between them once per optimizer step)")
+        for c, holders in enumerate(self.holders):
+            lines.append(f"  chunk {c} replicated on ranks {list(holders)} (replicate_first_chunk: gradients "
+                         "all-reduced between them once per optimizer step)")
         for c, units in enumerate(self.chunk_units):
             owner = self.owners[c]
             parts = _compress_block_labels([self.units[u].label for u in units])
@@ -324,10 +327,12 @@ class Pipeline:
     def finalize_gradients(self) -> None:
         """After the last backward of an optimizer step: owners expose the averaged gradient, replicas all-reduce."""
         world = self.topo.world_size  # this replica's ranks: replicas combine their models in the outer loop
-        self._sum_first_chunk_gradient()
+        # the holders sum what the iteration did not (an iteration that ended the step sums inside its program)
+        self.engine.sum_mirrored_gradients([c for c in self.held_chunks() if c not in self.engine.exchanged])
+        self.engine.exchanged.clear()
         self.shard.attach_grads(1.0 / world)
-        if self.mirror is not None:
-            self.mirror.attach_grads(1.0 / world)
+        for mirror in self.mirrors.values():
+            mirror.attach_grads(1.0 / world)
         for p in self.replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -340,25 +345,28 @@ class Pipeline:
         start from zero instead, because its owner carries the sum every holder has; otherwise the holders' next sum
         would count it once per holder."""
         self.shard.grad_acc.mul_(self.topo.world_size)
-        if self.mirror is not None:
-            self.mirror.zero_grad()
+        for mirror in self.mirrors.values():
+            mirror.zero_grad()
 
     def zero_grad(self) -> None:
         self.shard.zero_grad()
-        if self.mirror is not None:
-            self.mirror.zero_grad()
+        for mirror in self.mirrors.values():
+            mirror.zero_grad()
 
     @property
     def masters(self) -> dict[nn.Parameter, nn.Parameter]:
-        """Module parameter -> the master this rank steps for it: its shard's, and chunk 0's mirror's."""
-        return {**self.shard.params, **(self.mirror.params if self.mirror is not None else {})}
+        """Module parameter -> the master this rank steps for it: its shard's, and its mirrors'."""
+        masters = dict(self.shard.params)
+        for mirror in self.mirrors.values():
+            masters.update(mirror.params)
+        return masters
 
     def master_names(self, with_mirror: bool = True) -> dict[nn.Parameter, str]:
-        """Master parameter -> name. ``with_mirror=False`` leaves out chunk 0's mirror: what a checkpoint saves from
-        this rank (the owner saves chunk 0; its mirrors read it back on load)."""
+        """Master parameter -> name. ``with_mirror=False`` leaves out the mirrors: what a checkpoint saves from this
+        rank (an owner saves its chunk; the mirrors read it back on load)."""
         names = self.shard.names()
-        if with_mirror and self.mirror is not None:
-            names.update(self.mirror.names())
+        for mirror in self.mirrors.values() if with_mirror else ():
+            names.update(mirror.names())
         return names
 
     def optimizer_params(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -378,8 +386,8 @@ class Pipeline:
     def model_state_bytes(self, optimizer_state: dict | None = None) -> int:
         """Bytes of model state this rank holds: its shard (+ optimizer state) and any replicated parameters."""
         replicated = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in self.replicated)
-        mirror = self.mirror.state_bytes(optimizer_state) if self.mirror is not None else 0
-        return self.shard.state_bytes(optimizer_state) + mirror + replicated
+        mirrors = sum(m.state_bytes(optimizer_state) for m in self.mirrors.values())
+        return self.shard.state_bytes(optimizer_state) + mirrors + replicated
 
     def full_state_dict(self, root: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
         """``root.state_dict()`` with every chunk parameter filled in, on rank ``dst`` (other ranks get ``{}``).
@@ -411,23 +419,20 @@ class Pipeline:
     def local_state_dict(self, root: nn.Module, with_mirror: bool = False) -> dict[str, torch.Tensor]:
         """What this rank contributes to a sharded checkpoint: its chunk's masters (in each parameter's own dtype),
         plus everything outside the chunks (replicated parameters, persistent buffers), which every rank holds.
-        ``with_mirror``: chunk 0's too on its mirrors (what they read on load; the owner alone saves it)."""
+        ``with_mirror``: the mirrored chunks too (what the mirrors read on load; the owner alone saves a chunk)."""
         in_chunks = {e.name for entries in self.layout.entries for e in entries}
         state = {k: v for k, v in root.state_dict().items() if k not in in_chunks}
-        for shard in (self.shard, self.mirror if with_mirror else None):
-            if shard is None:
-                continue
+        for shard in (self.shard, *(self.mirrors.values() if with_mirror else ())):
             for e, view in zip(self.layout.entries[shard.chunk], self.layout.views(shard.chunk, shard.weights)):
                 state[e.name] = view.to(e.dtype)
         return state
 
     def load_state_dict(self, root: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Take this rank's chunk (and chunk 0 on its mirrors) and everything outside the chunks from a (full or this
+        """Take this rank's chunk (and the chunks it mirrors) and everything outside the chunks from a (full or this
         rank's) state dict."""
-        for shard in (self.shard, self.mirror):
-            if shard is not None:
-                self._load_chunk(shard, state)
-        self.sync_first_chunk_mirrors()  # a mirror must match the owner bit for bit, whatever the state held
+        for shard in (self.shard, *self.mirrors.values()):
+            self._load_chunk(shard, state)
+        self.sync_mirrors()  # a mirror must match the owner bit for bit, whatever the state held
         in_chunks = {e.name for es in self.layout.entries for e in es}
         rest = {k: v for k, v in state.items() if k not in in_chunks}
         own = {k: v for k, v in root.state_dict().items() if k not in in_chunks}

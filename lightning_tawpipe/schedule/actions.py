@@ -29,6 +29,8 @@ String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-b
     QG3<5@q0       receive chunk 3's gradient sum from rank 5 into q0
     AG3@q0         owner adds the gradient in q0 into its accumulator for chunk 3
     GA3@q0+g1      add the local gradient g1 into q0 (a ring accumulator picking up this rank's share)
+    XG1@acc1       a holder of mirrored chunk 1 sums its accumulator with the other holders' (an all-reduce on the
+                   holders' rail; only in an iteration that ends an optimizer step, see ``schedule/tawpipe.py``)
     BAR            stand-in for a collective the user's code may issue (validation only)
 """
 
@@ -52,13 +54,14 @@ class Op(str, Enum):
     RECV_G = "QG"
     ACC_G = "AG"
     ADD_G = "GA"
+    EXCHANGE_G = "XG"
     BARRIER = "BAR"
 
 
 COMPUTE_OPS = frozenset({Op.FORWARD, Op.BACKWARD})
-ASYNC_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.REDUCE_G, Op.SEND_G, Op.RECV_G})
+ASYNC_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.EXCHANGE_G})
 P2P_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G})
-COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G})
+COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G, Op.EXCHANGE_G})
 WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W})
 
 
@@ -70,6 +73,8 @@ def channel(action: Action) -> tuple:
     lane = "weights" if op in WEIGHT_OPS else "grads"
     if op in P2P_OPS:
         return (lane, "send" if op is Op.SEND_W or op is Op.SEND_G else "recv", action.peer)
+    if op is Op.EXCHANGE_G:  # the holders' rail: every holder issues its exchanges in one (backward) order
+        return (lane, "rail")
     return (lane, "node")
 
 
@@ -141,6 +146,8 @@ class Action:
             return {b}, {b}
         if op is Op.ACC_G:
             return {b}, {f"acc{self.chunk}"}
+        if op is Op.EXCHANGE_G:
+            return {b}, {b}
         if op is Op.ADD_G:
             return {b, b2}, {b}
         return set(), set()
@@ -176,7 +183,7 @@ class ActionPool:
 
 
 _ACTION_RE = re.compile(
-    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|F|B|X)"
+    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|XG|F|B|X)"
     r"(?:(?P<chunk>\d+)(?:\.(?P<mb>\d+))?(?:[<>^](?P<peer>\d+))?@(?P<buf>\w+)(?:[>+](?P<buf2>\w+))?)?$"
 )
 

@@ -56,8 +56,12 @@ class Schedule:
     n_grad_buffers: int
     n_recv_buffers: int
     reuse: int = 1  # chunks kept resident across each forward/backward turn (TawPipe's ``residency``)
-    # ranks other than chunk 0's owner that hold a replica of it (``replicate_first_chunk``): one per other node
-    first_chunk_mirrors: tuple[int, ...] = ()
+    # ``mirrors[c]``: the ranks other than chunk ``c``'s owner that hold a replica of it, one per other node, for
+    # each of the first ``len(mirrors)`` chunks (``replicate_first_chunk``)
+    mirrors: tuple[tuple[int, ...], ...] = ()
+    # whether the programs sum the mirrored chunks' gradients between their holders (``XG``): an iteration that ends
+    # an optimizer step; otherwise the strategy does it once per step, after the last iteration
+    exchanges: bool = False
 
     @property
     def n_chunks(self) -> int:
@@ -68,8 +72,8 @@ class Schedule:
 
     def holders(self, chunk: int) -> tuple[int, ...]:
         """The ranks that keep ``chunk``'s weights and accumulate its gradients: its owner, and its mirrors."""
-        if chunk == 0 and self.first_chunk_mirrors:
-            return (self.owners[0],) + self.first_chunk_mirrors
+        if chunk < len(self.mirrors):
+            return (self.owners[chunk],) + self.mirrors[chunk]
         return (self.owners[chunk],)
 
     def compute_steps(self, rank: int) -> list[Action]:

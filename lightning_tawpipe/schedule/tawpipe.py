@@ -32,9 +32,16 @@ weights the first the next one needs, so on every node that does not own it a fu
 (``lightning_tawpipe/plan/floor.py``). With the knob, the rank of chunk 0's local index on every other node keeps a
 *mirror* of chunk 0 (weights, gradient accumulator, optimizer state): each node serves chunk 0 from its own holder
 and accumulates its gradient there, exactly like an owner. The holders then sum their accumulators with one
-all-reduce per optimizer step (``Pipeline.finalize_gradients``, not in the program: with gradient accumulation over
-several iterations the sum must happen once) and step identically. That costs one one-way exchange instead of a
-round trip, and chunk 0 no longer crosses nodes in the forward.
+all-reduce per optimizer step and step identically. That costs one one-way exchange instead of a round trip, and
+chunk 0 no longer crosses nodes in the forward. ``replicate_first_chunk=k`` mirrors the first ``k`` chunks: over a
+slow link the next chunk's round trip (gradient out after ``B1``, new weights back before ``F1``, with only ``B0``
+and ``F0`` to hide it) is what binds once chunk 0's is gone.
+
+The sum must happen once per optimizer step, after its last iteration, whatever the gradient accumulation. In an
+iteration that the strategy knows ends an optimizer step (``exchange=True``) it is in the program: each holder adds
+its node's last gradient of a mirrored chunk right behind the reduce (waiting for it instead of computing on) and
+posts the exchange (``XG``) at once, so chunk 1's overlaps ``B0``. Otherwise the strategy sums after the iteration
+(``Pipeline.finalize_gradients``).
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ def build_tawpipe(
     grad_buffers: int | None = None,
     recv_buffers: int | None = None,
     reuse: int | None = None,
-    replicate_first_chunk: bool = False,
+    replicate_first_chunk: bool | int = False,
+    exchange: bool = False,
 ) -> Schedule:
     """Programs for every rank of one TawPipe iteration (``topo.world_size`` chunks, one per rank).
 
@@ -102,20 +110,38 @@ def build_tawpipe(
     ``reuse`` (default: ``prefetch``) is how many chunks stay resident across each forward/backward turn instead of
     being fetched again (:func:`residency`); 1 is the paper's schedule, which keeps only the turnaround chunk.
     ``grad_buffers`` defaults by the node count (:func:`default_grad_buffers`). ``replicate_first_chunk`` gives every
-    other node a mirror of chunk 0 (see the module doc; nothing changes on one node).
+    other node a mirror of chunk 0 (``True``) or of the first ``k`` chunks (an int), and ``exchange`` sums their
+    gradients between the holders inside the program (see the module doc; nothing changes on one node).
     """
     with gc_paused():
-        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse, replicate_first_chunk)
+        return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse,
+                      mirrored_chunk_count(replicate_first_chunk, topo.world_size), exchange)
 
 
-def first_chunk_mirrors(topo: Topology) -> tuple[int, ...]:
-    """The ranks that mirror chunk 0: on every node but its owner's, the rank with the owner's local index."""
-    owner = tawpipe_owner(0, topo)
-    return tuple(topo.rank(n, topo.local_index(owner)) for n in range(topo.n_groups) if n != topo.group_of(owner))
+def mirrored_chunk_count(replicate_first_chunk: bool | int, n_chunks: int) -> int:
+    """How many leading chunks ``replicate_first_chunk`` mirrors: ``False``/``True`` mean 0/1, an int ``k`` the first
+    ``k`` (at most every chunk)."""
+    if isinstance(replicate_first_chunk, bool):
+        return int(replicate_first_chunk)
+    if not isinstance(replicate_first_chunk, int) or not 0 <= replicate_first_chunk <= n_chunks:
+        raise ValueError(f"replicate_first_chunk must be True, False or a number of leading chunks from 0 to "
+                         f"{n_chunks} (one chunk per rank), got {replicate_first_chunk!r}.")
+    return replicate_first_chunk
 
 
-def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse,
-           replicate_first_chunk) -> Schedule:
+def chunk_mirrors(topo: Topology, n_mirrored: int) -> tuple[tuple[int, ...], ...]:
+    """For each of the first ``n_mirrored`` chunks, the ranks that mirror it: on every node but its owner's, the
+    rank with the owner's local index (so its holders are one rail, and the exchange between them stays on it)."""
+    out = []
+    for c in range(n_mirrored):
+        owner = tawpipe_owner(c, topo)
+        out.append(tuple(topo.rank(n, topo.local_index(owner)) for n in range(topo.n_groups)
+                         if n != topo.group_of(owner)))
+    return tuple(out)
+
+
+def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse, n_mirrored,
+           exchange) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
     grad_buffers = default_grad_buffers(topo, grad_buffers)
     if prefetch < 1:
@@ -127,7 +153,9 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                          f"into another buffer) and recv_buffers >= 1, got {grad_buffers} and {recv_buffers}.")
     n_chunks, n_slots, G = topo.world_size, prefetch + 1, topo.group_size
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
-    mirrors = first_chunk_mirrors(topo) if replicate_first_chunk else ()
+    mirrors = chunk_mirrors(topo, n_mirrored) if topo.n_groups > 1 else ()
+    n_mirrored = len(mirrors)
+    exchange = exchange and train and n_mirrored > 0
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
     reuse = default_reuse(prefetch, reuse)
@@ -146,8 +174,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
             slot = slots[i]
             issue = load.issue
             owner = owners[load.chunk]
-            # the owner, or chunk 0's mirror, copies it from its own storage (topo.same_group, inlined: hot)
-            if owner // G == node or (mirrors and load.chunk == 0):
+            # the owner, or the chunk's mirror, copies it from its own storage (topo.same_group, inlined: hot)
+            if owner // G == node or load.chunk < n_mirrored:
                 root, bcast_point = node * G + owner % G, issue
                 group.add(root, issue, action(Op.COPY_W, load.chunk, buf=slot))
             else:
@@ -162,7 +190,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                 group.shared(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
             group.shared(load.last).append(releases[i])
         if train:
-            _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action, bool(mirrors))
+            _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action, n_mirrored, exchange,
+                             n_microbatches - 1)
 
     programs: dict[int, tuple[Action, ...]] = {}
     for node, group in enumerate(groups):
@@ -182,7 +211,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         n_grad_buffers=grad_buffers,
         n_recv_buffers=recv_buffers,
         reuse=reuse,
-        first_chunk_mirrors=mirrors,
+        mirrors=mirrors,
+        exchanges=exchange,
     )
 
 
@@ -193,9 +223,10 @@ def _compute_action(step, slot: str, n_backward_before: int, grad_buffers: int) 
 
 
 def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
-                     action: ActionPool, mirrored_first: bool) -> None:
+                     action: ActionPool, n_mirrored: int, exchange: bool, last_mb: int) -> None:
     """Reduce each backward step's gradients in the node, then add them at (or send them to) the owner; a chunk held
-    in the node (its owner's, or chunk 0's mirror) is added right there."""
+    in the node (its owner's, or a mirror) is added right there. With ``exchange`` a holder adds a mirrored chunk's
+    last gradient right behind its reduce and posts the holders' exchange of it."""
     last = len(steps) - 1
     G = topo.group_size
     gbufs = [f"g{i}" for i in range(grad_buffers)]
@@ -210,7 +241,10 @@ def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arri
         if G > 1:
             group.shared(j).append(action(Op.REDUCE_G, step.chunk, peer=root, buf=gbuf))
         later = min(j + 1, last)  # one compute later, so the reduce overlaps the next backward
-        if root == owner or (mirrored_first and step.chunk == 0):
+        if step.chunk < n_mirrored and exchange and step.mb == last_mb:
+            group.add(root, j, action(Op.ACC_G, step.chunk, buf=gbuf))
+            group.add(root, j, action(Op.EXCHANGE_G, step.chunk, buf=f"acc{step.chunk}"))
+        elif root == owner or step.chunk < n_mirrored:
             group.add(root, later, action(Op.ACC_G, step.chunk, buf=gbuf))
         else:
             # right behind its reduce: the engine defers a send whose reduce is still running and posts it as soon

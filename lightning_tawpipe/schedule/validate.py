@@ -9,7 +9,8 @@ buffer holds, so it checks more than "no deadlock":
 * a slot is never overwritten while it holds a chunk that was not released, and all are released at the end;
 * P2P pairs and collectives agree on chunk, root and kind;
 * every owner's accumulator ends with exactly one gradient contribution from every (rank, micro-batch) (a mirrored
-  chunk 0: its holders' accumulators together, each contribution in exactly one);
+  chunk: its holders' accumulators together, each contribution in exactly one; after the holders' exchange ``XG``,
+  every holder's, and none added after it; the holders of a rail exchange the same chunk at each turn);
 * nothing is left unmatched, and no rank is stuck (a deadlock is reported with each rank's blocked action).
 
 ``with_user_barriers`` adds a world-wide collective at every micro-batch's loss and end, modelling user code that
@@ -75,7 +76,7 @@ def validate(schedule: Schedule) -> None:
 # -- the decoded form of an action ------------------------------------------------------------------------------------
 
 # kinds, in the order the simulator tests them (the P2P ones consecutive: `kind <= _QG` once the others are out)
-_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _CW, _AG, _GA, _BAR, _UNKNOWN = range(14)
+_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _CW, _AG, _GA, _BAR, _XG, _UNKNOWN = range(15)
 # op -> (kind, lane, posted op reads its buffer): lane "W" = 1 > "G" = 0 keeps the key order of (src, dst, lane);
 # a P2P send reads its buffer, a receive writes it; a broadcast's root reads it, other members write it
 _KIND = {
@@ -83,7 +84,7 @@ _KIND = {
     Op.REDUCE_G.value: (_RG, 0, 1), Op.BACKWARD.value: (_B, -1, 0), Op.SEND_W.value: (_SW, 1, 1),
     Op.RECV_W.value: (_RW, 1, 0), Op.SEND_G.value: (_SG, 0, 1), Op.RECV_G.value: (_QG, 0, 0),
     Op.COPY_W.value: (_CW, -1, 0), Op.ACC_G.value: (_AG, -1, 0), Op.ADD_G.value: (_GA, -1, 0),
-    Op.BARRIER.value: (_BAR, -1, 0),
+    Op.BARRIER.value: (_BAR, -1, 0), Op.EXCHANGE_G.value: (_XG, -1, 0),
 }
 
 _BUFFER_IDS: dict[str, int] = {"own": 0, "": 1}  # every buffer name seen -> a small int (stable for the process)
@@ -164,6 +165,8 @@ class _Simulator:
             self.buffers[owner][0] = _weights(c)
         self.acc: list[dict[int, int]] = [{} for _ in range(P)]  # [owner][chunk] -> contributions added
         self.twice: list[dict[int, int]] = [{} for _ in range(P)]  # [owner][chunk] -> contributions added again
+        self.exchanged: list[set[int]] = [set() for _ in range(P)]  # [holder] -> mirrored chunks summed (XG)
+        self.exchanges: dict[int, deque] = {}  # holder -> its posted, unmatched exchanges (in order)
         self.barriers = [0] * P  # barriers passed
         self.arrived = [0] * P  # barriers reached (passed, or waiting at the next one)
         self.reached: dict[int, int] = {}  # barrier k -> ranks that reached it
@@ -322,6 +325,8 @@ class _Simulator:
         for key, queues in enumerate(self.collectives):
             for local, q in enumerate(queues):
                 yield from (((key >> 1) * G + local, a) for a in q)
+        for rank, q in self.exchanges.items():
+            yield from ((rank, a) for a in q)
 
     def _wake(self, rank: int) -> None:
         if not self.queued[rank]:
@@ -365,8 +370,41 @@ class _Simulator:
         elif kind == _GA:  # reads both, writes the first
             if busy[b] or busy[b2] >= W:
                 return False
+        elif kind == _XG:  # posted: writes the accumulator until every holder of the rail has posted
+            if busy[b]:
+                return False
+            if rank not in self.s.holders(a.chunk) or len(self.s.holders(a.chunk)) < 2:
+                self._fail(rank, a, "exchanges a chunk it does not hold with other holders")
+            busy[b] += W
+            self.exchanges.setdefault(rank, deque()).append(a)
+            self._match_exchanges(self.topo.local_index(rank))
+            return True
         self._execute_local(rank, a, c)
         return True
+
+    def _match_exchanges(self, local: int) -> None:
+        """Complete the exchanges every rank of the rail (every node's rank of this local index) has posted, in
+        order: each must be of the same chunk (gloo matches a group's collectives by their order), and after it each
+        holder's accumulator has every holder's contributions, each once."""
+        rail = [self.topo.rank(n, local) for n in range(self.topo.n_groups)]
+        queues = [self.exchanges.get(r) for r in rail]
+        while all(queues):
+            ops = [q.popleft() for q in queues]
+            chunk = ops[0].chunk
+            for r, a in zip(rail, ops):
+                if a.chunk != chunk:
+                    self._fail(r, a, f"exchange mismatch on the rail: rank {rail[0]} exchanges chunk {chunk}")
+            union = 0
+            for r in rail:
+                part = self.acc[r].get(chunk, 0)
+                if union & part:
+                    self.twice[r][chunk] = self.twice[r].get(chunk, 0) | (union & part)
+                union |= part
+            for r, a in zip(rail, ops):
+                self.acc[r][chunk] = union
+                self.exchanged[r].add(chunk)
+                self.busy[r][a._sim[1]] -= self.W
+                self._wake(r)
 
     # -- local semantics ------------------------------------------------------------------------------------------
     def _fail(self, rank: int, action: Action, why: str) -> None:
@@ -384,6 +422,8 @@ class _Simulator:
                 self._fail(rank, a, "accumulates a chunk it does not own")
             if not content or content[0] != "G" or content[1] != a.chunk:
                 self._fail(rank, a, f"accumulates {_show(content, P)}, not chunk {a.chunk}'s gradient")
+            if a.chunk in self.exchanged[rank]:
+                self._fail(rank, a, "adds a gradient after the holders exchanged it (the others would miss it)")
             acc, twice = self.acc[rank], self.twice[rank]
             have = acc.get(a.chunk, 0)
             if have & content[2]:
@@ -510,7 +550,11 @@ class _Simulator:
             # a mirrored chunk's holders each accumulate their node's part; the all-reduce after the iteration sums
             # them, so together they must hold every contribution once
             got = twice = 0
-            for holder in self.s.holders(c):
+            holders = self.s.holders(c)
+            if all(c in self.exchanged[h] for h in holders):  # summed in the program: each holder has everything
+                bad = [h for h in holders if self.acc[h].get(c, 0) != expected or self.twice[h].get(c, 0)]
+                holders = bad[:1] or holders[:1]
+            for holder in holders:
                 part = self.acc[holder].get(c, 0)
                 twice |= self.twice[holder].get(c, 0) | (got & part)
                 got |= part
