@@ -202,7 +202,7 @@ def make_strategy(
                                activation_checkpointing=activation_checkpointing, partition=partition,
                                reuse=reuse if name == "tawpipe" else None,
                                grad_buffers=grad_buffers if name == "tawpipe" else None,
-                               replicate_first_chunk=replicate_first_chunk and name == "tawpipe")
+                               replicate_first_chunk=replicate_first_chunk if name == "tawpipe" else False)
     if name == "ddp":
         return "ddp"
     if name == "compute":

@@ -145,3 +145,8 @@ def test_a_variant_runs_the_tawpipe_worker_with_its_knobs_after_the_shared_ones(
     assert all(name.startswith("tawpipe-") for name in VARIANTS)
     assert worker_args("ddp", a, 512, "out.json")[:2] == ["--strategy", "ddp"]
     assert worker_args("tawpipe-rep0", a, 512, "out.json")[-1] == "--replicate_first_chunk"  # a switch: bare flag
+    assert worker_args("tawpipe-rep01", a, 512, "out.json")[-2:] == ["--replicate_first_chunk", "2"]
+    from benchmarks.baselines import make_strategy  # and the worker's strategy keeps the count (not a bool)
+
+    assert make_strategy("tawpipe", (2, 2), replicate_first_chunk=2).replicate_first_chunk == 2
+    assert make_strategy("weipipe", (2, 2), replicate_first_chunk=2).replicate_first_chunk is False

@@ -129,6 +129,7 @@ class Engine:
         activation_checkpointing: bool = False,
         mirrors: dict[int, OwnedShard] | None = None,
         watch_inputs: bool = False,
+        mirrored_chunks: bool = False,
     ) -> None:
         self.comm, self.layout = comm, layout
         # every chunk this rank holds: the one it owns, and those it mirrors (``replicate_first_chunk``)
@@ -139,6 +140,7 @@ class Engine:
         # mirrored chunks whose gradients the holders summed (XG) since the strategy last asked, and the exchanges of
         # this iteration still to finish: (accumulator, the tensor on the wire when the traffic dtype differs)
         self.exchanged: set[int] = set()
+        self.mirrored_chunks = mirrored_chunks  # the topology mirrors chunks (this rank may hold none of them)
         self._exchanges: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.compute_dtype, self.device = compute_dtype, device
         # what a holder serves its chunks from: the masters themselves, or copies in the compute (traffic) dtype
@@ -186,7 +188,7 @@ class Engine:
         if self._program is not None:
             raise RuntimeError("A TawPipe iteration is already running; each step must finish before the next.")
         self._raise_helper_error()
-        schedule = self.schedule(train, n_microbatches, exchange=ends_step and train)
+        schedule = self.schedule(train, n_microbatches, exchange=ends_step and train and self.mirrored_chunks)
         self._ensure_buffers(schedule)
         for chunk, own in self._own.items():
             if own is not self.shards[chunk].weights:  # the optimizer stepped the masters since the last iteration

@@ -118,7 +118,7 @@ class Pipeline:
         self._validate = validate_schedules
         self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, param_dtype, device,
                              activation_checkpointing=activation_checkpointing, mirrors=self.mirrors,
-                             watch_inputs=device.type == "cpu")
+                             watch_inputs=device.type == "cpu", mirrored_chunks=bool(self.holders))
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
 
     def _check_same_model_everywhere(self) -> None:
