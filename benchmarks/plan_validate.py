@@ -40,7 +40,8 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "sleep-blocks/3x2-gb3", "sleep-blocks/2x2-rep0", "sleep-blocks/3x2-rep0",
            "sleep-blocks/2x2-deferred", "sleep-blocks/2x2-relay", "sleep-blocks/2x2-relay-2gbit",
            "sleep-blocks/3x2-relay", "sleep-blocks/2x2-before-watch", "sleep-blocks/2x2-watch",
-           "sleep-blocks/3x2-before-watch", "sleep-blocks/3x2-watch", "sleep-blocks/2x2-light0")
+           "sleep-blocks/3x2-before-watch", "sleep-blocks/3x2-watch", "sleep-blocks/2x2-light0",
+           "sleep-blocks/2x2-rep01", "sleep-blocks/2x2-rep01-2gbit", "sleep-blocks/3x2-rep01")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
 # speed.py's opt-in TawPipe variants (tawpipe-<name>): predicted at every TawPipe point from the same knobs the
@@ -98,6 +99,21 @@ def validate_dir(name: str) -> list[dict]:
             if strategy == "tawpipe":
                 rows[-1]["floors"] = floors(runs, pred.step_time, cluster, w, compute, cores, sleeping)
                 rows[-1]["variants"] = variants(runs, cluster, w, compute, args["prefetch"])
+        ran = [n for n in VARIANT_KNOBS if f"tawpipe-{n}" in runs]
+        for n in ran:  # a variant run is a prediction to check too
+            run = runs[f"tawpipe-{n}"]
+            grad_buffers = run.get("config", {}).get("grad_buffers", 2) or None
+            pred = weightpipe.predict("tawpipe", cluster, w, compute, **{
+                "prefetch": args["prefetch"], "grad_buffers": grad_buffers, **VARIANT_KNOBS[n]})
+            rows.append({"set": name, "rate": rate, "seq": seq, "strategy": f"tawpipe-{n}",
+                         "measured_s": run["step_time_median"], "predicted_s": pred.step_time,
+                         "error": pred.step_time / run["step_time_median"] - 1.0,
+                         "measured_link_mb": run.get("link_tx_bytes_per_step", 0.0) / 1e6,
+                         "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
+        if ran and "tawpipe" not in runs:  # the variants table shows the point without its default
+            rows[-1]["variants"] = variants(runs, cluster, w, compute, args["prefetch"])
+            rows[-1]["floors"] = {"cores": "sleep" if sleeping else "shared" if cluster.world_size > cores else "own",
+                                  "predicted": None, "measured": None}
     return rows
 
 
@@ -189,7 +205,7 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r.get("floors")
-        if not f:
+        if not f or f["measured"] is None:
             continue
         cpu = f"{f['cpu']:.2f}" if f["cpu"] is not None else "n/a"
         ratio = f"{f['comm_over_compute']:.2f}" if f["comm_over_compute"] else "-"
@@ -201,7 +217,9 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
               "with the measurement where the set ran the variant: `r1` reuse 1 (the paper's schedule), `p3` "
               "prefetch 3, `light0` the partition [2, 2, 3, 3] (a lighter chunk 0, 4 ranks only), `gb3` a third "
               "gradient buffer, `gb3-light0-p1` both with prefetch 1, `rep0` chunk 0 mirrored on every node "
-              "(`replicate_first_chunk`) (`benchmarks/speed.py` `VARIANTS`). "
+              "(`replicate_first_chunk`), `rep0-gb3` with a third gradient buffer, `rep01` chunks 0 and 1 mirrored "
+              "(`replicate_first_chunk=2`) (`benchmarks/speed.py` `VARIANTS`); default *n/a*: the set did not "
+              "run it. "
               "Cores *sleep*: the blocks slept instead of computing (`--sleep_blocks`), so compute took no core.", "",
               "| set | rate | S | cores | default | " + " | ".join(names) + " |",
               "|---|---|---|---|---|" + "---|" * len(names)]
