@@ -288,23 +288,21 @@ class _Sim:
                 self._matched(now, self._p2p_transfer(send, recv, key))
             else:
                 mine.setdefault(key, deque()).append(p)
-        elif a.op is Op.EXCHANGE_G:
-            key = ("rail", self.topo.local_index(r))
-            queues = self.coll.get(key)
-            if queues is None:
-                queues = self.coll[key] = [deque() for _ in range(self.topo.n_groups)]
-            queues[self.topo.group_of(r)].append(p)
-            if all(queues):
-                self._matched(now, self._exchange([q.popleft() for q in queues], key))
-        else:
-            node = self.topo.group_of(r)
-            key = (node, lane)
-            queues = self.coll.get(key)
-            if queues is None:
-                queues = self.coll[key] = [deque() for _ in range(self.topo.group_size)]
-            queues[self.topo.local_index(r)].append(p)
-            if all(queues):
-                self._matched(now, self._collective([q.popleft() for q in queues], key))
+        elif a.op is Op.EXCHANGE_G:  # the holders of a rail, one per node
+            self._gather(now, ("rail", self.topo.local_index(r)), self.topo.n_groups, self.topo.group_of(r), p,
+                         self._exchange)
+        else:  # the ranks of a node
+            self._gather(now, (self.topo.group_of(r), lane), self.topo.group_size, self.topo.local_index(r), p,
+                         self._collective)
+
+    def _gather(self, now: float, key: tuple, n_members: int, member: int, p: _Posted, make) -> None:
+        """Queue ``p`` as member ``member`` of collective ``key``; start it once every member has posted it."""
+        queues = self.coll.get(key)
+        if queues is None:
+            queues = self.coll[key] = [deque() for _ in range(n_members)]
+        queues[member].append(p)
+        if all(queues):
+            self._matched(now, make([q.popleft() for q in queues], key))
 
     def _bytes(self, a: Action) -> float:
         return (self.costs.weight_bytes if a.op in _WEIGHT_LANE else self.costs.grad_bytes)[a.chunk]
