@@ -94,7 +94,7 @@ def engine_running(program: list[Action], comm: ScriptedComm | None = None,
                         prefetch=2, train=True, programs=(tuple(program),) * 4, n_slots=3, n_grad_buffers=2,
                         n_recv_buffers=1)
     shard = SimpleNamespace(chunk=0, weights=torch.zeros(NUMEL), grad_acc=torch.zeros(NUMEL))
-    engine = Engine(comm, NoModelLayout(), shard, lambda train, n: schedule, torch.float32, torch.device("cpu"),
+    engine = Engine(comm, NoModelLayout(), shard, lambda train, n, exchange: schedule, torch.float32, torch.device("cpu"),
                     watch_inputs=watch_inputs)
     engine.begin(train=True, n_microbatches=1)
     return engine, comm

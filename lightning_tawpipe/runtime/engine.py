@@ -123,7 +123,7 @@ class Engine:
         comm: Comm,
         layout: ChunkLayout,
         shard: OwnedShard,
-        build_schedule: Callable[[bool, int], Schedule],
+        build_schedule: Callable[[bool, int, bool], Schedule],
         compute_dtype: torch.dtype,
         device: torch.device,
         activation_checkpointing: bool = False,
@@ -169,8 +169,7 @@ class Engine:
     def schedule(self, train: bool, n_microbatches: int, exchange: bool = False) -> Schedule:
         key = (train, n_microbatches, exchange)
         if key not in self._schedules:
-            self._schedules[key] = (self._build_schedule(train, n_microbatches, exchange) if exchange
-                                    else self._build_schedule(train, n_microbatches))
+            self._schedules[key] = self._build_schedule(train, n_microbatches, exchange)
         return self._schedules[key]
 
     @property

@@ -100,11 +100,9 @@ class Pipeline:
         self.shard = OwnedShard(self.layout, self.owned_chunk, initial, master_dtype)
         if initial_state is not None:
             self._load_initial_state(root, initial_state, initial_state_strict)
-        n_mirrored = mirrored_chunk_count(replicate_first_chunk, topo.world_size) if topo.n_groups > 1 else 0
-        mirrored_chunk_count(replicate_first_chunk, topo.world_size)  # a bad count fails on one node too
+        n_mirrored = mirrored_chunk_count(replicate_first_chunk, topo.world_size)  # a bad count fails on one node too
         # the ranks that hold each mirrored chunk (its owner and mirrors, one rail) sum its gradient before every step
         self.holders = [(self.owners[c],) + m for c, m in enumerate(chunk_mirrors(topo, n_mirrored))]
-        self.first_chunk_holders = self.holders[0] if self.holders else ()
         self.mirrors: dict[int, OwnedShard] = {}  # chunk -> this rank's mirror of it
         for c, holders in enumerate(self.holders):
             if self.rank in holders[1:]:
@@ -170,20 +168,9 @@ class Pipeline:
         return schedule
 
     # -- mirrored chunks (replicate_first_chunk) -----------------------------------------------------------------
-    @property
-    def mirror(self) -> OwnedShard | None:
-        """This rank's mirror of chunk 0, if it holds one."""
-        return self.mirrors.get(0)
-
     def held_chunks(self) -> list[int]:
         """The mirrored chunks this rank holds (as owner or mirror)."""
         return [c for c, holders in enumerate(self.holders) if self.rank in holders]
-
-    def first_chunk_shard(self) -> OwnedShard | None:
-        """This rank's copy of chunk 0 if it is one of its holders (the owner's shard or a mirror), else None."""
-        if self.rank not in self.first_chunk_holders:
-            return None
-        return self.mirrors.get(0, self.shard)
 
     def sync_mirrors(self) -> None:
         """Copy each mirrored chunk's master weights from its owner to its mirrors (after init, loads and anything

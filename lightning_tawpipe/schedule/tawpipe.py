@@ -131,13 +131,13 @@ def mirrored_chunk_count(replicate_first_chunk: bool | int, n_chunks: int) -> in
 
 def chunk_mirrors(topo: Topology, n_mirrored: int) -> tuple[tuple[int, ...], ...]:
     """For each of the first ``n_mirrored`` chunks, the ranks that mirror it: on every node but its owner's, the
-    rank with the owner's local index (so its holders are one rail, and the exchange between them stays on it)."""
-    out = []
-    for c in range(n_mirrored):
-        owner = tawpipe_owner(c, topo)
-        out.append(tuple(topo.rank(n, topo.local_index(owner)) for n in range(topo.n_groups)
-                         if n != topo.group_of(owner)))
-    return tuple(out)
+    rank with the owner's local index (so its holders are one rail, and the exchange between them stays on it).
+    Empty on one node: there is nowhere to mirror."""
+    if topo.n_groups < 2:
+        return ()
+    owners = [tawpipe_owner(c, topo) for c in range(n_mirrored)]
+    return tuple(tuple(topo.rank(n, topo.local_index(o)) for n in range(topo.n_groups) if n != topo.group_of(o))
+                 for o in owners)
 
 
 def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse, n_mirrored,
@@ -153,7 +153,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                          f"into another buffer) and recv_buffers >= 1, got {grad_buffers} and {recv_buffers}.")
     n_chunks, n_slots, G = topo.world_size, prefetch + 1, topo.group_size
     owners = tuple(tawpipe_owner(c, topo) for c in range(n_chunks))
-    mirrors = chunk_mirrors(topo, n_mirrored) if topo.n_groups > 1 else ()
+    mirrors = chunk_mirrors(topo, n_mirrored)
     n_mirrored = len(mirrors)
     exchange = exchange and train and n_mirrored > 0
     steps = sample_major_steps(n_chunks, n_microbatches, train)
