@@ -25,9 +25,12 @@ How the plain loop drives the pipeline (one micro-batch per iteration):
   masters their optimizer steps. The next training forward clears the accumulators if ``optimizer.zero_grad()``
   ran (and otherwise keeps accumulating, as PyTorch does when gradients are not zeroed);
 * gradient accumulation: several forward/backward pairs before one ``optimizer.step()`` accumulate in the owners'
-  buffers. ``fabric.no_backward_sync`` is accepted and has nothing to skip: a rank keeps no gradient for weights it
-  does not own, so every backward sends its gradients to their owners (with the loss divided by the number of
-  accumulated batches, as in ``litgpt/pretrain.py``, the result equals ``ddp``'s);
+  buffers. ``fabric.no_backward_sync`` has nothing to skip: a rank keeps no gradient for weights it does not own,
+  so every backward sends its gradients to their owners (with the loss divided by the number of accumulated
+  batches, as in ``litgpt/pretrain.py``, the result equals ``ddp``'s). It does tell which iterations accumulate:
+  with mirrored chunks (``replicate_first_chunk``) any other iteration sums their gradients between the holders
+  inside its program. If it was not the last before ``optimizer.step()`` after all (a loop that accumulates without
+  ``no_backward_sync``), the owners carry the sum on and the step sums again: still exact, one exchange more;
 * several micro-batches per iteration (the pipeline overlaps their weight traffic, and ``weipipe`` interleaves them):
   ``loss = fabric.strategy.train_step(model, batch, loss_fn)``.
 
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -106,16 +109,26 @@ class _TawPipeModule(nn.Module):
 
 
 class _TawPipeBackwardSyncControl(_BackwardSyncControl):
-    """``fabric.no_backward_sync`` for TawPipe: nothing to skip, so a no-op that keeps results exact.
+    """``fabric.no_backward_sync`` for TawPipe: nothing to skip, but it marks the iterations that accumulate.
 
     Under ``ddp`` a rank can keep its local gradients and all-reduce once per optimizer step. A TawPipe rank keeps
     no gradients for the weights it does not own (that is where its memory saving comes from), so each backward
-    sends them to their owners, which accumulate them; the accumulated result is the same.
+    sends them to their owners, which accumulate them; the accumulated result is the same. What the context does
+    tell is that no optimizer step follows the iteration inside it, so mirrored chunks' gradients are not summed
+    there (Fabric calls it only with ``enabled=True``).
     """
 
+    def __init__(self, strategy: "TawPipeFabricStrategy") -> None:
+        self._strategy = strategy
+
     @override
-    def no_backward_sync(self, module: nn.Module, enabled: bool) -> AbstractContextManager:
-        return nullcontext()
+    @contextmanager
+    def no_backward_sync(self, module: nn.Module, enabled: bool):
+        previous, self._strategy._accumulating = self._strategy._accumulating, bool(enabled)
+        try:
+            yield
+        finally:
+            self._strategy._accumulating = previous
 
 
 class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
@@ -149,7 +162,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         replicate_first_chunk: keep a mirror of chunk 0 (``True``) or of the first ``k`` chunks (an int) on one rank
             of every other node, so they never cross nodes and their gradients are summed by one exchange per
             optimizer step instead of a round trip between iterations (TawPipe schedule, several nodes; default
-            False). Fabric sums after the step's last backward (``optimizer.step`` or clipping).
+            False). An iteration outside ``fabric.no_backward_sync`` sums their gradients inside its program.
     """
 
     strategy_name = "tawpipe"
@@ -186,7 +199,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
                                process_group_backend, timeout, start_method, check_finite_loss)
         check_replicate_first_chunk(replicate_first_chunk, schedule, n_replicas=1)
         self.replicate_first_chunk = replicate_first_chunk
-        self._backward_sync_control = _TawPipeBackwardSyncControl()
+        self._backward_sync_control = _TawPipeBackwardSyncControl(self)
+        self._accumulating = False  # inside fabric.no_backward_sync: no optimizer step follows this iteration
         self.pipeline: Optional[Pipeline] = None
         self._module: Optional[nn.Module] = None
         self._name_of: dict[nn.Parameter, str] = {}
@@ -354,7 +368,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
                     health.check_step_inputs(self._iteration, inputs[0].shape[0], self.root_device)
                 self._start_accumulating()
                 self.pipeline.comm.stats.reset()
-                engine.begin(train=True, n_microbatches=1)
+                engine.begin(train=True, n_microbatches=1, ends_step=not self._accumulating)
                 return module(*args, **kwargs)
         engine.begin(train=False, n_microbatches=1)
         with torch.no_grad():
@@ -409,7 +423,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         self._start_accumulating()
         self.pipeline.comm.stats.reset()
         micro_batches = split_batch(batch, n)
-        engine.begin(train=True, n_microbatches=n)
+        engine.begin(train=True, n_microbatches=n, ends_step=not self._accumulating)
 
         def run(i: int) -> Tensor:
             loss = loss_fn(model, micro_batches[i])
@@ -435,8 +449,10 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             self._released = True
 
     def _start_accumulating(self) -> None:
-        """Before a training iteration: after an optimizer step, zeroed gradients start afresh, kept ones continue."""
+        """Before a training iteration: after an optimizer step, zeroed gradients start afresh, kept ones continue;
+        without one, gradients the previous iteration summed between mirrors' holders stay with their owners."""
         if not self._grads_final:
+            self.pipeline.carry_exchanged_gradients()
             return
         shard = self.pipeline.shard
         trainable = [m for m in shard.params.values() if m.requires_grad]

@@ -123,3 +123,26 @@ def test_gradients_kept_across_an_optimizer_step_are_summed_once_across_holders(
     new = [torch.randn(8, dtype=torch.float64) for _ in range(holders)]  # each node's next gradients
     total = owner.grad_acc + new[0] + sum(m.grad_acc + n for m, n in zip(mirrors, new[1:]))  # the holders' sum
     torch.testing.assert_close(total, summed + sum(new))
+
+
+def test_an_exchange_without_a_step_after_it_is_carried_by_the_owner():
+    """Fabric guesses that an iteration outside ``no_backward_sync`` ends the optimizer step and sums the mirrored
+    gradients in its program. If another iteration follows before the step (a loop that accumulates without the
+    context), every holder already has the sum: ``Pipeline.carry_exchanged_gradients`` leaves it with the owner and
+    zeroes the mirrors, so the step's exchange counts it once."""
+    from types import SimpleNamespace
+
+    from lightning_tawpipe.runtime.pipeline import Pipeline
+
+    first = [torch.randn(8, dtype=torch.float64) for _ in range(3)]  # each node's gradients before the guess
+    summed = sum(first)  # what the in-program exchange left on every holder
+    owner, *mirrors = (SimpleNamespace(grad_acc=summed.clone()) for _ in range(3))
+    for m in mirrors:
+        m.zero_grad = m.grad_acc.zero_
+    for rank_mirrors in ({}, {0: mirrors[0]}, {0: mirrors[1]}):  # the owner's rank, then each mirror's
+        engine = SimpleNamespace(exchanged={0})
+        Pipeline.carry_exchanged_gradients(SimpleNamespace(engine=engine, mirrors=rank_mirrors))
+        assert engine.exchanged == set()
+    later = [torch.randn(8, dtype=torch.float64) for _ in range(3)]
+    total = sum(h.grad_acc + g for h, g in zip((owner, *mirrors), later))  # the step's exchange
+    torch.testing.assert_close(total, summed + sum(later))

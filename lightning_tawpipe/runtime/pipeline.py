@@ -335,6 +335,16 @@ class Pipeline:
         for mirror in self.mirrors.values():
             mirror.zero_grad()
 
+    def carry_exchanged_gradients(self) -> None:
+        """Accumulate on after an iteration that summed mirrored chunks' gradients in its program but was not the
+        last before the optimizer step (a guess the strategy could not make for sure): every holder now has the sum,
+        so the owner keeps it and each mirror starts from zero, and the step sums them again (``finalize_gradients``
+        sums every held chunk again once this is cleared)."""
+        for c in self.engine.exchanged:
+            if c in self.mirrors:
+                self.mirrors[c].zero_grad()
+        self.engine.exchanged.clear()
+
     def zero_grad(self) -> None:
         self.shard.zero_grad()
         for mirror in self.mirrors.values():
