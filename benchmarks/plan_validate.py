@@ -41,7 +41,8 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "sleep-blocks/2x2-deferred", "sleep-blocks/2x2-relay", "sleep-blocks/2x2-relay-2gbit",
            "sleep-blocks/3x2-relay", "sleep-blocks/2x2-before-watch", "sleep-blocks/2x2-watch",
            "sleep-blocks/3x2-before-watch", "sleep-blocks/3x2-watch", "sleep-blocks/2x2-light0",
-           "sleep-blocks/2x2-rep01", "sleep-blocks/2x2-rep01-2gbit", "sleep-blocks/3x2-rep01")
+           "sleep-blocks/2x2-rep01", "sleep-blocks/2x2-rep01-2gbit", "sleep-blocks/3x2-rep01",
+           "sleep-blocks/2x2-rep-combos")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
 # speed.py's opt-in TawPipe variants (tawpipe-<name>): predicted at every TawPipe point from the same knobs the
@@ -218,7 +219,8 @@ def markdown(rows: list[dict], rates: list[dict]) -> str:
               "prefetch 3, `light0` the partition [2, 2, 3, 3] (a lighter chunk 0, 4 ranks only), `gb3` a third "
               "gradient buffer, `gb3-light0-p1` both with prefetch 1, `rep0` chunk 0 mirrored on every node "
               "(`replicate_first_chunk`), `rep0-gb3` with a third gradient buffer, `rep01` chunks 0 and 1 mirrored "
-              "(`replicate_first_chunk=2`) (`benchmarks/speed.py` `VARIANTS`); default *n/a*: the set did not "
+              "(`replicate_first_chunk=2`), `rep0-p2134` chunk 0 mirrored with the partition [2, 1, 3, 4], "
+              "`rep01-p3` rep01 with prefetch 3 (`benchmarks/speed.py` `VARIANTS`); default *n/a*: the set did not "
               "run it. "
               "Cores *sleep*: the blocks slept instead of computing (`--sleep_blocks`), so compute took no core.", "",
               "| set | rate | S | cores | default | " + " | ".join(names) + " |",

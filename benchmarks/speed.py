@@ -52,6 +52,11 @@ VARIANTS = {
     # chunks 0 and 1 mirrored: chunk 1's round trip, which binds at 1 Gbit/s once chunk 0's is gone, goes too, and
     # its exchange overlaps B0
     "tawpipe-rep01": {"replicate_first_chunk": 2},
+    # the planner's best at 1 Gbit/s on 2 x 2 (a search over partitions x mirrored chunks x prefetch): a one-block
+    # chunk 1, whose round trip hides behind B0 and F0 on its own, with chunk 0 mirrored; and rep01 one chunk deeper.
+    # Both measured slower than rep01 (results/sleep-blocks/2x2-rep-combos: 1.28 and 1.22 against 1.17)
+    "tawpipe-rep0-p2134": {"replicate_first_chunk": True, "partition": [2, 1, 3, 4]},
+    "tawpipe-rep01-p3": {"replicate_first_chunk": 2, "prefetch": 3},
 }
 
 
