@@ -53,11 +53,13 @@ def test_matches_ddp_and_mirrors_stay_identical(train_job, mirrored):
         assert [d is not None for d in digests] == [True, False, True, False, True, False]
         assert len({d for d in digests if d}) == 1, digests  # owner and both mirrors: same weights and Adam moments
     # the holders' all-reduces (ring: 2 (N - 1) / N of each chunk's fp32 gradient from each) are in the engine's
-    # figures of the iteration that ends each optimizer step (batches 1 and 3), not of the accumulating ones
+    # figures of the iteration that ends each optimizer step (batches 1 and 3), not of the accumulating ones; they
+    # go unit by unit (each unit's as soon as its backward is done), so the bytes round per unit
     units = find_units(GPT(tiny_llama_config(n_layer=6, n_embd=32, block_size=32)))
-    numel = [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], 6)]
+    ranges = partition_units([u.numel() for u in units], 6)
+    numel = [sum(units[u].numel() for u in r) for r in ranges]
     for rank, per_batch in enumerate(result["comm_per_rank"]):
-        extra = sum(4 * numel[c] * 2 * 2 // 3 for c in (0, 1)) if rank % 2 == 0 else 0
+        extra = sum(4 * units[u].numel() * 2 * 2 // 3 for c in (0, 1) for u in ranges[c]) if rank % 2 == 0 else 0
         assert per_batch[1][0] - per_batch[0][0] == extra, rank
         assert per_batch[0][0] == per_batch[2][0] and per_batch[1][0] == per_batch[3][0], rank
     # the mirrors hold their chunks' state (fp32 weights, gradient, two Adam moments) on top of their own: two copies

@@ -26,6 +26,14 @@ wherever the host blocks or user code could run a collective, everything before 
 the validated order; deferring only moves operations later than their place in the program, never past a wait.
 The inputs they wait for (a reduce this rank has posted, a receive whose sender posted it at the start of the
 iteration) complete without this rank doing anything more, so a deferred operation never waits on its own host.
+
+A second refinement splits a mirrored chunk's last gradient exchange along its units. In a program that sums the
+mirrored chunks' gradients (``XG``), the last backward of such a chunk is followed by its reduce in the node, the
+holder's add and the holders' exchange; for chunk 0 nothing computes after them. So at each unit boundary inside
+that backward step the engine reduces, adds and exchanges the units already done (their gradients are final), and
+the program's ``RG``/``AG``/``XG`` then cover the rest (the chunk's first units). Every rank of a node and every
+holder of a rail meets the same unit boundaries, so they issue the same pieces in the same order, and the sums are
+the program's, piece by piece: the slow exchange overlaps the chunk's own backward (``unit_slices`` enables it).
 """
 
 from __future__ import annotations
@@ -130,6 +138,7 @@ class Engine:
         mirrors: dict[int, OwnedShard] | None = None,
         watch_inputs: bool = False,
         mirrored_chunks: bool = False,
+        unit_slices: list[tuple[int, int, int]] | None = None,
     ) -> None:
         self.comm, self.layout = comm, layout
         # every chunk this rank holds: the one it owns, and those it mirrors (``replicate_first_chunk``)
@@ -142,6 +151,12 @@ class Engine:
         self.exchanged: set[int] = set()
         self.mirrored_chunks = mirrored_chunks  # the topology mirrors chunks (this rank may hold none of them)
         self._exchanges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # per unit, (chunk, start, end) of its gradients in its chunk's gradient prefix; with them, the last backward
+        # of an exchanged chunk sends the finished units' gradients at each unit boundary (module doc)
+        self.unit_slices = unit_slices
+        self._piecewise: dict[int, int] = {}  # chunk -> micro-batch of its exchanged last backward (this iteration)
+        self._schedule: Schedule | None = None  # the running iteration's
+        self._gradient_end: dict[int, int] = {}  # chunk -> end of what the program's gradient actions still cover
         self.compute_dtype, self.device = compute_dtype, device
         # what a holder serves its chunks from: the masters themselves, or copies in the compute (traffic) dtype
         self._own = {c: s.weights if s.weights.dtype == compute_dtype else s.weights.to(compute_dtype)
@@ -194,14 +209,21 @@ class Engine:
                 own.copy_(self.shards[chunk].weights)
         self._program, self._pc, self._current = schedule.program(self.rank), 0, None
         self._train = train
+        self._schedule = schedule
+        self._gradient_end = {}
+        self._piecewise = ({c: n_microbatches - 1 for c in range(len(schedule.mirrors))}
+                           if schedule.exchanges and self.unit_slices is not None else {})
 
-    def enter(self, op: Op, chunk: int) -> None:
-        """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current)."""
+    def enter(self, op: Op, chunk: int, unit: int | None = None) -> None:
+        """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current).
+        ``unit``: the unit's index, which a backward names so that finished units can be exchanged (module doc)."""
         cur, mb = self._current, self.thread_microbatch()
         if self._deferred:
             with self._lock:  # a unit boundary: post the deferred operations whose input is ready
                 self._post_deferred(block=False)
         if cur is not None and cur.op is op and cur.chunk == chunk and (mb is None or cur.mb == mb):
+            if unit is not None and self._piecewise.get(chunk, -1) == cur.mb and op is Op.BACKWARD:
+                self._exchange_finished_units(cur, unit)
             return
         if self._program is None:
             raise RuntimeError(
@@ -291,6 +313,7 @@ class Engine:
             self.comm.wait(pending.work, f"drain:{pending.action.op.value}")
         self._pending.clear()
         self._finish_exchanges()
+        self._gradient_end.clear()
         self._program = None
 
     # -- internals ------------------------------------------------------------------------------------------------
@@ -310,7 +333,7 @@ class Engine:
         return self._buffers[buf][: self.layout.numel[chunk]]
 
     def _grad_view(self, buf: str, chunk: int) -> torch.Tensor:
-        return self._buffers[buf][: self.layout.n_trainable[chunk]]
+        return self._buffers[buf][: self._gradient_end.get(chunk, self.layout.n_trainable[chunk])]
 
     def _run_until_compute(self) -> Action | None:
         program = self._program
@@ -450,7 +473,8 @@ class Engine:
         elif op is Op.COPY_W:
             self._view(a.buf, a.chunk).copy_(self.shards[a.chunk].weights)
         elif op is Op.ACC_G:
-            self.shards[a.chunk].grad_acc.add_(self._grad_view(a.buf, a.chunk))
+            view = self._grad_view(a.buf, a.chunk)
+            self.shards[a.chunk].grad_acc[: view.numel()].add_(view)
         elif op is Op.EXCHANGE_G:
             self._pending.append(_Pending(a, self._post_exchange(a.chunk), reads, writes))
         elif op is Op.ADD_G:
@@ -470,11 +494,42 @@ class Engine:
         self.comm.stats.carried_wait_s += time.perf_counter() - start
         self._finish_exchanges()
 
-    def _post_exchange(self, chunk: int, between_steps: bool = False):
-        """Post the all-reduce of ``chunk``'s accumulator over its holders' rail. It runs in the compute dtype, the
-        precision every other gradient crosses nodes in (under bf16-mixed, half the bytes); an all-reduce gives every
-        member the same result, so owner and mirrors stay identical."""
-        acc = self.shards[chunk].grad_acc
+    def _exchange_finished_units(self, current: Action, unit: int) -> None:
+        """Inside the exchanged last backward of ``current.chunk``, at the boundary before ``unit``: the units after
+        it are done. Reduce their gradients in the node now; a holder waits for that, adds them and posts the holders'
+        exchange of them, which then runs while the backward goes on (module doc)."""
+        chunk = current.chunk
+        end = self._gradient_end.get(chunk, self.layout.n_trainable[chunk])
+        start = min((s for c, s, e in self.unit_slices[unit + 1:] if c == chunk and e > s), default=end)
+        if start >= end:
+            return
+        topo = self._schedule.topology
+        root = topo.rank(topo.group_of(self.rank), topo.local_index(self._schedule.owners[chunk]))
+        gradient = self._buffers[current.buf2][start:end]
+        with self._lock:
+            self._gradient_end[chunk] = start  # the program's actions now cover only the first units
+            reduce = Action(Op.REDUCE_G, chunk, peer=root, buf=current.buf2)
+            work = self.comm.reduce(gradient, root, "grads") if topo.group_size > 1 else None
+            if self.rank != root:
+                self._pending.append(_Pending(reduce, work, {current.buf2}, {current.buf2}))
+                return
+        if work is not None:
+            self.comm.wait(work, "piece")  # not under the lock: helpers may post deferred operations meanwhile
+        with self._lock:
+            self.shards[chunk].grad_acc[start:end].add_(gradient)
+            # its own buffer name: the program's add and exchange of the first units need not wait for it
+            piece = f"acc{chunk}[{start}:{end}]"
+            exchange = Action(Op.EXCHANGE_G, chunk, buf=piece)
+            self._pending.append(_Pending(exchange, self._post_exchange(chunk, start=start, end=end), set(), {piece}))
+
+    def _post_exchange(self, chunk: int, between_steps: bool = False, start: int = 0, end: int | None = None):
+        """Post the all-reduce of ``chunk``'s accumulator (or of ``[start:end]`` of it; by default what the program's
+        gradient actions cover) over its holders' rail. It runs in the compute dtype, the precision every other
+        gradient crosses nodes in (under bf16-mixed, half the bytes); an all-reduce gives every member the same
+        result, so owner and mirrors stay identical."""
+        if end is None:
+            end = self._gradient_end.get(chunk, self.layout.n_trainable[chunk])
+        acc = self.shards[chunk].grad_acc[start:end]
         wire = acc if acc.dtype == self.compute_dtype else acc.to(self.compute_dtype)
         self._exchanges.append((acc, wire))
         self.exchanged.add(chunk)

@@ -116,8 +116,20 @@ class Pipeline:
         self._validate = validate_schedules
         self.engine = Engine(self.comm, self.layout, self.shard, self._build_schedule, param_dtype, device,
                              activation_checkpointing=activation_checkpointing, mirrors=self.mirrors,
-                             watch_inputs=device.type == "cpu", mirrored_chunks=bool(self.holders))
+                             watch_inputs=device.type == "cpu", mirrored_chunks=bool(self.holders),
+                             unit_slices=self._unit_gradient_slices())
         unit_hooks.install(self.units, self.chunk_of_unit, self.engine)
+
+    def _unit_gradient_slices(self) -> list[tuple[int, int, int]]:
+        """Per unit, ``(chunk, start, end)`` of its gradients in its chunk's gradient prefix: trainable parameters
+        come first in a chunk's layout, unit after unit, so each unit's are one range (empty for a frozen unit)."""
+        entry_of = {e.param: e for entries in self.layout.entries for e in entries}
+        out = []
+        for unit, chunk in zip(self.units, self.chunk_of_unit):
+            trainable = [entry_of[p] for _, p in unit.named_parameters() if p.requires_grad]
+            start = min((e.offset for e in trainable), default=0)
+            out.append((chunk, start, max((e.offset + e.numel for e in trainable), default=start)))
+        return out
 
     def _check_same_model_everywhere(self) -> None:
         """Every rank must have cut the same model the same way, or transfers would silently mismatch in size."""

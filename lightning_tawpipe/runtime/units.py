@@ -134,9 +134,10 @@ class _JoinGraph(torch.autograd.Function):
 class _UnitRunner:
     """Binds one unit module call (its non-tensor arguments) to the engine."""
 
-    def __init__(self, engine, chunk: int, module: nn.Module, forward: Callable, template: list, kwargs_keys: list):
+    def __init__(self, engine, chunk: int, module: nn.Module, forward: Callable, template: list, kwargs_keys: list,
+                 unit: int):
         self.engine, self.chunk, self.module, self.forward = engine, chunk, module, forward
-        self.template, self.kwargs_keys = template, kwargs_keys
+        self.template, self.kwargs_keys, self.unit = template, kwargs_keys, unit
 
     def call(self, tensors) -> torch.Tensor:
         it = iter(tensors)
@@ -148,7 +149,7 @@ class _UnitRunner:
         return out
 
     def backward(self, saved, needs_grad, grad_out):
-        self.engine.enter(Op.BACKWARD, self.chunk)
+        self.engine.enter(Op.BACKWARD, self.chunk, self.unit)
         inputs = [t.detach().requires_grad_(need) for t, need in zip(saved, needs_grad)]
         params = [p for p in self.module.parameters() if p.requires_grad]
         with torch.enable_grad():
@@ -172,11 +173,11 @@ _TENSOR = _Tensor()
 
 def install(units: list[Unit], chunk_of_unit: list[int], engine) -> None:
     """Replace each unit module's ``forward`` with the pipelined wrapper (idempotent)."""
-    for unit, chunk in zip(units, chunk_of_unit):
+    for index, (unit, chunk) in enumerate(zip(units, chunk_of_unit)):
         for _, module in unit.modules:
             original = module.__dict__.get("_tawpipe_original_forward") or module.forward
             module._tawpipe_original_forward = original
-            module.forward = types.MethodType(_make_wrapper(engine, chunk, original), module)
+            module.forward = types.MethodType(_make_wrapper(engine, chunk, original, index), module)
 
 
 def uninstall(units: list[Unit]) -> None:
@@ -186,9 +187,9 @@ def uninstall(units: list[Unit]) -> None:
             module.__dict__.pop("_tawpipe_original_forward", None)
 
 
-def _make_wrapper(engine, chunk: int, original: Callable) -> Callable:
+def _make_wrapper(engine, chunk: int, original: Callable, unit: int) -> Callable:
     def enter_backward(grad: torch.Tensor) -> None:
-        engine.enter(Op.BACKWARD, chunk)
+        engine.enter(Op.BACKWARD, chunk, unit)
 
     def pipelined_forward(module: nn.Module, *args, **kwargs):
         engine.enter(Op.FORWARD, chunk)
@@ -207,7 +208,7 @@ def _make_wrapper(engine, chunk: int, original: Callable) -> Callable:
         values = list(args) + list(kwargs.values())
         tensors = [v for v in values if torch.is_tensor(v)]
         template = [_TENSOR if torch.is_tensor(v) else v for v in values]
-        runner = _UnitRunner(engine, chunk, module, original, template, list(kwargs))
+        runner = _UnitRunner(engine, chunk, module, original, template, list(kwargs), unit)
         return _UnitFunction.apply(runner, engine.token, *tensors)
 
     return pipelined_forward
