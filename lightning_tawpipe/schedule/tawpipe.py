@@ -40,8 +40,9 @@ and ``F0`` to hide it) is what binds once chunk 0's is gone.
 The sum must happen once per optimizer step, after its last iteration, whatever the gradient accumulation. In an
 iteration that the strategy knows ends an optimizer step (``exchange=True``) it is in the program: each holder adds
 its node's last gradient of a mirrored chunk right behind the reduce (waiting for it instead of computing on) and
-posts the exchange (``XG``) at once, so chunk 1's overlaps ``B0``. Otherwise the strategy sums after the iteration
-(``Pipeline.finalize_gradients``).
+posts the exchange (``XG``) at once, so chunk 1's overlaps ``B0``; within that last backward the engine already
+sends the finished units' part (``runtime/engine.py``), so chunk 0's overlaps ``B0`` too. Otherwise the strategy sums
+after the iteration (``Pipeline.finalize_gradients``).
 """
 
 from __future__ import annotations
