@@ -324,3 +324,39 @@ def test_an_input_that_fails_in_a_helper_thread_fails_the_host_where_it_needs_it
         engine.enter(Op.FORWARD, 2)  # F2 needs the relayed chunk: the helper's failure is raised here
     assert "post bcast" not in comm.events  # nothing was posted from a failed receive
     assert comm.works["recv"].waits == 1
+
+
+class ExchangingComm(ScriptedComm):
+    """Also records the size of every reduce and of every holders' exchange (the rail all-reduce)."""
+
+    def reduce(self, tensor, root, lane):
+        return self._post(f"reduce[{tensor.numel()}]", root)
+
+    def all_reduce_rail(self, tensor, between_steps=False):
+        return self._post(f"exchange[{tensor.numel()}]", -1)
+
+
+def test_the_last_backward_of_an_exchanged_chunk_sends_each_finished_unit_at_the_next_unit_boundary():
+    """Chunk 0 (two units of two elements) mirrored, in an iteration that ends the step: when the backward reaches
+    unit 0, unit 1's gradients are final, so they are reduced in the node, added and exchanged right then; the
+    program's reduce, add and exchange after the backward cover unit 0 only, and the accumulator gets both."""
+    comm = ExchangingComm()
+    b0 = Action(Op.BACKWARD, 0, mb=0, buf="s0", buf2="g1")
+    program = (b0, Action(Op.REDUCE_G, 0, peer=0, buf="g1"), Action(Op.ACC_G, 0, buf="g1"),
+               Action(Op.EXCHANGE_G, 0, buf="acc0"))
+    schedule = Schedule(name="scripted", topology=Topology.from_world(4, 2), owners=(0, 2, 1, 3), n_microbatches=1,
+                        prefetch=2, train=True, programs=(program,) * 4, n_slots=3, n_grad_buffers=2,
+                        n_recv_buffers=1, mirrors=((2,),), exchanges=True)
+    shard = SimpleNamespace(chunk=0, weights=torch.zeros(NUMEL), grad_acc=torch.zeros(NUMEL))
+    engine = Engine(comm, NoModelLayout(), shard, lambda train, n, exchange: schedule, torch.float32,
+                    torch.device("cpu"), mirrored_chunks=True, unit_slices=[(0, 0, 2), (0, 2, 4), (1, 0, 4)])
+    engine.begin(train=True, n_microbatches=1, ends_step=True)
+    engine.enter(Op.BACKWARD, 0, 1)  # the backward of chunk 0 starts with its last unit
+    engine._buffers["g1"].copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # what the two units' backward produce
+    assert comm.events == []
+    engine.enter(Op.BACKWARD, 0, 0)  # unit 1 is done: its two elements go now
+    assert comm.events == ["post reduce[2]", "wait piece", "post exchange[2]"]
+    assert shard.grad_acc.tolist() == [0.0, 0.0, 3.0, 4.0]
+    engine.end()
+    assert comm.events[3:6] == ["post reduce[2]", "wait RG", "post exchange[2]"]  # the program's: unit 0 only
+    assert shard.grad_acc.tolist() == [1.0, 2.0, 3.0, 4.0] and engine.exchanged == {0}
