@@ -23,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
 import torch
@@ -66,7 +66,7 @@ def setup(
     out_dir: Path = Path("out/fabric-pretrain"),
     seed: int = 1337,
     results: Optional[Path] = None,
-    replicate_first_chunk: bool = False,
+    replicate_first_chunk: Union[bool, int] = False,
 ) -> None:
     """Pretrain a tiny LitGPT LLaMA with Fabric.
 
@@ -102,7 +102,8 @@ def setup(
         seed: random seed (same on every rank).
         results: rank 0 writes per-iteration losses, gradient norms, validation losses and the final weights
             here (``torch.save``), for comparisons and tests.
-        replicate_first_chunk: TawPipe on several nodes: mirror chunk 0 on every node (see ``TawPipeStrategy``).
+        replicate_first_chunk: TawPipe on several nodes: mirror chunk 0 (``true``) or the first N chunks (``N``) on
+            every node (see ``TawPipeStrategy``).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # ranks share the CPU cores

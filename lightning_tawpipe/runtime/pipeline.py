@@ -46,9 +46,10 @@ def check_replicate_first_chunk(replicate_first_chunk, schedule: str, n_replicas
         raise ValueError(f"replicate_first_chunk must be True, False or a number of leading chunks to mirror, got "
                          f"{replicate_first_chunk!r}.")
     if replicate_first_chunk and (schedule != "tawpipe" or n_replicas != 1):
-        raise ValueError("replicate_first_chunk=True needs schedule='tawpipe' and one replica (the WeiPipe ring has "
-                         "no nodes to mirror chunk 0 in, and the outer loop of several replicas would update "
-                         f"chunk 0's owner but not its mirrors); got schedule={schedule!r}, replicas={n_replicas!r}.")
+        raise ValueError(f"replicate_first_chunk={replicate_first_chunk!r} needs schedule='tawpipe' and one replica "
+                         "(the WeiPipe ring has no nodes to mirror chunks in, and the outer loop of several replicas "
+                         "would update a chunk's owner but not its mirrors); got "
+                         f"schedule={schedule!r}, replicas={n_replicas!r}.")
 
 
 class Pipeline:
