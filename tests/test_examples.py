@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,17 +43,31 @@ def _free_port() -> str:
 
 
 def _launch(commands: list[list[str]], envs: list[dict[str, str]], timeout: float = 300) -> str:
-    """Start the processes of one job together, wait for all; raise with their logs if any fails."""
-    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd, env in zip(commands, envs)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        raise
+    """Start the processes of one job together, wait for all; raise with their logs if any fails.
+
+    Each process writes to a file of its own, not a pipe: reading one process's pipe to its end while another fills
+    its own pipe would leave that one blocked on a write, and with it the job's collectives, until the timeout. When
+    one process fails, the others are stopped at once instead of waiting for it in a collective."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [open(Path(tmp) / f"rank{i}.log", "w+") for i in range(len(commands))]
+        procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                 for cmd, env, f in zip(commands, envs, files)]
+        deadline = time.monotonic() + timeout
+        try:  # until all are done, one failed (its peers would wait for it), or the time is up
+            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(commands[0], timeout)
+                time.sleep(0.2)
+        finally:
+            for proc in procs:  # a rank left behind (timeout, or its peer died) takes its children with it
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        logs = []
+        for f in files:
+            f.seek(0)
+            logs.append(f.read())
+            f.close()
     if any(p.returncode for p in procs):
         raise RuntimeError("job failed:\n" + "\n---\n".join(log[-5000:] for log in logs))
     return "\n".join(logs)
