@@ -84,11 +84,12 @@ def test_resumes_exactly_and_without_mirrors(train_job, mirrored):
 def test_bf16_mixed_mirrors_sum_in_bf16_and_stay_identical(train_job):
     """Under bf16-mixed the holders sum chunk 0's gradient in bf16, the precision every gradient crosses nodes in
     (half the bytes of the fp32 accumulators), and still end identical; the losses follow ddp's to the bound the
-    precision tests use for bf16-mixed (2e-3: half a bf16 ulp)."""
+    precision tests use for bf16-mixed (2e-3: half a bf16 ulp). With activation checkpointing, so the per-unit
+    exchange also runs where each unit is recomputed in backward."""
     args = ("--steps", "3", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--n_layer", "4", "--batch_size",
             "2", "--precision", "bf16-mixed")
     result = train_job(*args, "--strategy", "tawpipe", "--devices", "4", "--group_size", "2",
-                       "--replicate_first_chunk")
+                       "--replicate_first_chunk", "--activation_checkpointing")  # recomputed units name themselves too
     reference = train_job(*args, "--strategy", "ddp", "--devices", "4")
     _close(result["losses"], reference["losses"], 2e-3)
     digests = result["mirrored_digests"]["0"]
