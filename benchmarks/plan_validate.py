@@ -90,34 +90,36 @@ def validate_dir(name: str) -> list[dict]:
                               host_cores=None if sleeping else cores)
         w = Workload(shape, seq, args["batch_size"], args["n_microbatches"], "32-true")
         compute = calibrate_cpu(cluster, w, runs["compute"]["step_time_median"])
+        point = {"set": name, "rate": rate, "seq": seq}
+        variant_preds = variant_predictions(runs, cluster, w, compute, args["prefetch"])
         for strategy in PREDICTED:
             if strategy not in runs:
                 continue
             pred = predict(strategy, cluster, w, compute, args["prefetch"], runs[strategy])
-            measured = runs[strategy]["step_time_median"]
-            rows.append({"set": name, "rate": rate, "seq": seq, "strategy": strategy, "measured_s": measured,
-                         "predicted_s": pred.step_time, "error": pred.step_time / measured - 1.0,
-                         "measured_link_mb": runs[strategy].get("link_tx_bytes_per_step", 0.0) / 1e6,
-                         "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
+            rows.append(_row(point, strategy, runs[strategy], pred))
             if strategy == "tawpipe":
                 rows[-1]["floors"] = floors(runs, pred.step_time, cluster, w, compute, cores, sleeping)
-                rows[-1]["variants"] = variants(runs, cluster, w, compute, args["prefetch"])
+                rows[-1]["variants"] = variants(runs, variant_preds)
         ran = [n for n in VARIANT_KNOBS if f"tawpipe-{n}" in runs]
         for n in ran:  # a variant run is a prediction to check too
-            run = runs[f"tawpipe-{n}"]
-            grad_buffers = run.get("config", {}).get("grad_buffers", 2) or None
-            pred = weightpipe.predict("tawpipe", cluster, w, compute, **{
-                "prefetch": args["prefetch"], "grad_buffers": grad_buffers, **VARIANT_KNOBS[n]})
-            rows.append({"set": name, "rate": rate, "seq": seq, "strategy": f"tawpipe-{n}",
-                         "measured_s": run["step_time_median"], "predicted_s": pred.step_time,
-                         "error": pred.step_time / run["step_time_median"] - 1.0,
-                         "measured_link_mb": run.get("link_tx_bytes_per_step", 0.0) / 1e6,
-                         "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method})
+            rows.append(_row(point, f"tawpipe-{n}", runs[f"tawpipe-{n}"], variant_preds[n]))
         if ran and "tawpipe" not in runs:  # the variants table shows the point without its default
-            rows[-1]["variants"] = variants(runs, cluster, w, compute, args["prefetch"])
-            rows[-1]["floors"] = {"cores": "sleep" if sleeping else "shared" if cluster.world_size > cores else "own",
-                                  "predicted": None, "measured": None}
+            rows[-1]["variants"] = variants(runs, variant_preds)
+            rows[-1]["floors"] = {"cores": _cores(cluster, cores, sleeping), "predicted": None, "measured": None}
     return rows
+
+
+def _row(point: dict, strategy: str, run: dict, pred) -> dict:
+    """One measured step time against its prediction."""
+    measured = run["step_time_median"]
+    return {**point, "strategy": strategy, "measured_s": measured, "predicted_s": pred.step_time,
+            "error": pred.step_time / measured - 1.0, "measured_link_mb": run.get("link_tx_bytes_per_step", 0.0) / 1e6,
+            "predicted_link_mb": pred.inter_node_bytes / 1e6, "method": pred.method}
+
+
+def _cores(cluster, cores: int, sleeping: bool) -> str:
+    """How the ranks computed: slept (no core), on shared cores, or on cores of their own."""
+    return "sleep" if sleeping else "shared" if cluster.world_size > cores else "own"
 
 
 def floors(runs: dict, predicted_s: float, cluster, w: Workload, compute: ComputeModel, cores: int,
@@ -136,26 +138,34 @@ def floors(runs: dict, predicted_s: float, cluster, w: Workload, compute: Comput
     return {"measured": taw.get("vs_compute_only") or taw["step_time_median"] / co,
             "predicted": predicted_s / co,
             "boundary": 1.0 + f.exposed / co, "cpu": cpu / (cores * co) if cpu and not sleeping else None,
-            "cores": "sleep" if sleeping else "shared" if cluster.world_size > cores else "own",
+            "cores": _cores(cluster, cores, sleeping),
             "comm_over_compute": taw.get("comm_over_compute")}
 
 
-def variants(runs: dict, cluster, w: Workload, compute: ComputeModel, prefetch: int) -> dict:
-    """Each ``VARIANT_KNOBS`` variant's tawpipe / compute-only: predicted (None where its partition does not fit)
-    and, where the point ran it (speed.py ``tawpipe-<name>``), measured."""
+def variant_predictions(runs: dict, cluster, w: Workload, compute: ComputeModel, prefetch: int) -> dict:
+    """Each ``VARIANT_KNOBS`` variant's prediction at a point (None where its partition does not fit)."""
     out = {}
-    co = runs["compute"]["step_time_median"]
     for name, knobs in VARIANT_KNOBS.items():
         run = runs.get(f"tawpipe-{name}")
         # a knob the variant does not set is the point's own; a measured run's gradient buffers are its own
         grad_buffers = (run.get("config", {}).get("grad_buffers", 2) or None) if run else None
-        knobs = {"prefetch": prefetch, "grad_buffers": grad_buffers, **knobs}
-        measured = run["step_time_median"] / co if run and "step_time_median" in run else None
         try:
-            predicted = weightpipe.predict("tawpipe", cluster, w, compute, **knobs).step_time / co
+            out[name] = weightpipe.predict("tawpipe", cluster, w, compute,
+                                           **{"prefetch": prefetch, "grad_buffers": grad_buffers, **knobs})
         except ValueError:  # e.g. four chunks' units on six ranks
-            predicted = None
-        out[name] = {"predicted": predicted, "measured": measured}
+            out[name] = None
+    return out
+
+
+def variants(runs: dict, predictions: dict) -> dict:
+    """Each variant's tawpipe / compute-only: predicted and, where the point ran it (speed.py ``tawpipe-<name>``),
+    measured."""
+    co = runs["compute"]["step_time_median"]
+    out = {}
+    for name, pred in predictions.items():
+        run = runs.get(f"tawpipe-{name}")
+        measured = run["step_time_median"] / co if run and "step_time_median" in run else None
+        out[name] = {"predicted": pred.step_time / co if pred is not None else None, "measured": measured}
     return out
 
 
