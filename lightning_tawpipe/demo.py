@@ -335,8 +335,7 @@ def _mirrored_digests(trainer) -> dict[str, list]:
 
     pipeline = trainer.strategy.pipeline
     mine = {}
-    for c in pipeline.held_chunks():
-        shard = pipeline.mirrors.get(c, pipeline.shard)
+    for c, shard in pipeline.held_shards().items():
         h = hashlib.sha256(shard.weights.detach().cpu().numpy().tobytes())
         for optimizer in trainer.optimizers:
             for master in shard.params.values():

@@ -204,9 +204,9 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         self.pipeline: Optional[Pipeline] = None
         self._module: Optional[nn.Module] = None
         self._name_of: dict[nn.Parameter, str] = {}
-        self._local_names: dict[nn.Parameter, str] = {}  # what this rank steps and loads (chunk 0's mirror too)
-        self._saved_names: dict[nn.Parameter, str] = {}  # what it saves (a mirror's chunk 0 is its owner's to save)
-        self._mirrored: set[nn.Parameter] = set()  # masters of chunk 0's mirror: counted by its owner in norms
+        self._local_names: dict[nn.Parameter, str] = {}  # what this rank steps and loads (its mirrors too)
+        self._saved_names: dict[nn.Parameter, str] = {}  # what it saves (a mirrored chunk is its owner's to save)
+        self._mirrored: set[nn.Parameter] = set()  # masters of its mirrors: counted by their owners in norms
         self._full_group_names: dict[Optimizer, list[list[str]]] = {}
         self._released = False
         self._grads_final = False  # gradients exposed to the optimizers (averaged) since the last training forward
@@ -323,7 +323,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         replicated = {p: self._name_of[p] for p in self.pipeline.replicated}
         self._local_names = {**replicated, **self.pipeline.master_names()}
         self._saved_names = {**replicated, **self.pipeline.master_names(with_mirror=False)}
-        self._mirrored = {m for s in self.pipeline.mirrors.values() for m in s.params.values()}
+        self._mirrored = self.pipeline.mirrored_masters
         return _TawPipeModule(module, self)
 
     @override

@@ -301,7 +301,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             replicated = {p: name_of[p] for p in self.pipeline.replicated}
             self._local_names = {**replicated, **self.pipeline.master_names()}  # what this rank steps (and loads)
             self._saved_names = {**replicated, **self.pipeline.master_names(with_mirror=False)}  # what it saves
-            self.precision_plugin.mirrored = {m for s in self.pipeline.mirrors.values() for m in s.params.values()}
+            self.precision_plugin.mirrored = self.pipeline.mirrored_masters
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:

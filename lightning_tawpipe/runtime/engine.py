@@ -154,7 +154,6 @@ class Engine:
         # per unit, (chunk, start, end) of its gradients in its chunk's gradient prefix; with them, the last backward
         # of an exchanged chunk sends the finished units' gradients at each unit boundary (module doc)
         self.unit_slices = unit_slices
-        self._piecewise: dict[int, int] = {}  # chunk -> micro-batch of its exchanged last backward (this iteration)
         self._schedule: Schedule | None = None  # the running iteration's
         self._gradient_end: dict[int, int] = {}  # chunk -> end of what the program's gradient actions still cover
         self.compute_dtype, self.device = compute_dtype, device
@@ -211,8 +210,6 @@ class Engine:
         self._train = train
         self._schedule = schedule
         self._gradient_end = {}
-        self._piecewise = ({c: n_microbatches - 1 for c in range(len(schedule.mirrors))}
-                           if schedule.exchanges and self.unit_slices is not None else {})
 
     def enter(self, op: Op, chunk: int, unit: int | None = None) -> None:
         """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current).
@@ -222,7 +219,7 @@ class Engine:
             with self._lock:  # a unit boundary: post the deferred operations whose input is ready
                 self._post_deferred(block=False)
         if cur is not None and cur.op is op and cur.chunk == chunk and (mb is None or cur.mb == mb):
-            if unit is not None and self._piecewise.get(chunk, -1) == cur.mb and op is Op.BACKWARD:
+            if unit is not None and op is Op.BACKWARD and self._exchanged_last_backward(cur):
                 self._exchange_finished_units(cur, unit)
             return
         if self._program is None:
@@ -493,6 +490,12 @@ class Engine:
                 self._post_exchange(chunk, between_steps=True).wait()
         self.comm.stats.carried_wait_s += time.perf_counter() - start
         self._finish_exchanges()
+
+    def _exchanged_last_backward(self, action: Action) -> bool:
+        """Whether ``action`` is the last backward of a mirrored chunk that this iteration's program exchanges."""
+        s = self._schedule
+        return (s.exchanges and self.unit_slices is not None and action.chunk < len(s.mirrors)
+                and action.mb == s.n_microbatches - 1)
 
     def _exchange_finished_units(self, current: Action, unit: int) -> None:
         """Inside the exchanged last backward of ``current.chunk``, at the boundary before ``unit``: the units after

@@ -181,16 +181,20 @@ class Pipeline:
         return schedule
 
     # -- mirrored chunks (replicate_first_chunk) -----------------------------------------------------------------
-    def held_chunks(self) -> list[int]:
-        """The mirrored chunks this rank holds (as owner or mirror)."""
-        return [c for c, holders in enumerate(self.holders) if self.rank in holders]
+    def held_shards(self) -> dict[int, OwnedShard]:
+        """The mirrored chunks this rank holds (as owner or mirror), each with its copy."""
+        return {c: self.mirrors.get(c, self.shard) for c, holders in enumerate(self.holders) if self.rank in holders}
+
+    @property
+    def mirrored_masters(self) -> set[nn.Parameter]:
+        """The masters of this rank's mirrors: their owners count them in global norms, the mirrors must not."""
+        return {m for mirror in self.mirrors.values() for m in mirror.params.values()}
 
     def sync_mirrors(self) -> None:
         """Copy each mirrored chunk's master weights from its owner to its mirrors (after init, loads and anything
         that set them); a collective over each chunk's holders (the ranks of its owner's local index: one rail),
         chunk by chunk in order, a no-op elsewhere."""
-        for c in self.held_chunks():
-            shard = self.mirrors.get(c, self.shard)
+        for c, shard in self.held_shards().items():
             dist.broadcast(shard.weights, src=self.comm.base + self.owners[c], group=self.comm.lanes["grads"].rail_group)
 
     def _materialize_owned_chunk(self, root: nn.Module, device: torch.device) -> torch.Tensor:
@@ -328,7 +332,7 @@ class Pipeline:
         """After the last backward of an optimizer step: owners expose the averaged gradient, replicas all-reduce."""
         world = self.topo.world_size  # this replica's ranks: replicas combine their models in the outer loop
         # the holders sum what the iteration did not (an iteration that ended the step sums inside its program)
-        self.engine.sum_mirrored_gradients([c for c in self.held_chunks() if c not in self.engine.exchanged])
+        self.engine.sum_mirrored_gradients([c for c in self.held_shards() if c not in self.engine.exchanged])
         self.engine.exchanged.clear()
         self.shard.attach_grads(1.0 / world)
         for mirror in self.mirrors.values():
@@ -341,9 +345,9 @@ class Pipeline:
 
     def resume_accumulation(self) -> None:
         """Accumulate on top of gradients an optimizer step has already seen (a Fabric loop that kept or zeroed them
-        in place instead of setting them to None): undo :meth:`finalize_gradients`' averaging. Chunk 0's mirrors
-        start from zero instead, because its owner carries the sum every holder has; otherwise the holders' next sum
-        would count it once per holder."""
+        in place instead of setting them to None): undo :meth:`finalize_gradients`' averaging. Mirrors start from
+        zero instead, because each mirrored chunk's owner carries the sum every holder has; otherwise the holders'
+        next sum would count it once per holder."""
         self.shard.grad_acc.mul_(self.topo.world_size)
         for mirror in self.mirrors.values():
             mirror.zero_grad()
