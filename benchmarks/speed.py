@@ -57,6 +57,10 @@ VARIANTS = {
     # Both measured slower than rep01 (results/sleep-blocks/2x2-rep-combos: 1.28 and 1.22 against 1.17)
     "tawpipe-rep0-p2134": {"replicate_first_chunk": True, "partition": [2, 1, 3, 4]},
     "tawpipe-rep01-p3": {"replicate_first_chunk": 2, "prefetch": 3},
+    # the planner's best on 3 x 2 at 1 Gbit/s over prefetch x gradient buffers x mirrored chunks (1.25 predicted,
+    # against 1.34 for rep01) and over every partition of the 10 units as well (1.22)
+    "tawpipe-rep0-p3-gb4": {"replicate_first_chunk": True, "prefetch": 3, "grad_buffers": 4},
+    "tawpipe-rep01-p3-p321211": {"replicate_first_chunk": 2, "prefetch": 3, "partition": [3, 2, 1, 2, 1, 1]},
 }
 
 
