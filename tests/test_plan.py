@@ -197,6 +197,12 @@ def test_plan_recommends_hsdp_when_it_fits_and_warns():
     assert p.recommended == min((x for x in p.predictions if x.fits), key=lambda x: x.step_time).strategy
     text = " ".join(p.warnings)
     assert "multi-rail" in text and "HYBRID_SHARD" in text and "1F1B" in text
+    # what striping could buy at best: the same knobs with every transfer over all 4 NICs, stated with both numbers
+    from lightning_tawpipe.plan.planner import striped_bound
+    taw = p.get("tawpipe")
+    bound = striped_bound(taw, c, w, p.compute)
+    assert bound.step_time < taw.step_time and bound.knobs == taw.knobs
+    assert f"predicted at {bound.step_time * 1e3:.0f} ms instead of {taw.step_time * 1e3:.0f}" in text
 
 
 def test_plan_respects_memory():
