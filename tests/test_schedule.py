@@ -81,6 +81,10 @@ EVERY_KIND = [
     Action(Op.ACC_G, 3, buf="q0"),
     Action(Op.ADD_G, 3, buf="q0", buf2="g1"),
     Action(Op.EXCHANGE_G, 1, buf="acc1"),
+    Action(Op.SCATTER_W, 3, peer=5, buf="t3"),
+    Action(Op.SEND_W, 3, peer=7, buf="t3"),
+    Action(Op.RECV_STRIPE_W, 3, peer=5, buf="s0"),
+    Action(Op.GATHER_W, 3, buf="s0"),
     Action(Op.BARRIER),
     Action(Op.FORWARD, 0, mb=0, buf="s0"),  # zeros must not be confused with "absent" (-1)
     Action(Op.RECV_W, 0, peer=0, buf="s0"),
@@ -461,6 +465,80 @@ def test_validator_checks_mirrored_accumulators():
     swapped.append(swapped.pop(i))  # chunk 1's exchange after chunk 0's on rank 0 only
     with pytest.raises(ScheduleError, match="exchange mismatch on the rail"):
         validate(replace(exchanging, programs=(tuple(swapped), *exchanging.programs[1:])))
+
+
+@pytest.mark.parametrize(("n_groups", "group_size", "n_microbatches", "prefetch"),
+                         [(2, 2, 1, 1), (2, 2, 2, 2), (3, 2, 2, 2), (2, 4, 1, 3), (4, 2, 2, 1), (3, 3, 1, 2)])
+@pytest.mark.parametrize("mirrored_chunks", [0, 1])
+def test_striped_weights_use_every_rail(n_groups, group_size, n_microbatches, prefetch, mirrored_chunks):
+    """With ``stripe`` a remote chunk enters a node on all of its rails: every rank of the owner's node sends its
+    stripe (scattered from the owner at the head) to the rank of its local index, which receives it where the relay
+    received the whole chunk, and the node all-gathers where the relay broadcast. The same chunks cross nodes as
+    without it, as often; mirrored chunks and gradients move exactly as before. The validator checks every case."""
+    topo = Topology(n_groups, group_size)
+    G = group_size
+    for train in (True, False):
+        plain = build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=train,
+                              replicate_first_chunk=mirrored_chunks, exchange=train)
+        striped = build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=train,
+                                replicate_first_chunk=mirrored_chunks, exchange=train, stripe=True)
+        assert striped.striped
+        for schedule in (striped, with_user_barriers(striped)):
+            validate(schedule)
+        for rank in range(topo.world_size):
+            program, before = striped.program(rank), plain.program(rank)
+            node = topo.group_of(rank)
+            # one stripe receive per whole-chunk receive of the node, on every rank, from its own local index
+            stripe_in = [a for a in program if a.op is Op.RECV_STRIPE_W]
+            node_in = [a for r in topo.group_ranks(node) for a in plain.program(r) if a.op is Op.RECV_W]
+            assert sorted(a.chunk for a in stripe_in) == sorted(a.chunk for a in node_in)
+            assert all(topo.local_index(a.peer) == topo.local_index(rank) and topo.group_of(a.peer) != node
+                       and a.chunk >= mirrored_chunks for a in stripe_in)
+            assert [a.chunk for a in program if a.op is Op.GATHER_W] == [a.chunk for a in stripe_in]
+            # sends: every rank of the owner's node sends its stripe, once per whole-chunk send of its owner
+            sends = [a for a in program if a.op is Op.SEND_W]
+            assert all(a.buf == f"t{a.chunk}" and topo.local_index(a.peer) == topo.local_index(rank) for a in sends)
+            node_out = [a for r in topo.group_ranks(node) for a in plain.program(r) if a.op is Op.SEND_W]
+            assert sorted(a.chunk for a in sends) == sorted(a.chunk for a in node_out)
+            owned_here = [c for c in range(mirrored_chunks, topo.world_size)
+                          if topo.group_of(striped.owners[c]) == node]
+            assert [a.chunk for a in program if a.op is Op.SCATTER_W] == owned_here
+            # everything else (compute, copies of local chunks, gradients) is the plain program's
+            weights = {Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.RECV_STRIPE_W, Op.GATHER_W, Op.SCATTER_W}
+            assert [a for a in program if a.op not in weights] == [a for a in before if a.op not in weights]
+    # one node, or one rank per node: nothing to stripe
+    for topo in (Topology(1, 4), Topology(3, 1)):
+        assert build_tawpipe(topo, 1, stripe=True) == replace(build_tawpipe(topo, 1), striped=False)
+        assert not build_tawpipe(topo, 1, stripe=True).striped
+    assert G > 1
+
+
+def test_validator_checks_stripes():
+    """A stripe received from another local index, a forward before the all-gather, a whole chunk sent to a stripe
+    receive, and an all-gather where a rank's part is missing, are caught."""
+    striped = build_tawpipe(Topology(2, 2), 1, stripe=True)
+    programs = list(striped.programs)
+    # node 1's ranks receive chunk 0's stripes crossed over: each from the other local index
+    wrong = [tuple(replace(a, peer=5 - a.peer) if a.op is Op.SEND_W and a.chunk == 0 else a for a in p)
+             for p in programs[:2]]
+    wrong += [tuple(replace(a, peer=1 - a.peer) if a.op is Op.RECV_STRIPE_W and a.chunk == 0 else a for a in p)
+              for p in programs[2:]]
+    with pytest.raises(ScheduleError, match="receives stripe 1 of chunk 0 in the part of local index 0"):
+        validate(replace(striped, programs=tuple(wrong)))
+    early = list(programs[2])
+    i = index_of(early, lambda a: a.op is Op.GATHER_W and a.chunk == 0)
+    j = index_of(early, lambda a: a.op is Op.FORWARD and a.chunk == 0)
+    early.insert(j, early.pop(i))  # the forward now comes first
+    with pytest.raises(ScheduleError, match=r"F0\.0@s0: slot s0 holds \('WS', 0, 0\)"):
+        validate(replace(striped, programs=(*programs[:2], tuple(early), *programs[3:])))
+    whole = [tuple(replace(a, buf="own") if a.op is Op.SEND_W and a.chunk == 0 else a for a in programs[0]),
+             *programs[1:]]
+    with pytest.raises(ScheduleError, match="receives \\('W', 0\\) from rank 0's own"):
+        validate(replace(striped, programs=tuple(whole)))
+    missing = [programs[0], programs[1], tuple(a for a in programs[2] if not (a.op is Op.RECV_STRIPE_W and a.chunk == 0)),
+               *programs[3:]]
+    with pytest.raises(ScheduleError, match="all-gathers chunk 0 but its part of s0 holds None"):
+        validate(replace(striped, programs=tuple(missing)))
 
 
 def test_builders_reject_bad_knobs():

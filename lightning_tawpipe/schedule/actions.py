@@ -9,7 +9,9 @@ Buffers an action may name (``buf`` / ``buf2``):
 * ``own``: the owner's fixed copy of its chunk (device-bound storage; read-only during an iteration),
 * ``s<i>``: weight slot *i* (a working buffer holding one chunk's weights; ``prefetch + 1`` of them),
 * ``g<i>``: local-gradient buffer *i* (a backward step writes its chunk's gradients here),
-* ``q<i>``: gradient-receive buffer *i* (an owner receives remote gradient sums here).
+* ``q<i>``: gradient-receive buffer *i* (an owner receives remote gradient sums here),
+* ``t<c>``: this rank's stripe of chunk *c*, owned in its node (``stripe``: each rank of the owner's node sends its
+  stripe over its own rail, see ``schedule/tawpipe.py``).
 
 Semantics shared by the engine and the validator: communication actions are posted asynchronously; any later
 action that touches the same buffer first waits for every earlier, conflicting action on it (read-after-write,
@@ -23,6 +25,10 @@ String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-b
     CW3@s0         owner copies its own chunk 3 into slot 0
     SW3>5@own      send chunk 3's weights to rank 5 (from ``own`` or from a slot when relaying a ring)
     RW3<5@s0       receive chunk 3's weights from rank 5 into slot 0
+    PW3^5@t3       scatter chunk 3's weights in the node from rank 5 (its owner): each rank gets its stripe in t3
+    SW3>7@t3       send this rank's stripe of chunk 3 to rank 7 (the same local index on another node)
+    RT3<5@s0       receive this rank's stripe of chunk 3 from rank 5 into its part of slot 0
+    AW3@s0         all-gather chunk 3's stripes in the node: every rank then has the whole chunk in slot 0
     BW3^5@s0       broadcast chunk 3's weights in the node from rank 5, into slot 0
     RG3^5@g1       reduce chunk 3's gradients in the node onto rank 5
     SG3>5@g1       send chunk 3's gradient sum to rank 5
@@ -55,14 +61,24 @@ class Op(str, Enum):
     ACC_G = "AG"
     ADD_G = "GA"
     EXCHANGE_G = "XG"
+    SCATTER_W = "PW"
+    RECV_STRIPE_W = "RT"
+    GATHER_W = "AW"
     BARRIER = "BAR"
 
 
 COMPUTE_OPS = frozenset({Op.FORWARD, Op.BACKWARD})
-ASYNC_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.EXCHANGE_G})
-P2P_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G})
-COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G, Op.EXCHANGE_G})
-WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W})
+ASYNC_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.EXCHANGE_G,
+                       Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W})
+P2P_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G, Op.RECV_STRIPE_W})
+COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G, Op.EXCHANGE_G, Op.SCATTER_W, Op.GATHER_W})
+WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W})
+
+
+def is_stripe(action: Action) -> bool:
+    """Whether ``action`` moves one rank's stripe of its chunk (``1 / G`` of it) rather than the whole chunk: a
+    stripe receive, or a send from a stripe buffer ``t<c>``."""
+    return action.op is Op.RECV_STRIPE_W or (action.op is Op.SEND_W and action.buf[:1] == "t")
 
 
 def channel(action: Action) -> tuple:
@@ -80,10 +96,11 @@ def channel(action: Action) -> tuple:
 
 def deferrable(action: Action, rank: int) -> bool:
     """Whether the engine may post ``action`` later than its place in the program, once its input is ready, instead
-    of blocking the host on that input: a node's gradient send (its input is the reduce before it) and a relay's
-    broadcast (its input is the inter-node receive before it). Both inputs complete without this rank doing anything
-    more, which is what makes deferring them safe (``runtime/engine.py``)."""
-    return action.op is Op.SEND_G or (action.op is Op.BCAST_W and action.peer == rank)
+    of blocking the host on that input: a node's gradient send (its input is the reduce before it), a relay's
+    broadcast (its input is the inter-node receive before it) and a node's all-gather of stripes (its input is the
+    rank's own stripe receive). These inputs complete without this rank doing anything more, which is what makes
+    deferring them safe (``runtime/engine.py``)."""
+    return action.op is Op.SEND_G or action.op is Op.GATHER_W or (action.op is Op.BCAST_W and action.peer == rank)
 
 
 def user_code_follows(program: tuple[Action, ...], j: int) -> bool:
@@ -136,8 +153,12 @@ class Action:
             return {b}, set()
         if op is Op.BACKWARD:
             return {b}, {b2}
-        if op in (Op.RELEASE, Op.RECV_W, Op.RECV_G):
+        if op in (Op.RELEASE, Op.RECV_W, Op.RECV_G, Op.RECV_STRIPE_W):
             return set(), {b}
+        if op is Op.GATHER_W:  # every member writes the whole slot (its own part is read as the input)
+            return {b}, {b}
+        if op is Op.SCATTER_W:
+            return ({"own"}, {b}) if self.peer == rank else (set(), {b})
         if op is Op.COPY_W:
             return {"own"}, {b}
         if op is Op.BCAST_W:
@@ -160,7 +181,8 @@ class Action:
         if self.mb >= 0:
             s += f".{self.mb}"
         if self.peer >= 0:
-            s += {Op.SEND_W: ">", Op.SEND_G: ">", Op.RECV_W: "<", Op.RECV_G: "<"}.get(self.op, "^") + str(self.peer)
+            s += {Op.SEND_W: ">", Op.SEND_G: ">", Op.RECV_W: "<", Op.RECV_G: "<", Op.RECV_STRIPE_W: "<"}.get(
+                self.op, "^") + str(self.peer)
         s += f"@{self.buf}"
         if self.buf2:
             s += ("+" if self.op is Op.ADD_G else ">") + self.buf2
@@ -183,7 +205,7 @@ class ActionPool:
 
 
 _ACTION_RE = re.compile(
-    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|XG|F|B|X)"
+    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|XG|PW|RT|AW|F|B|X)"
     r"(?:(?P<chunk>\d+)(?:\.(?P<mb>\d+))?(?:[<>^](?P<peer>\d+))?@(?P<buf>\w+)(?:[>+](?P<buf2>\w+))?)?$"
 )
 

@@ -43,6 +43,15 @@ its node's last gradient of a mirrored chunk right behind the reduce (waiting fo
 posts the exchange (``XG``) at once, so chunk 1's overlaps ``B0``; within that last backward the engine already
 sends the finished units' part (``runtime/engine.py``), so chunk 0's overlaps ``B0`` too. Otherwise the strategy sums
 after the iteration (``Pipeline.finalize_gradients``).
+
+**Striped weights** (``stripe``): without it, a remote chunk crosses into a node on one rail, between the owner and
+the rank of its local index, and is broadcast from there; a node with one NIC per device leaves the other NICs idle
+for that transfer. With it, every rank of the owner's node first gets its ``1 / G`` stripe of each chunk owned in the
+node (a scatter at the head of the iteration, over the fast links, ``PW``; the owner's copy does not change during an
+iteration), every rank of a fetching node receives its stripe from the rank of its own local index (``RT``), posted
+where the relay's receive was, and the node all-gathers the stripes (``AW``) where the relay broadcast. So each
+transfer uses all ``G`` rails, each for ``1 / G`` of the bytes. Gradients still travel as before: reduced onto the
+rank of the owner's local index and sent on its rail.
 """
 
 from __future__ import annotations
@@ -99,6 +108,7 @@ def build_tawpipe(
     reuse: int | None = None,
     replicate_first_chunk: bool | int = False,
     exchange: bool = False,
+    stripe: bool = False,
 ) -> Schedule:
     """Programs for every rank of one TawPipe iteration (``topo.world_size`` chunks, one per rank).
 
@@ -113,10 +123,12 @@ def build_tawpipe(
     ``grad_buffers`` defaults by the node count (:func:`default_grad_buffers`). ``replicate_first_chunk`` gives every
     other node a mirror of chunk 0 (``True``) or of the first ``k`` chunks (an int), and ``exchange`` sums their
     gradients between the holders inside the program (see the module doc; nothing changes on one node).
+    ``stripe`` moves remote weights in stripes over every rail of a node (module doc; nothing changes on one node or
+    with one rank per node).
     """
     with gc_paused():
         return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse,
-                      mirrored_chunk_count(replicate_first_chunk, topo.world_size), exchange)
+                      mirrored_chunk_count(replicate_first_chunk, topo.world_size), exchange, stripe)
 
 
 def mirrored_chunk_count(replicate_first_chunk: bool | int, n_chunks: int) -> int:
@@ -142,7 +154,7 @@ def chunk_mirrors(topo: Topology, n_mirrored: int) -> tuple[tuple[int, ...], ...
 
 
 def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse, n_mirrored,
-           exchange) -> Schedule:
+           exchange, stripe) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
     grad_buffers = default_grad_buffers(topo, grad_buffers)
     if prefetch < 1:
@@ -157,6 +169,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
     mirrors = chunk_mirrors(topo, n_mirrored)
     n_mirrored = len(mirrors)
     exchange = exchange and train and n_mirrored > 0
+    stripe = stripe and topo.n_groups > 1 and topo.group_size > 1
     steps = sample_major_steps(n_chunks, n_microbatches, train)
     backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
     reuse = default_reuse(prefetch, reuse)
@@ -181,12 +194,24 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                 group.add(root, issue, action(Op.COPY_W, load.chunk, buf=slot))
             else:
                 root = node * G + owner % G
-                group.add(root, issue, action(Op.RECV_W, load.chunk, peer=owner, buf=slot))
                 tick = issue + node
-                weight_sends[owner].append((tick, root, action(Op.SEND_W, load.chunk, peer=root, buf="own")))
+                if stripe:  # every rank receives its stripe from the rank of its local index in the owner's node
+                    owner_node = owner // G
+                    stripes = f"t{load.chunk}"
+                    for k in range(G):
+                        src, dst = owner_node * G + k, node * G + k
+                        group.add(dst, issue, action(Op.RECV_STRIPE_W, load.chunk, peer=src, buf=slot))
+                        weight_sends[src].append((tick, dst, action(Op.SEND_W, load.chunk, peer=dst, buf=stripes)))
+                else:
+                    group.add(root, issue, action(Op.RECV_W, load.chunk, peer=owner, buf=slot))
+                    weight_sends[owner].append((tick, root, action(Op.SEND_W, load.chunk, peer=root, buf="own")))
                 # relay one compute before the first use: the inter-node receive overlaps every compute from
                 # the slot's release until then, the (faster) intra-node broadcast the last one
                 bcast_point = min(max(issue + 1, load.first - 2), load.first - 1)
+                if stripe:
+                    group.shared(bcast_point).append(action(Op.GATHER_W, load.chunk, buf=slot))
+                    group.shared(load.last).append(releases[i])
+                    continue
             if G > 1:
                 group.shared(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
             group.shared(load.last).append(releases[i])
@@ -196,7 +221,11 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
 
     programs: dict[int, tuple[Action, ...]] = {}
     for node, group in enumerate(groups):
+        # striped: the node's ranks first take their stripes of every chunk owned here that other nodes fetch
+        scatters = [action(Op.SCATTER_W, c, peer=owners[c], buf=f"t{c}") for c in range(n_mirrored, n_chunks)
+                    if stripe and owners[c] // G == node]
         for rank in topo.group_ranks(node):
+            group.head[rank] += scatters
             group.head[rank] += [a for _, _, a in sorted(weight_sends[rank], key=lambda t: (t[0], t[1]))]
             _place_arrivals(group, rank, arrivals[rank], node, recv_buffers, action)
         programs.update(group.build())
@@ -214,6 +243,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         reuse=reuse,
         mirrors=mirrors,
         exchanges=exchange,
+        striped=stripe,
     )
 
 

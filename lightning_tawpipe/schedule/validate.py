@@ -5,7 +5,8 @@ when matched (a P2P send with the receive of the same pair and lane, in order; a
 node has posted it); an action waits for earlier conflicting actions on the same buffer. It tracks *what* each
 buffer holds, so it checks more than "no deadlock":
 
-* every compute step finds the right chunk's weights, copied from that chunk's owner, in its slot;
+* every compute step finds the right chunk's weights, copied from that chunk's owner, in its slot (striped: each
+  rank's stripe scattered from the owner, received from the rank of the same local index, and all-gathered);
 * a slot is never overwritten while it holds a chunk that was not released, and all are released at the end;
 * P2P pairs and collectives agree on chunk, root and kind;
 * every owner's accumulator ends with exactly one gradient contribution from every (rank, micro-batch) (a mirrored
@@ -76,7 +77,7 @@ def validate(schedule: Schedule) -> None:
 # -- the decoded form of an action ------------------------------------------------------------------------------------
 
 # kinds, in the order the simulator tests them (the P2P ones consecutive: `kind <= _QG` once the others are out)
-_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _CW, _AG, _GA, _BAR, _XG, _UNKNOWN = range(15)
+_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _RT, _CW, _AG, _GA, _BAR, _XG, _PW, _AW, _UNKNOWN = range(18)
 # op -> (kind, lane, posted op reads its buffer): lane "W" = 1 > "G" = 0 keeps the key order of (src, dst, lane);
 # a P2P send reads its buffer, a receive writes it; a broadcast's root reads it, other members write it
 _KIND = {
@@ -84,12 +85,14 @@ _KIND = {
     Op.REDUCE_G.value: (_RG, 0, 1), Op.BACKWARD.value: (_B, -1, 0), Op.SEND_W.value: (_SW, 1, 1),
     Op.RECV_W.value: (_RW, 1, 0), Op.SEND_G.value: (_SG, 0, 1), Op.RECV_G.value: (_QG, 0, 0),
     Op.COPY_W.value: (_CW, -1, 0), Op.ACC_G.value: (_AG, -1, 0), Op.ADD_G.value: (_GA, -1, 0),
-    Op.BARRIER.value: (_BAR, -1, 0), Op.EXCHANGE_G.value: (_XG, -1, 0),
+    Op.BARRIER.value: (_BAR, -1, 0), Op.EXCHANGE_G.value: (_XG, -1, 0), Op.RECV_STRIPE_W.value: (_RT, 1, 0),
+    Op.SCATTER_W.value: (_PW, 1, 0), Op.GATHER_W.value: (_AW, 1, 0),
 }
 
 _BUFFER_IDS: dict[str, int] = {"own": 0, "": 1}  # every buffer name seen -> a small int (stable for the process)
 _BUFFER_NAMES: list[str] = ["own", ""]
 _WEIGHTS: dict[int, tuple] = {}  # chunk -> its one ("W", chunk) content tuple
+_STRIPES: dict[tuple[int, int], tuple] = {}  # (chunk, local index) -> its one ("WS", chunk, local index) content
 _REGISTER = threading.Lock()  # the tables above are shared by every validation in the process
 
 
@@ -105,6 +108,13 @@ def _buffer_id(name: str) -> int:
 def _weights(chunk: int) -> tuple:
     with _REGISTER:
         return _WEIGHTS.setdefault(chunk, ("W", chunk))
+
+
+def _stripe(chunk: int, local: int) -> tuple:
+    """The content "stripe ``local`` of chunk ``chunk``'s weights" (what a rank of that local index holds in ``t<c>``
+    after the scatter, and in its part of a slot after its stripe receive)."""
+    with _REGISTER:
+        return _STRIPES.setdefault((chunk, local), ("WS", chunk, local))
 
 
 def _decode(a: Action) -> tuple:
@@ -283,7 +293,7 @@ class _Simulator:
                         self._fail(rank, a, f"slot {a.buf} holds {_show(buffers[b], P)}, not chunk {a.chunk}'s "
                                             "weights")
                     buffers[c[2]] = ("G", c[3], 1 << (c[6] * P + rank))
-                elif kind <= _QG:  # P2P: a send reads its buffer, a receive writes it
+                elif kind <= _RT:  # P2P: a send reads its buffer, a receive writes it
                     b, peer = c[1], c[4]
                     if c[8]:
                         if busy[b] >= W:
@@ -370,6 +380,20 @@ class _Simulator:
         elif kind == _GA:  # reads both, writes the first
             if busy[b] or busy[b2] >= W:
                 return False
+        elif kind == _PW or kind == _AW:  # the node's weight collectives: write t<c> / the slot (the root reads own)
+            root = kind == _PW and a.peer == rank
+            if busy[b] or (root and busy[0] >= W):
+                return False
+            busy[b] += W
+            busy[0] += root
+            key = (rank // self.G) * 2 + 1
+            queue = self.collectives[key][rank % self.G]
+            if not queue:
+                self.posted[key] += 1
+                if self.posted[key] == self.G:
+                    self.ready_coll.append(key)
+            queue.append(a)
+            return True
         elif kind == _XG:  # posted: writes the accumulator until every holder of the rail has posted
             if busy[b]:
                 return False
@@ -464,7 +488,12 @@ class _Simulator:
                 content = buffers[src][b]
                 if content is None or content[1] != send.chunk:
                     self._fail(src, send, f"sends {send.buf} holding {_show(content, P)}")
-                if recv.op is Op.RECV_W and buffers[dst][rb] is not None:
+                if (recv.op is Op.RECV_STRIPE_W) != (content[0] == "WS"):
+                    self._fail(dst, recv, f"receives {_show(content, P)} from rank {src}'s {send.buf}")
+                if content[0] == "WS" and content[2] != dst % self.G:
+                    self._fail(dst, recv, f"receives stripe {content[2]} of chunk {send.chunk} in the part of "
+                                          f"local index {dst % self.G}")
+                if recv.op in (Op.RECV_W, Op.RECV_STRIPE_W) and buffers[dst][rb] is not None:
                     self._fill_slot(dst, recv, rb, content)  # fails: a slot is only filled when released
                 buffers[dst][rb] = content
                 # both completed: they no longer block their ranks, which may now move on
@@ -494,6 +523,9 @@ class _Simulator:
             for i, a in enumerate(ops):
                 if (a.op, a.chunk, a.peer) != (first.op, first.chunk, first.peer):
                     self._fail(base + i, a, f"collective mismatch in the node: rank {base} posted {first}")
+        if first.op is Op.GATHER_W or first.op is Op.SCATTER_W:
+            self._complete_stripes(base, ops)
+            return
         root = first.peer
         if not base <= root < base + G:
             self._fail(base, first, f"root {root} is not in the node {self.topo.group_ranks(group)}")
@@ -534,6 +566,32 @@ class _Simulator:
                 queued[rank] = True
                 runnable.append(rank)
         buffers[root][ops[root - base]._sim[1]] = ("G", chunk, union)
+
+    def _complete_stripes(self, base: int, ops: list[Action]) -> None:
+        """A node's scatter of a chunk's stripes (each rank gets its own into ``t<c>``, from the owner's copy) or
+        all-gather of them (every rank must hold its own stripe in the slot; all then hold the whole chunk)."""
+        first, P, W = ops[0], self.world, self.W
+        chunk = first.chunk
+        for i, a in enumerate(ops):
+            rank, b = base + i, a._sim[1]
+            row = self.buffers[rank]
+            if first.op is Op.SCATTER_W:
+                if i == 0:
+                    owner = first.peer
+                    if not base <= owner < base + self.G or self.s.owners[chunk] != owner:
+                        self._fail(rank, a, f"scatters chunk {chunk} from rank {owner}, not from its owner in the node")
+                    self.busy[owner][0] -= 1
+                if row[b] is not None:
+                    self._fail(rank, a, f"overwrites {a.buf} while it still holds {_show(row[b], P)}")
+                row[b] = _stripe(chunk, i)
+            else:
+                if row[b] is not _stripe(chunk, i):
+                    self._fail(rank, a, f"all-gathers chunk {chunk} but its part of {a.buf} holds {_show(row[b], P)}")
+            self.busy[rank][b] -= W
+            self._wake(rank)
+        if first.op is Op.GATHER_W:
+            for i, a in enumerate(ops):
+                self.buffers[base + i][a._sim[1]] = first._sim[5]
 
     # -- final checks ---------------------------------------------------------------------------------------------
     def _check_final_state(self) -> None:
