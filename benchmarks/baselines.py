@@ -171,7 +171,7 @@ class ComputeOnlyStrategy(DDPStrategy):
 def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
     activation_checkpointing: bool = False, reuse: int | None = None, partition: Any = "parameters",
-    grad_buffers: int | None = None, replicate_first_chunk: bool | int = False,
+    grad_buffers: int | None = None, replicate_first_chunk: bool | int = False, stripe: bool = False,
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -187,6 +187,7 @@ def make_strategy(
         grad_buffers: TawPipe's gradient buffers (``>= 2``; ``None``: its default); ignored by every other strategy.
         replicate_first_chunk: TawPipe's mirrors of chunk 0 (or the first N chunks) on every node; ignored by the
             others.
+        stripe: TawPipe's striped weight transfers over every rank's rail; ignored by the others.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -202,7 +203,8 @@ def make_strategy(
                                activation_checkpointing=activation_checkpointing, partition=partition,
                                reuse=reuse if name == "tawpipe" else None,
                                grad_buffers=grad_buffers if name == "tawpipe" else None,
-                               replicate_first_chunk=replicate_first_chunk if name == "tawpipe" else False)
+                               replicate_first_chunk=replicate_first_chunk if name == "tawpipe" else False,
+                               stripe=stripe and name == "tawpipe")
     if name == "ddp":
         return "ddp"
     if name == "compute":

@@ -67,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_buffers", type=int, default=0, help="TawPipe gradient buffers (>= 2; 0: by node count)")
     p.add_argument("--replicate_first_chunk", type=int, nargs="?", const=1, default=0,
                    help="TawPipe: mirror chunk 0 (or the first N chunks) on every node")
+    p.add_argument("--stripe", action="store_true", help="TawPipe: move remote weights in stripes over every rail")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="TawPipe/WeiPipe chunks: parameters, uniform, or units per chunk (2,2,3,3)")
     p.add_argument("--steps", type=int, default=6)
@@ -147,7 +148,7 @@ def main() -> None:
     strategy = make_strategy(a.strategy, topology=(a.num_nodes, a.devices), n_microbatches=a.n_microbatches,
                              prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing,
                              reuse=a.reuse or None, partition=a.partition, grad_buffers=a.grad_buffers or None,
-                             replicate_first_chunk=a.replicate_first_chunk)
+                             replicate_first_chunk=a.replicate_first_chunk, stripe=a.stripe)
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         precision=a.precision,

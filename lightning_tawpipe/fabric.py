@@ -85,7 +85,7 @@ from lightning_tawpipe.checkpoint_io import read_meta
 from lightning_tawpipe.fabric_precision import TawPipeFabricPrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
-from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk
+from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
 from lightning_tawpipe.environment import TawPipeEnvironment, check_knobs
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.strategy import DEFAULT_TIMEOUT
@@ -163,6 +163,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             of every other node, so they never cross nodes and their gradients are summed by one exchange per
             optimizer step instead of a round trip between iterations (TawPipe schedule, several nodes; default
             False). An iteration outside ``fabric.no_backward_sync`` sums their gradients inside its program.
+        stripe: move remote chunks' weights in stripes over every rank's own NIC, all-gathered in the receiving node
+            (TawPipe schedule; default False): for nodes with one NIC per device (see ``TawPipeStrategy``).
     """
 
     strategy_name = "tawpipe"
@@ -191,6 +193,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         check_finite_loss: bool = True,
         replicate_first_chunk: bool | int = False,
+        stripe: bool = False,
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
@@ -199,6 +202,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
                                process_group_backend, timeout, start_method, check_finite_loss)
         check_replicate_first_chunk(replicate_first_chunk, schedule, n_replicas=1)
         self.replicate_first_chunk = replicate_first_chunk
+        check_stripe(stripe, schedule)
+        self.stripe = stripe
         self._backward_sync_control = _TawPipeBackwardSyncControl(self)
         self._accumulating = False  # inside fabric.no_backward_sync: no optimizer step follows this iteration
         self.pipeline: Optional[Pipeline] = None
@@ -310,6 +315,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             p2p_groups=self.p2p_groups or ("directed" if self._process_group_backend == "nccl" else "rail"),
             activation_checkpointing=self.activation_checkpointing,
             replicate_first_chunk=self.replicate_first_chunk,
+            stripe=self.stripe,
         )
         rank_zero_info(self.pipeline.describe())
         if self.meta_init and not self.pipeline.meta_init:

@@ -55,7 +55,7 @@ from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
-from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk
+from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,12 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             of the round trip, and no chunk-0 weight traffic between nodes, for chunk 0's state once more per node.
             An int ``k`` mirrors the first ``k`` chunks: with ``2`` chunk 1's round trip (which binds next, over slow
             links) goes too, and its exchange overlaps chunk 0's backward in the iteration that ends the step.
+        stripe: move every remote chunk's weights in stripes (``bool``, default False; TawPipe schedule): each rank
+            of the owner's node sends ``1 / G`` of it over its own NIC to the rank of its local index, and the
+            receiving node all-gathers them over its fast links, instead of one rank pair carrying the whole chunk.
+            For nodes with one NIC per device (multi-rail), where one pair's transfer leaves the other NICs idle;
+            with a single shared NIC it only adds the all-gather (``python -m lightning_tawpipe.plan --nics N
+            --stripe both`` predicts it). Gradients still go to the owner on one rail.
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
@@ -158,6 +164,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         group_size: Optional[int] = None,
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
         replicate_first_chunk: bool | int = False,
+        stripe: bool = False,
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,
@@ -198,6 +205,8 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                                process_group_backend, timeout, start_method, check_finite_loss)
         check_replicate_first_chunk(replicate_first_chunk, schedule, replicas)
         self.replicate_first_chunk = replicate_first_chunk
+        check_stripe(stripe, schedule)
+        self.stripe = stripe
         self.log_comm_stats = log_comm_stats
         self.async_checkpointing = bool(async_checkpointing)
         self.init_weights, self.init_weights_strict = init_weights, bool(init_weights_strict)
@@ -326,6 +335,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 initial_state_strict=self.init_weights_strict,
                 replicas=self.replica_layout,
                 replicate_first_chunk=self.replicate_first_chunk,
+                stripe=self.stripe,
             )
             if self.pipeline.replicas.n_replicas > 1:
                 self.outer = OuterLoop.build(self.pipeline, self.outer_config)

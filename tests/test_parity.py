@@ -13,7 +13,11 @@ import torch
 from litgpt import GPT
 
 from lightning_tawpipe.module import tiny_llama_config
+from lightning_tawpipe.partition import partition_units
 from lightning_tawpipe.runtime.units import find_units
+from lightning_tawpipe.schedule import Op, build_tawpipe
+from lightning_tawpipe.schedule.actions import is_stripe
+from lightning_tawpipe.topology import Topology
 
 COMMON = ("--steps", "5", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--batch_size", "4",
           "--val_batches", "2")
@@ -34,13 +38,15 @@ def _assert_same_training(result: dict, reference: dict) -> None:
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
 
 
-def _assert_sharded(result: dict, reference: dict, world: int) -> None:
-    """Model state is split over ranks, sums to DDP's per-rank total, and no rank keeps module weights resident."""
+def _assert_sharded(result: dict, reference: dict, world: int, mirrors: int = 0) -> None:
+    """Model state is split over ranks, sums to DDP's per-rank total (plus ``mirrors`` copies of chunk 0's, which
+    rank 0 owns), and no rank keeps module weights resident."""
     per_rank = result["model_state_bytes"]
     ddp_total = reference["model_state_bytes"][0]  # every DDP rank holds everything: weights+grads+AdamW moments
     assert len(per_rank) == world
-    assert abs(sum(per_rank) - ddp_total) <= 64 * world  # AdamW's per-parameter step counters differ
-    assert max(per_rank) <= 1.6 * ddp_total / world
+    # AdamW's per-parameter step counters differ
+    assert abs(sum(per_rank) - ddp_total - mirrors * per_rank[0]) <= 64 * world
+    assert max(per_rank) <= 1.6 * ddp_total / world + (per_rank[0] if mirrors else 0)  # a mirror holds two chunks
     assert result["resident_params"] == [0] * world
 
 
@@ -69,6 +75,16 @@ def _assert_sharded(result: dict, reference: dict, world: int) -> None:
         ),
         pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
+             "--stripe"),
+            4, 1, id="4procs-as-2x2-striped-mb2-prefetch2",
+        ),
+        pytest.param(
+            ("--devices", "6", "--group_size", "3", "--n_layer", "4", "--n_microbatches", "2", "--prefetch", "1",
+             "--stripe", "--replicate_first_chunk", "--activation_checkpointing"),
+            6, 1, id="6procs-as-2x3-striped-padded-mirrored-mb2-prefetch1-recompute",
+        ),
+        pytest.param(
+            ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
              "--schedule", "weipipe", "--activation_checkpointing"),
             4, 1, id="weipipe-4-mb2-interleaved-recompute",
         ),
@@ -86,13 +102,26 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
     result = train_job(*COMMON, "--strategy", "tawpipe", *tawpipe_args, node_ranks=node_ranks, launcher=launcher)
     reference = train_job(*COMMON, "--strategy", "ddp", "--devices", str(world), "--n_layer", n_layer)
     _assert_same_training(result, reference)
-    _assert_sharded(result, reference, world)
+    mirrored = "--replicate_first_chunk" in tawpipe_args
+    group = int(_arg(tawpipe_args, "--group_size")) or world // node_ranks
+    _assert_sharded(result, reference, world, mirrors=world // group - 1 if mirrored else 0)
     if world > 1:
         assert "TawPipe layout" in result["log"]
     if "--grad_buffers" in tawpipe_args:  # the knob reached the schedule the engine ran
         assert "grad_buffers=3" in result["log"]
     if request.node.callspec.id.startswith("6procs-as-3x2"):  # three nodes: a third gradient buffer by default
         assert "3 node(s) x 2 rank(s)" in result["log"] and "grad_buffers=3" in result["log"]
+    if "--stripe" in tawpipe_args:  # every rank carries its stripe over its own rail: the bytes the program says
+        assert f"striped over {group} rails" in result["log"]
+        schedule = build_tawpipe(Topology(world // group, group), int(_arg(tawpipe_args, "--n_microbatches")),
+                                 prefetch=int(_arg(tawpipe_args, "--prefetch")), stripe=True,
+                                 replicate_first_chunk=int(mirrored), exchange=True)
+        numel = _chunk_numel(int(n_layer), world)
+        for rank, per_step in enumerate(result["comm_per_rank"]):
+            inter, intra = _program_bytes(schedule, numel, rank)
+            assert inter > 0, rank  # not only the relays: every rank of a node receives and sends stripes
+            if not mirrored:  # (a mirror's exchange comes on top, in per-unit pieces: counted in its own tests)
+                assert all(step == [inter, intra] for step in per_step), (rank, per_step, [inter, intra])
     if "--partition" in tawpipe_args:  # each rank owns exactly the units it was told: state = 16 B per parameter
         counts = [int(n) for n in tawpipe_args[tawpipe_args.index("--partition") + 1].split(",")]
         units = [u.numel() for u in find_units(GPT(tiny_llama_config(n_layer=int(n_layer), n_embd=32)))]
@@ -115,33 +144,49 @@ def test_accumulate_grad_batches_matches_ddp(train_job):
         torch.testing.assert_close(result["state_dict"][name], ref, rtol=0, atol=1e-4, msg=name)
 
 
+def _arg(args: tuple, name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def _chunk_numel(n_layer: int, world: int) -> list[int]:
+    """Parameters per chunk of the test model (``COMMON``'s n_embd 32, block 32) cut over ``world`` chunks."""
+    units = find_units(GPT(tiny_llama_config(n_layer=n_layer, n_embd=32, block_size=32)))
+    return [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], world)]
+
+
+def _program_bytes(schedule, chunk_numel: list[int], rank: int, itemsize: int = 4) -> tuple[int, int]:
+    """(inter-node, intra-node) bytes ``rank``'s program sends: a P2P send its buffer (a stripe: ``1 / G`` of the
+    chunk, rounded up), a broadcast's root one copy per other member, a reduce's member its buffer, a scatter's root
+    and every member of an all-gather one stripe per other member."""
+    topo = schedule.topology
+    G = topo.group_size
+    inter = intra = 0
+    for a in schedule.program(rank):
+        whole = chunk_numel[a.chunk] * itemsize
+        stripe = -(-chunk_numel[a.chunk] // G) * itemsize
+        if a.op in (Op.SEND_W, Op.SEND_G):
+            nbytes = stripe if is_stripe(a) else whole
+            if topo.same_group(rank, a.peer):
+                intra += nbytes
+            else:
+                inter += nbytes
+        elif a.op is Op.BCAST_W and a.peer == rank:
+            intra += whole * (G - 1)
+        elif a.op is Op.REDUCE_G and a.peer != rank:
+            intra += whole
+        elif (a.op is Op.SCATTER_W and a.peer == rank) or a.op is Op.GATHER_W:
+            intra += stripe * (G - 1)
+    return inter, intra
+
+
 def test_engine_accounting_equals_schedule(train_job):
     """Every rank's measured inter- and intra-node bytes per step equal what its program says it sends."""
-    from lightning_tawpipe.module import tiny_llama_config
-    from lightning_tawpipe.partition import partition_units
-    from lightning_tawpipe.runtime.units import find_units
-    from lightning_tawpipe.schedule import Op, build_tawpipe
-    from lightning_tawpipe.topology import Topology
-    from litgpt import GPT
-
     args = ("--devices", "2", "--num_nodes", "2", "--group_size", "0", "--n_layer", "5", "--n_microbatches", "2",
             "--prefetch", "1")
     result = train_job(*COMMON, "--strategy", "tawpipe", *args, node_ranks=2)
-    units = find_units(GPT(tiny_llama_config(n_layer=5, n_embd=32, block_size=32)))
-    chunk_numel = [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], 4)]
-    topo = Topology(2, 2)
-    schedule = build_tawpipe(topo, n_microbatches=2, prefetch=1)
+    schedule = build_tawpipe(Topology(2, 2), n_microbatches=2, prefetch=1)
     for rank, per_step in enumerate(result["comm_per_rank"]):
-        inter = intra = 0
-        for a in schedule.program(rank):
-            nbytes = chunk_numel[a.chunk] * 4
-            if a.op in (Op.SEND_W, Op.SEND_G):
-                inter += nbytes if not topo.same_group(rank, a.peer) else 0
-                intra += nbytes if topo.same_group(rank, a.peer) else 0
-            elif a.op is Op.BCAST_W and a.peer == rank:
-                intra += nbytes * (topo.group_size - 1)
-            elif a.op is Op.REDUCE_G and a.peer != rank:
-                intra += nbytes
+        inter, intra = _program_bytes(schedule, _chunk_numel(5, 4), rank)
         assert inter > 0
         for step in per_step:
             assert step == [inter, intra], f"rank {rank}: measured {step}, schedule says {[inter, intra]}"

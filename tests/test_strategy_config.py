@@ -112,6 +112,8 @@ def test_topology_follows_nodes_and_group_size():
         ({"replicate_first_chunk": 1.0}, "replicate_first_chunk must be True, False or a number of leading chunks"),
         ({"schedule": "weipipe", "replicate_first_chunk": True}, "replicate_first_chunk=True needs schedule='tawpipe'"),
         ({"replicas": 2, "replicate_first_chunk": True}, r"and one replica .*replicas=2"),
+        ({"stripe": 1}, "stripe must be True or False"),
+        ({"schedule": "weipipe", "stripe": True}, r"stripe=True needs schedule='tawpipe' \(the WeiPipe ring"),
     ],
 )
 def test_bad_knobs_raise_at_construction(kwargs, match):

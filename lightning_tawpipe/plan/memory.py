@@ -46,6 +46,12 @@ def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel
             held[r] += chunk_numel[c]
     states = max([biggest, *held]) * state_bytes_per_param(w)
     working = schedule.n_slots * biggest * w.weight_bytes
+    if schedule.striped:  # each rank's stripes of the chunks owned in its node (t<c>), the largest node's
+        G = schedule.topology.group_size
+        stripes = [0] * schedule.topology.n_groups
+        for c in range(len(schedule.mirrors), len(chunk_numel)):
+            stripes[schedule.owners[c] // G] += -(-chunk_numel[c] // G)
+        working += max(stripes) * w.weight_bytes
     if schedule.train:
         working += (schedule.n_grad_buffers + schedule.n_recv_buffers) * biggest * w.weight_bytes
     in_flight = 1.0 if kind == "tawpipe" else min(w.n_microbatches, 2)  # WeiPipe overlaps two micro-batches

@@ -44,14 +44,15 @@ from lightning_tawpipe.schedule.actions import (
     buffers_conflict,
     channel,
     deferrable,
+    is_stripe,
     user_code_follows,
 )
 from lightning_tawpipe.schedule.program import Schedule
 
 _LOCAL = (Op.COPY_W, Op.ACC_G, Op.ADD_G)
 _P2P_SEND = (Op.SEND_W, Op.SEND_G)
-_P2P_RECV = (Op.RECV_W, Op.RECV_G)
-_WEIGHT_LANE = (Op.SEND_W, Op.RECV_W, Op.BCAST_W)
+_P2P_RECV = (Op.RECV_W, Op.RECV_G, Op.RECV_STRIPE_W)
+_WEIGHT_LANE = (Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W)
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,8 @@ class _Sim:
             self._matched(now, make([q.popleft() for q in queues], key))
 
     def _bytes(self, a: Action) -> float:
-        return (self.costs.weight_bytes if a.op in _WEIGHT_LANE else self.costs.grad_bytes)[a.chunk]
+        nbytes = (self.costs.weight_bytes if a.op in _WEIGHT_LANE else self.costs.grad_bytes)[a.chunk]
+        return nbytes / self.topo.group_size if is_stripe(a) else nbytes
 
     def _p2p_transfer(self, send: _Posted, recv: _Posted, key: tuple) -> _Transfer:
         src, dst = send.rank, recv.rank
@@ -326,13 +328,24 @@ class _Sim:
         return rank // self.c.devices_per_node
 
     def _collective(self, members: list[_Posted], key: tuple) -> _Transfer:
+        """A node's broadcast or reduce: the buffer flows through every member's links (pipelined). The striped
+        weights' all-gather (each member sends its ``1 / G`` to the others) and scatter (the root sends each member
+        its ``1 / G``) move ``(G - 1) / G`` of the chunk through each link they use."""
         P = self.c.world_size
         ranks = [m.rank for m in members]
+        first = members[0].action
         resources = tuple(ranks) + tuple(P + x for x in ranks) + self.cpu_res
-        nbytes = self._bytes(members[0].action)
+        nbytes, receivers = self._bytes(first), len(ranks) - 1
+        if first.op is Op.GATHER_W or first.op is Op.SCATTER_W:
+            nbytes *= (len(ranks) - 1) / len(ranks)
+            if first.op is Op.GATHER_W:
+                receivers = len(ranks)  # every member receives (G - 1) / G of the chunk
+            else:
+                receivers = 1  # the root's (G - 1) / G leaves through its link once, split among the members
+                resources = (first.peer,) + tuple(P + x for x in ranks if x != first.peer) + self.cpu_res
         hops = max(1, (len(ranks) - 1).bit_length())  # tree depth: latency grows with log2 of the node size
         return _Transfer(tuple(members), nbytes, resources, hops * self.c.intra_latency, ("c",) + key, False,
-                         len(ranks) - 1, self._node(ranks[0]), self.c.intra_bw)
+                         receivers, self._node(ranks[0]), self.c.intra_bw)
 
     def _exchange(self, members: list[_Posted], key: tuple) -> _Transfer:
         """A ring all-reduce between the holders (one per node): each sends and receives ``2 (N - 1) / N`` of the

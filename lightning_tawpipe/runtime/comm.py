@@ -176,6 +176,20 @@ class Comm:
         group = self.lanes[lane].node_group
         return dist.reduce(tensor, group=group, group_dst=self.topo.local_index(root), op=dist.ReduceOp.SUM, async_op=True)
 
+    def scatter(self, out: torch.Tensor, pieces: list[torch.Tensor] | None, root: int, lane: str):
+        """Give each rank of the node its piece of the root's ``pieces`` (the root's own lands in its ``out`` too):
+        the stripes of a chunk owned in the node, before its ranks send them on over their rails."""
+        if root == self.rank:
+            self._count(out.numel() * out.element_size() * (self.topo.group_size - 1), True, lane)
+        group = self.lanes[lane].node_group
+        return dist.scatter(out, pieces, group=group, group_src=self.topo.local_index(root), async_op=True)
+
+    def all_gather(self, out: torch.Tensor, piece: torch.Tensor, lane: str):
+        """Assemble the node's pieces into ``out`` on every rank (``piece`` may be this rank's part of ``out``): the
+        stripes of a remote chunk, which each rank received over its own rail."""
+        self._count(piece.numel() * piece.element_size() * (self.topo.group_size - 1), True, lane)
+        return dist.all_gather_into_tensor(out, piece, group=self.lanes[lane].node_group, async_op=True)
+
     # -- between steps --------------------------------------------------------------------------------------------
     def all_reduce_rail(self, tensor: torch.Tensor, between_steps: bool = False):
         """Post the sum of ``tensor`` over this rank's rail (its local index on every node) and return the work: the

@@ -106,6 +106,9 @@ _POSTED = {
     Op.REDUCE_G: ("reduce", "grads"),
     Op.SEND_G: ("isend", "grads"),
     Op.RECV_G: ("irecv", "grads"),
+    Op.SCATTER_W: ("scatter", "weights"),
+    Op.RECV_STRIPE_W: ("irecv", "weights"),
+    Op.GATHER_W: ("all_gather", "weights"),
 }
 
 
@@ -316,17 +319,50 @@ class Engine:
     # -- internals ------------------------------------------------------------------------------------------------
     def _ensure_buffers(self, schedule: Schedule) -> None:
         n = self.layout.max_numel
-        wanted = {f"s{i}": self.compute_dtype for i in range(schedule.n_slots)}
+        G = schedule.topology.group_size
+        # slots hold whole stripes (a chunk's size rounded up to G): a striped chunk is all-gathered in place
+        wanted = {f"s{i}": (self.compute_dtype, -(-n // G) * G) for i in range(schedule.n_slots)}
         # gradients are produced, reduced and sent in the compute dtype; owners accumulate them in the master dtype
-        wanted.update({f"g{i}": self.compute_dtype for i in range(schedule.n_grad_buffers if schedule.train else 0)})
-        wanted.update({f"q{i}": self.compute_dtype for i in range(schedule.n_recv_buffers if schedule.train else 0)})
-        for name, dtype in wanted.items():
-            if name not in self._buffers:
-                self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
+        wanted.update({f"g{i}": (self.compute_dtype, n) for i in range(schedule.n_grad_buffers if schedule.train else 0)})
+        wanted.update({f"q{i}": (self.compute_dtype, n) for i in range(schedule.n_recv_buffers if schedule.train else 0)})
+        if schedule.striped:  # this rank's stripe of every chunk its node owns (and serves to other nodes)
+            node = schedule.topology.group_of(self.rank)
+            wanted.update({f"t{c}": (self.compute_dtype, self._stripe_size(c, G)) for c, o in enumerate(schedule.owners)
+                           if c >= len(schedule.mirrors) and schedule.topology.group_of(o) == node})
+        for name, (dtype, size) in wanted.items():
+            if name not in self._buffers or self._buffers[name].numel() < size:
+                if self._bound.pop(name, None) is not None:
+                    raise RuntimeError(f"weight slot {name} was resized while a chunk is bound to it")
+                self._buffers[name] = torch.empty(size, dtype=dtype, device=self.device)
+
+    def _stripe_size(self, chunk: int, G: int) -> int:
+        """Elements of one rank's stripe of ``chunk``: its size over the node's ranks, rounded up (the last stripe is
+        padded)."""
+        return -(-self.layout.numel[chunk] // G)
+
+    def _stripe(self, buf: str, chunk: int) -> torch.Tensor:
+        """This rank's part of a slot holding ``chunk`` in stripes (stripe ``local index``)."""
+        topo = self._schedule.topology
+        size = self._stripe_size(chunk, topo.group_size)
+        start = topo.local_index(self.rank) * size
+        return self._buffers[buf][start:start + size]
+
+    def _stripes_of_own(self, chunk: int) -> list[torch.Tensor]:
+        """The owner's copy of ``chunk`` cut into the node's stripes, for the scatter; the last is padded (a copy)."""
+        G = self._schedule.topology.group_size
+        size, own = self._stripe_size(chunk, G), self._own[chunk]
+        pieces = list(own.split(size))
+        if len(pieces) < G or pieces[-1].numel() < size:
+            padded = torch.zeros(G * size, dtype=own.dtype, device=own.device)
+            padded[: own.numel()].copy_(own)
+            pieces = list(padded.split(size))
+        return pieces
 
     def _view(self, buf: str, chunk: int) -> torch.Tensor:
         if buf == "own":
             return self._own[chunk]
+        if buf[0] == "t":  # a stripe buffer: exactly one stripe
+            return self._buffers[buf]
         return self._buffers[buf][: self.layout.numel[chunk]]
 
     def _grad_view(self, buf: str, chunk: int) -> torch.Tensor:
@@ -547,6 +583,16 @@ class Engine:
 
     def _post(self, a: Action, reads: set[str], writes: set[str]) -> None:
         method, lane = _POSTED[a.op]
-        view = self._grad_view(a.buf, a.chunk) if a.op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
-        work = getattr(self.comm, method)(view, a.peer, lane)
+        if a.op is Op.RECV_STRIPE_W:
+            work = self.comm.irecv(self._stripe(a.buf, a.chunk), a.peer, lane)
+        elif a.op is Op.GATHER_W:
+            mine = self._stripe(a.buf, a.chunk)
+            work = self.comm.all_gather(self._buffers[a.buf][: mine.numel() * self._schedule.topology.group_size],
+                                        mine, lane)
+        elif a.op is Op.SCATTER_W:
+            pieces = self._stripes_of_own(a.chunk) if a.peer == self.rank else None
+            work = self.comm.scatter(self._view(a.buf, a.chunk), pieces, a.peer, lane)
+        else:
+            view = self._grad_view(a.buf, a.chunk) if a.op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
+            work = getattr(self.comm, method)(view, a.peer, lane)
         self._pending.append(_Pending(a, work, reads, writes))

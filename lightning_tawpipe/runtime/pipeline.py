@@ -52,6 +52,16 @@ def check_replicate_first_chunk(replicate_first_chunk, schedule: str, n_replicas
                          f"schedule={schedule!r}, replicas={n_replicas!r}.")
 
 
+def check_stripe(stripe, schedule: str) -> None:
+    """Striped transfers (``stripe``) are a TawPipe schedule's: the WeiPipe ring passes whole chunks between
+    neighbours. Checked where a user sets it and where the runtime is built directly."""
+    if not isinstance(stripe, bool):
+        raise ValueError(f"stripe must be True or False, got {stripe!r}.")
+    if stripe and schedule != "tawpipe":
+        raise ValueError(f"stripe=True needs schedule='tawpipe' (the WeiPipe ring passes whole chunks from rank to "
+                         f"rank); got schedule={schedule!r}.")
+
+
 class Pipeline:
     """The sharded, pipelined view of ``root`` on this rank."""
 
@@ -75,10 +85,13 @@ class Pipeline:
         initial_state_strict: bool = True,
         replicas: ReplicaLayout | None = None,
         replicate_first_chunk: bool | int = False,
+        stripe: bool = False,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
         check_replicate_first_chunk(replicate_first_chunk, schedule, replicas.n_replicas if replicas else 1)
+        check_stripe(stripe, schedule)
+        self.stripe = bool(stripe)
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
         self.reuse = reuse
         self.replicate_first_chunk = replicate_first_chunk
@@ -172,7 +185,7 @@ class Pipeline:
             from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
         else:
             builder = partial(build_tawpipe, reuse=self.reuse, grad_buffers=self.grad_buffers,
-                              replicate_first_chunk=self.replicate_first_chunk, exchange=exchange)
+                              replicate_first_chunk=self.replicate_first_chunk, exchange=exchange, stripe=self.stripe)
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
@@ -312,6 +325,8 @@ class Pipeline:
             f"rank(s), prefetch={self.prefetch}"
             + (f", reuse={default_reuse(self.prefetch, self.reuse)}, grad_buffers={self.grad_buffers}"
                if self.schedule_name == "tawpipe" else "")
+            + (f", striped over {self.topo.group_size} rails" if self.stripe and self.topo.group_size > 1
+               and self.topo.n_groups > 1 else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
         for c, holders in enumerate(self.holders):
