@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
                    help="TawPipe: mirror chunk 0 on every node (no chunk-0 round trip between steps, for its state "
                         "once more per node): false, true, 'both' (with and without), or numbers of leading chunks "
                         "to mirror, e.g. 0,1,2")
+    k.add_argument("--stripe", default="false", choices=["false", "true", "both"],
+                   help="TawPipe: move remote weights in stripes over every NIC of a node (for --nics > 1): false, "
+                        "true, or both (with and without)")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
 
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                   group_sizes=groups, strategies=tuple(a.strategies.split(",")),
                   partitions=tuple(a.partition or ["parameters"]),
                   grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,),
-                  replicate_first_chunk=a.replicate_first_chunk)
+                  replicate_first_chunk=a.replicate_first_chunk,
+                  stripe={"false": (False,), "true": (True,), "both": (False, True)}[a.stripe])
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

@@ -45,16 +45,16 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
          strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",),
          grad_buffers: tuple[int | None, ...] = (None,),
-         replicate_first_chunk: tuple[bool | int, ...] = (False,)) -> Plan:
+         replicate_first_chunk: tuple[bool | int, ...] = (False,), stripe: tuple[bool, ...] = (False,)) -> Plan:
     """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers x chunk-0
-    mirrors; None: the strategy's default) and recommend one."""
+    mirrors x striping; None: the strategy's default) and recommend one."""
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
     skipped: list[str] = []
     for s in strategies:
         try:
             preds += _predict(s, cluster, workload, compute, prefetch, group_sizes, partitions, grad_buffers,
-                              replicate_first_chunk)
+                              replicate_first_chunk, stripe)
         except ValueError as err:  # e.g. fewer pipeline units than ranks: the strategy cannot run here
             if s not in STRATEGIES:
                 raise
@@ -72,13 +72,14 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
 def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: tuple[int, ...],
              group_sizes: tuple[int | None, ...], partitions: tuple,
              grad_buffers: tuple[int | None, ...] = (None,),
-             replicate_first_chunk: tuple[bool | int, ...] = (False,)) -> list[Prediction]:
+             replicate_first_chunk: tuple[bool | int, ...] = (False,),
+             stripe: tuple[bool, ...] = (False,)) -> list[Prediction]:
     preds: list[Prediction] = []
     if s == "tawpipe":
         preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g, partition=q,
-                                     grad_buffers=b, replicate_first_chunk=m)
+                                     grad_buffers=b, replicate_first_chunk=m, stripe=t)
                   for d in prefetch for g in group_sizes for q in partitions for b in grad_buffers
-                  for m in replicate_first_chunk]
+                  for m in replicate_first_chunk for t in stripe]
     elif s == "weipipe":
         preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch),
                                         partition=partitions[0]))
@@ -102,12 +103,16 @@ def striped_bound(taw: Prediction, cluster: Cluster, workload: Workload, compute
     striping every inter-node transfer across the rails could buy at best (the owner's local index picks one rail
     per transfer today, so a multi-rail node idles most of its NICs). A bound, not a prediction of a built feature:
     the intra-node all-gather of the stripes is left out."""
-    k = taw.knobs
     one_wide_nic = replace(cluster, nics_per_node=1, inter_bw=cluster.inter_bw * cluster.nics_per_node)
-    return weightpipe.predict("tawpipe", one_wide_nic, workload, compute, prefetch=k["prefetch"],
-                              group_size=k["group_size"], partition=parse_partition(k["partition"]),
-                              grad_buffers=k["grad_buffers"], reuse=k["reuse"],
-                              replicate_first_chunk=k.get("replicate_first_chunk", False))
+    return weightpipe.predict("tawpipe", one_wide_nic, workload, compute, **_tawpipe_knobs(taw))
+
+
+def _tawpipe_knobs(taw: Prediction) -> dict:
+    """The knobs of a TawPipe prediction, as ``weightpipe.predict`` takes them (striping aside)."""
+    k = taw.knobs
+    return dict(prefetch=k["prefetch"], group_size=k["group_size"], partition=parse_partition(k["partition"]),
+                grad_buffers=k["grad_buffers"], reuse=k["reuse"],
+                replicate_first_chunk=k.get("replicate_first_chunk", False))
 
 
 def _recommend(preds: list[Prediction], cluster: Cluster) -> tuple[str, str]:
@@ -155,13 +160,18 @@ def warnings(p: Plan) -> list[str]:
                    "step here; more compute per iteration (batch, sequence, micro-batches) amortises it, and a lighter "
                    f"chunk {floor.chunk} (--partition) shortens it")
     if c.nics_per_node > 1 and c.nodes > 1:
-        striped = striped_bound(taw, c, w, p.compute)
+        k = c.nics_per_node
+        bound = striped_bound(taw, c, w, p.compute)
         fsdp = f"; fsdp: {p.get('fsdp').step_time * 1e3:.0f} ms" if "fsdp" in names else ""
-        out.append(f"multi-rail links ({c.nics_per_node} NICs per node): each TawPipe transfer uses one rail "
-                   f"(striping is not built), while FSDP/HSDP collectives use all {c.nics_per_node}; with every "
-                   f"transfer striped over all {c.nics_per_node} TawPipe would be predicted at "
-                   f"{striped.step_time * 1e3:.0f} ms instead of {taw.step_time * 1e3:.0f}{fsdp} (a bound: the "
-                   "intra-node all-gathers striping needs are left out)")
+        if taw.knobs.get("stripe"):
+            weights = f"TawPipe's striped weights use all {k} too (predicted {taw.step_time * 1e3:.0f} ms)"
+        else:
+            striped = weightpipe.predict("tawpipe", c, w, p.compute, **_tawpipe_knobs(taw), stripe=True)
+            weights = (f"TawPipe's transfers use one rail each: stripe=True spreads its weights over all {k} "
+                       f"(predicted {striped.step_time * 1e3:.0f} ms against {taw.step_time * 1e3:.0f})")
+        out.append(f"multi-rail links ({k} NICs per node): FSDP/HSDP collectives use all {k} NICs; {weights}, "
+                   f"while its gradients still go to their owner on one rail (were they striped too, "
+                   f"{bound.step_time * 1e3:.0f} ms at best{fsdp})")
     if "hsdp" in names:
         h = p.get("hsdp")
         if h.fits:
