@@ -157,7 +157,8 @@ def _chunk_numel(n_layer: int, world: int) -> list[int]:
 def _program_bytes(schedule, chunk_numel: list[int], rank: int, itemsize: int = 4) -> tuple[int, int]:
     """(inter-node, intra-node) bytes ``rank``'s program sends: a P2P send its buffer (a stripe: ``1 / G`` of the
     chunk, rounded up), a broadcast's root one copy per other member, a reduce's member its buffer, a scatter's root
-    and every member of an all-gather one stripe per other member."""
+    and every member of an all-gather or reduce-scatter one stripe per other member, a gather's member its stripe
+    (every parameter of the test model is trainable, so a gradient's stripe is a weight stripe)."""
     topo = schedule.topology
     G = topo.group_size
     inter = intra = 0
@@ -174,8 +175,12 @@ def _program_bytes(schedule, chunk_numel: list[int], rank: int, itemsize: int = 
             intra += whole * (G - 1)
         elif a.op is Op.REDUCE_G and a.peer != rank:
             intra += whole
-        elif (a.op is Op.SCATTER_W and a.peer == rank) or a.op is Op.GATHER_W:
+        elif (a.op is Op.SCATTER_W and a.peer == rank) or a.op in (Op.GATHER_W, Op.REDUCE_SCATTER_G):
             intra += stripe * (G - 1)
+        elif a.op is Op.SEND_STRIPE_G:
+            inter += stripe
+        elif a.op is Op.GATHER_G and a.peer != rank:
+            intra += stripe
     return inter, intra
 
 

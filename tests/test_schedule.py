@@ -85,6 +85,10 @@ EVERY_KIND = [
     Action(Op.SEND_W, 3, peer=7, buf="t3"),
     Action(Op.RECV_STRIPE_W, 3, peer=5, buf="s0"),
     Action(Op.GATHER_W, 3, buf="s0"),
+    Action(Op.REDUCE_SCATTER_G, 3, buf="g1"),
+    Action(Op.SEND_STRIPE_G, 3, peer=5, buf="g1"),
+    Action(Op.RECV_STRIPE_G, 3, peer=5, buf="r0"),
+    Action(Op.GATHER_G, 3, peer=5, buf="r0", buf2="q1"),
     Action(Op.BARRIER),
     Action(Op.FORWARD, 0, mb=0, buf="s0"),  # zeros must not be confused with "absent" (-1)
     Action(Op.RECV_W, 0, peer=0, buf="s0"),
@@ -470,47 +474,62 @@ def test_validator_checks_mirrored_accumulators():
 @pytest.mark.parametrize(("n_groups", "group_size", "n_microbatches", "prefetch"),
                          [(2, 2, 1, 1), (2, 2, 2, 2), (3, 2, 2, 2), (2, 4, 1, 3), (4, 2, 2, 1), (3, 3, 1, 2)])
 @pytest.mark.parametrize("mirrored_chunks", [0, 1])
-def test_striped_weights_use_every_rail(n_groups, group_size, n_microbatches, prefetch, mirrored_chunks):
+def test_striped_transfers_use_every_rail(n_groups, group_size, n_microbatches, prefetch, mirrored_chunks):
     """With ``stripe`` a remote chunk enters a node on all of its rails: every rank of the owner's node sends its
     stripe (scattered from the owner at the head) to the rank of its local index, which receives it where the relay
-    received the whole chunk, and the node all-gathers where the relay broadcast. The same chunks cross nodes as
-    without it, as often; mirrored chunks and gradients move exactly as before. The validator checks every case."""
+    received the whole chunk, and the node all-gathers where the relay broadcast. Its gradient goes back the same way:
+    the node reduce-scatters it, every rank sends its stripe to its peer in the owner's node, and that node gathers
+    the stripes onto the owner, which adds them. The same chunks cross nodes as without it, as often; compute,
+    mirrored chunks and a node's own chunks are unchanged. The validator checks every case."""
     topo = Topology(n_groups, group_size)
     G = group_size
+    remote = lambda a, node: topo.group_of(plain.owners[a.chunk]) != node and a.chunk >= mirrored_chunks  # noqa: E731
     for train in (True, False):
         plain = build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=train,
                               replicate_first_chunk=mirrored_chunks, exchange=train)
         striped = build_tawpipe(topo, n_microbatches, prefetch=prefetch, train=train,
                                 replicate_first_chunk=mirrored_chunks, exchange=train, stripe=True)
-        assert striped.striped
+        assert striped.striped and striped.n_stripe_buffers == (G * max(1, n_groups - 1) if train else 0)
         for schedule in (striped, with_user_barriers(striped)):
             validate(schedule)
         for rank in range(topo.world_size):
             program, before = striped.program(rank), plain.program(rank)
             node = topo.group_of(rank)
-            # one stripe receive per whole-chunk receive of the node, on every rank, from its own local index
+            node_plain = [a for r in topo.group_ranks(node) for a in plain.program(r)]
+            same_rail = lambda a: topo.local_index(a.peer) == topo.local_index(rank)  # noqa: E731
+            # weights: one stripe receive per whole-chunk receive of the node, on every rank, from its own rail
             stripe_in = [a for a in program if a.op is Op.RECV_STRIPE_W]
-            node_in = [a for r in topo.group_ranks(node) for a in plain.program(r) if a.op is Op.RECV_W]
-            assert sorted(a.chunk for a in stripe_in) == sorted(a.chunk for a in node_in)
-            assert all(topo.local_index(a.peer) == topo.local_index(rank) and topo.group_of(a.peer) != node
-                       and a.chunk >= mirrored_chunks for a in stripe_in)
+            assert sorted(a.chunk for a in stripe_in) == sorted(a.chunk for a in node_plain if a.op is Op.RECV_W)
+            assert all(same_rail(a) and remote(a, node) for a in stripe_in)
             assert [a.chunk for a in program if a.op is Op.GATHER_W] == [a.chunk for a in stripe_in]
-            # sends: every rank of the owner's node sends its stripe, once per whole-chunk send of its owner
             sends = [a for a in program if a.op is Op.SEND_W]
-            assert all(a.buf == f"t{a.chunk}" and topo.local_index(a.peer) == topo.local_index(rank) for a in sends)
-            node_out = [a for r in topo.group_ranks(node) for a in plain.program(r) if a.op is Op.SEND_W]
-            assert sorted(a.chunk for a in sends) == sorted(a.chunk for a in node_out)
+            assert all(a.buf == f"t{a.chunk}" and same_rail(a) for a in sends)
+            assert sorted(a.chunk for a in sends) == sorted(a.chunk for a in node_plain if a.op is Op.SEND_W)
             owned_here = [c for c in range(mirrored_chunks, topo.world_size)
                           if topo.group_of(striped.owners[c]) == node]
             assert [a.chunk for a in program if a.op is Op.SCATTER_W] == owned_here
-            # everything else (compute, copies of local chunks, gradients) is the plain program's
-            weights = {Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.RECV_STRIPE_W, Op.GATHER_W, Op.SCATTER_W}
-            assert [a for a in program if a.op not in weights] == [a for a in before if a.op not in weights]
+            # gradients: a reduce-scatter and a stripe send per whole sum the node sent, in the same order
+            whole_out = [a.chunk for a in node_plain if a.op is Op.SEND_G]
+            assert [a.chunk for a in program if a.op is Op.REDUCE_SCATTER_G] == \
+                   [a.chunk for a in before if a.op is Op.REDUCE_G and remote(a, node)]
+            stripes_out = [a for a in program if a.op is Op.SEND_STRIPE_G]
+            assert sorted(a.chunk for a in stripes_out) == sorted(whole_out)
+            assert all(same_rail(a) and topo.group_of(a.peer) == topo.group_of(plain.owners[a.chunk])
+                       for a in stripes_out)
+            # ... and the owner's node receives a stripe per whole sum its owners received, gathers it onto the owner
+            whole_in = sorted(a.chunk for a in node_plain if a.op is Op.RECV_G)
+            assert sorted(a.chunk for a in program if a.op is Op.RECV_STRIPE_G) == whole_in
+            gathers = [a for a in program if a.op is Op.GATHER_G]
+            assert sorted(a.chunk for a in gathers) == whole_in
+            assert all(a.peer == plain.owners[a.chunk] for a in gathers)
+            assert sum(a.op is Op.ACC_G and a.buf == "q0" for a in program) == sum(a.op is Op.RECV_G for a in before)
+            # compute, and the node's own and mirrored chunks' weights and gradients, are the plain program's
+            kept = lambda a: a.op in (Op.FORWARD, Op.BACKWARD, Op.RELEASE, Op.COPY_W, Op.EXCHANGE_G) or (  # noqa
+                a.op in (Op.BCAST_W, Op.REDUCE_G) and not remote(a, node)) or (a.op is Op.ACC_G and a.buf[0] == "g")
+            assert [a for a in program if kept(a)] == [a for a in before if kept(a)]
     # one node, or one rank per node: nothing to stripe
     for topo in (Topology(1, 4), Topology(3, 1)):
-        assert build_tawpipe(topo, 1, stripe=True) == replace(build_tawpipe(topo, 1), striped=False)
-        assert not build_tawpipe(topo, 1, stripe=True).striped
-    assert G > 1
+        assert build_tawpipe(topo, 1, stripe=True) == build_tawpipe(topo, 1)
 
 
 def test_validator_checks_stripes():
@@ -539,6 +558,34 @@ def test_validator_checks_stripes():
                *programs[3:]]
     with pytest.raises(ScheduleError, match="all-gathers chunk 0 but its part of s0 holds None"):
         validate(replace(striped, programs=tuple(missing)))
+    # gradients: node 0 sends chunk 1's stripes crossed over to node 1's ranks (1 is owned by rank 2, on node 1)
+    crossed = [tuple(replace(a, peer=5 - a.peer) if a.op is Op.SEND_STRIPE_G and a.chunk == 1 else a for a in p)
+               for p in programs[:2]]
+    crossed += [tuple(replace(a, peer=1 - a.peer) if a.op is Op.RECV_STRIPE_G and a.chunk == 1 else a for a in p)
+                for p in programs[2:]]
+    with pytest.raises(ScheduleError, match="receives stripe (0|1) of chunk 1 in the part of local index (1|0)"):
+        validate(replace(striped, programs=tuple(crossed)))
+    # the owner adds before the gather
+    owner = list(programs[2])
+    g = index_of(owner, lambda a: a.op is Op.GATHER_G and a.chunk == 1)
+    a = index_of(owner, lambda a: a.op is Op.ACC_G and a.chunk == 1 and a.buf == "q0")
+    owner.insert(g, owner.pop(a))
+    with pytest.raises(ScheduleError, match=r"AG1@q0: accumulates None, not chunk 1's gradient"):
+        validate(replace(striped, programs=(*programs[:2], tuple(owner), programs[3])))
+    # a whole sum sent where a stripe is expected
+    whole_sum = [tuple(replace(a, op=Op.SEND_G) if a.op is Op.SEND_STRIPE_G and a.chunk == 1 else a for a in p)
+                 for p in programs[:2]]
+    with pytest.raises(ScheduleError, match=r"SG1>[23]@g0: sends .* as a stripe"):
+        validate(replace(striped, programs=(*whole_sum, *programs[2:])))
+    # rank 3 receives a stripe of another micro-batch's... here: of another node's sum in place of its own (3 nodes)
+    three = build_tawpipe(Topology(3, 2), 1, stripe=True)
+    p3 = list(three.programs)
+    i = index_of(p3[1], lambda a: a.op is Op.RECV_STRIPE_G)
+    j = index_of(p3[1], lambda a: a.op is Op.RECV_STRIPE_G and a.peer != p3[1][i].peer)
+    swapped = list(p3[1])
+    swapped[i], swapped[j] = replace(swapped[i], buf=swapped[j].buf), replace(swapped[j], buf=swapped[i].buf)
+    with pytest.raises(ScheduleError, match="gathers stripes|deadlock"):
+        validate(replace(three, programs=(p3[0], tuple(swapped), *p3[2:])))
 
 
 def test_builders_reject_bad_knobs():

@@ -54,6 +54,8 @@ def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel
         working += max(stripes) * w.weight_bytes
     if schedule.train:
         working += (schedule.n_grad_buffers + schedule.n_recv_buffers) * biggest * w.weight_bytes
+        # striped: the ring of stripe buffers for remote gradient sums (each a stripe of the largest chunk)
+        working += schedule.n_stripe_buffers * -(-biggest // schedule.topology.group_size) * w.weight_bytes
     in_flight = 1.0 if kind == "tawpipe" else min(w.n_microbatches, 2)  # WeiPipe overlaps two micro-batches
     return Memory(states, working, activations(w, w.model.n_layer, in_flight))
 

@@ -50,9 +50,10 @@ from lightning_tawpipe.schedule.actions import (
 from lightning_tawpipe.schedule.program import Schedule
 
 _LOCAL = (Op.COPY_W, Op.ACC_G, Op.ADD_G)
-_P2P_SEND = (Op.SEND_W, Op.SEND_G)
-_P2P_RECV = (Op.RECV_W, Op.RECV_G, Op.RECV_STRIPE_W)
+_P2P_SEND = (Op.SEND_W, Op.SEND_G, Op.SEND_STRIPE_G)
+_P2P_RECV = (Op.RECV_W, Op.RECV_G, Op.RECV_STRIPE_W, Op.RECV_STRIPE_G)
 _WEIGHT_LANE = (Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W)
+_STRIPED_COLLECTIVES = (Op.SCATTER_W, Op.GATHER_W, Op.REDUCE_SCATTER_G, Op.GATHER_G)
 
 
 @dataclass(frozen=True)
@@ -328,21 +329,25 @@ class _Sim:
         return rank // self.c.devices_per_node
 
     def _collective(self, members: list[_Posted], key: tuple) -> _Transfer:
-        """A node's broadcast or reduce: the buffer flows through every member's links (pipelined). The striped
-        weights' all-gather (each member sends its ``1 / G`` to the others) and scatter (the root sends each member
-        its ``1 / G``) move ``(G - 1) / G`` of the chunk through each link they use."""
+        """A node's broadcast or reduce: the buffer flows through every member's links (pipelined). Striped, the
+        all-gather of weights and the reduce-scatter of gradients (each member exchanges ``1 / G`` with every other)
+        and the scatter of weights and gather of gradients (the root sends, or receives, each member's ``1 / G``)
+        move ``(G - 1) / G`` of the chunk through each link they use."""
         P = self.c.world_size
         ranks = [m.rank for m in members]
         first = members[0].action
         resources = tuple(ranks) + tuple(P + x for x in ranks) + self.cpu_res
         nbytes, receivers = self._bytes(first), len(ranks) - 1
-        if first.op is Op.GATHER_W or first.op is Op.SCATTER_W:
+        if first.op in _STRIPED_COLLECTIVES:
             nbytes *= (len(ranks) - 1) / len(ranks)
-            if first.op is Op.GATHER_W:
+            if first.op is Op.GATHER_W or first.op is Op.REDUCE_SCATTER_G:
                 receivers = len(ranks)  # every member receives (G - 1) / G of the chunk
-            else:
+            elif first.op is Op.SCATTER_W:
                 receivers = 1  # the root's (G - 1) / G leaves through its link once, split among the members
                 resources = (first.peer,) + tuple(P + x for x in ranks if x != first.peer) + self.cpu_res
+            else:  # a gather: the members' stripes arrive through the root's link
+                receivers = 1
+                resources = tuple(x for x in ranks if x != first.peer) + (P + first.peer,) + self.cpu_res
         hops = max(1, (len(ranks) - 1).bit_length())  # tree depth: latency grows with log2 of the node size
         return _Transfer(tuple(members), nbytes, resources, hops * self.c.intra_latency, ("c",) + key, False,
                          receivers, self._node(ranks[0]), self.c.intra_bw)

@@ -190,6 +190,20 @@ class Comm:
         self._count(piece.numel() * piece.element_size() * (self.topo.group_size - 1), True, lane)
         return dist.all_gather_into_tensor(out, piece, group=self.lanes[lane].node_group, async_op=True)
 
+    def reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor, lane: str):
+        """Sum ``tensor`` over the node and leave each rank its part of the sum in ``out`` (which may be its own
+        part of ``tensor``): a remote chunk's gradient, whose stripes then leave over every rank's rail."""
+        self._count(out.numel() * out.element_size() * (self.topo.group_size - 1), True, lane)
+        return dist.reduce_scatter_tensor(out, tensor, group=self.lanes[lane].node_group, async_op=True)
+
+    def gather(self, piece: torch.Tensor, out: list[torch.Tensor] | None, root: int, lane: str):
+        """Collect every rank's ``piece`` into the root's ``out`` (one tensor per rank of the node): the stripes of
+        a remote gradient sum, onto the chunk's owner."""
+        if root != self.rank:
+            self._count(piece.numel() * piece.element_size(), True, lane)
+        group = self.lanes[lane].node_group
+        return dist.gather(piece, out, group=group, group_dst=self.topo.local_index(root), async_op=True)
+
     # -- between steps --------------------------------------------------------------------------------------------
     def all_reduce_rail(self, tensor: torch.Tensor, between_steps: bool = False):
         """Post the sum of ``tensor`` over this rank's rail (its local index on every node) and return the work: the

@@ -109,11 +109,16 @@ _POSTED = {
     Op.SCATTER_W: ("scatter", "weights"),
     Op.RECV_STRIPE_W: ("irecv", "weights"),
     Op.GATHER_W: ("all_gather", "weights"),
+    Op.REDUCE_SCATTER_G: ("reduce_scatter", "grads"),
+    Op.SEND_STRIPE_G: ("isend", "grads"),
+    Op.RECV_STRIPE_G: ("irecv", "grads"),
+    Op.GATHER_G: ("gather", "grads"),
 }
 
 
 # actions that move or combine gradients: they cover only a chunk's trainable prefix (see ChunkLayout)
-_GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G, Op.EXCHANGE_G)
+_GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G, Op.EXCHANGE_G, Op.REDUCE_SCATTER_G,
+                 Op.SEND_STRIPE_G, Op.RECV_STRIPE_G, Op.GATHER_G)
 
 
 @dataclass(frozen=True)
@@ -323,8 +328,12 @@ class Engine:
         # slots hold whole stripes (a chunk's size rounded up to G): a striped chunk is all-gathered in place
         wanted = {f"s{i}": (self.compute_dtype, -(-n // G) * G) for i in range(schedule.n_slots)}
         # gradients are produced, reduced and sent in the compute dtype; owners accumulate them in the master dtype
-        wanted.update({f"g{i}": (self.compute_dtype, n) for i in range(schedule.n_grad_buffers if schedule.train else 0)})
-        wanted.update({f"q{i}": (self.compute_dtype, n) for i in range(schedule.n_recv_buffers if schedule.train else 0)})
+        padded = -(-n // G) * G  # a gradient is reduce-scattered (and gathered) in place, in whole stripes
+        wanted.update({f"g{i}": (self.compute_dtype, padded)
+                       for i in range(schedule.n_grad_buffers if schedule.train else 0)})
+        wanted.update({f"q{i}": (self.compute_dtype, padded)
+                       for i in range(schedule.n_recv_buffers if schedule.train else 0)})
+        wanted.update({f"r{i}": (self.compute_dtype, padded // G) for i in range(schedule.n_stripe_buffers)})
         if schedule.striped:  # this rank's stripe of every chunk its node owns (and serves to other nodes)
             node = schedule.topology.group_of(self.rank)
             wanted.update({f"t{c}": (self.compute_dtype, self._stripe_size(c, G)) for c, o in enumerate(schedule.owners)
@@ -346,6 +355,16 @@ class Engine:
         size = self._stripe_size(chunk, topo.group_size)
         start = topo.local_index(self.rank) * size
         return self._buffers[buf][start:start + size]
+
+    def _grad_stripe_size(self, chunk: int) -> int:
+        """Elements of one rank's stripe of ``chunk``'s gradient (its trainable prefix over the node's ranks)."""
+        return -(-self.layout.n_trainable[chunk] // self._schedule.topology.group_size)
+
+    def _grad_stripe(self, buf: str, chunk: int, local: int | None = None) -> torch.Tensor:
+        """Stripe ``local`` (default: this rank's) of ``chunk``'s gradient in buffer ``buf``."""
+        size = self._grad_stripe_size(chunk)
+        local = self._schedule.topology.local_index(self.rank) if local is None else local
+        return self._buffers[buf][local * size:(local + 1) * size]
 
     def _stripes_of_own(self, chunk: int) -> list[torch.Tensor]:
         """The owner's copy of ``chunk`` cut into the node's stripes, for the scatter; the last is padded (a copy)."""
@@ -392,6 +411,10 @@ class Engine:
         self._detach_grads()
         if action.op is Op.BACKWARD:
             self._grad_view(action.buf2, action.chunk).zero_()
+            if self._schedule.striped:  # the pad of the last stripe is summed and sent too: keep it finite
+                G = self._schedule.topology.group_size
+                self._buffers[action.buf2][self.layout.n_trainable[action.chunk]:
+                                           G * self._grad_stripe_size(action.chunk)].zero_()
             grad = self._view(action.buf2, action.chunk)
             for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
                 if e.param.requires_grad:
@@ -583,15 +606,27 @@ class Engine:
 
     def _post(self, a: Action, reads: set[str], writes: set[str]) -> None:
         method, lane = _POSTED[a.op]
+        G = self._schedule.topology.group_size
         if a.op is Op.RECV_STRIPE_W:
             work = self.comm.irecv(self._stripe(a.buf, a.chunk), a.peer, lane)
         elif a.op is Op.GATHER_W:
             mine = self._stripe(a.buf, a.chunk)
-            work = self.comm.all_gather(self._buffers[a.buf][: mine.numel() * self._schedule.topology.group_size],
-                                        mine, lane)
+            work = self.comm.all_gather(self._buffers[a.buf][: mine.numel() * G], mine, lane)
         elif a.op is Op.SCATTER_W:
             pieces = self._stripes_of_own(a.chunk) if a.peer == self.rank else None
             work = self.comm.scatter(self._view(a.buf, a.chunk), pieces, a.peer, lane)
+        elif a.op is Op.REDUCE_SCATTER_G:
+            mine = self._grad_stripe(a.buf, a.chunk)
+            work = self.comm.reduce_scatter(mine, self._buffers[a.buf][: mine.numel() * G], lane)
+        elif a.op is Op.SEND_STRIPE_G:
+            work = self.comm.isend(self._grad_stripe(a.buf, a.chunk), a.peer, lane)
+        elif a.op is Op.RECV_STRIPE_G:
+            work = self.comm.irecv(self._buffers[a.buf][: self._grad_stripe_size(a.chunk)], a.peer, lane)
+        elif a.op is Op.GATHER_G:
+            out = None
+            if a.peer == self.rank:
+                out = [self._grad_stripe(a.buf2, a.chunk, k) for k in range(G)]
+            work = self.comm.gather(self._buffers[a.buf][: self._grad_stripe_size(a.chunk)], out, a.peer, lane)
         else:
             view = self._grad_view(a.buf, a.chunk) if a.op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
             work = getattr(self.comm, method)(view, a.peer, lane)

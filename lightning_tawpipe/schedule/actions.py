@@ -11,7 +11,9 @@ Buffers an action may name (``buf`` / ``buf2``):
 * ``g<i>``: local-gradient buffer *i* (a backward step writes its chunk's gradients here),
 * ``q<i>``: gradient-receive buffer *i* (an owner receives remote gradient sums here),
 * ``t<c>``: this rank's stripe of chunk *c*, owned in its node (``stripe``: each rank of the owner's node sends its
-  stripe over its own rail, see ``schedule/tawpipe.py``).
+  stripe over its own rail, see ``schedule/tawpipe.py``),
+* ``r<i>``: stripe-receive buffer *i* (``stripe``: a rank receives its stripe of a remote node's gradient sum here,
+  for a chunk owned in its node).
 
 Semantics shared by the engine and the validator: communication actions are posted asynchronously; any later
 action that touches the same buffer first waits for every earlier, conflicting action on it (read-after-write,
@@ -29,6 +31,10 @@ String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-b
     SW3>7@t3       send this rank's stripe of chunk 3 to rank 7 (the same local index on another node)
     RT3<5@s0       receive this rank's stripe of chunk 3 from rank 5 into its part of slot 0
     AW3@s0         all-gather chunk 3's stripes in the node: every rank then has the whole chunk in slot 0
+    YG3@g1         reduce-scatter chunk 3's gradients in the node: each rank gets its stripe of the sum in its part of g1
+    TG3>5@g1       send this rank's stripe of the node's gradient sum in g1 to rank 5 (same local index, owner's node)
+    UG3<5@r0       receive this rank's stripe of a node's gradient sum of chunk 3 from rank 5 into r0
+    GG3^5@r0>q1    gather the node's stripes in r0 onto rank 5 (chunk 3's owner), whole, into its q1
     BW3^5@s0       broadcast chunk 3's weights in the node from rank 5, into slot 0
     RG3^5@g1       reduce chunk 3's gradients in the node onto rank 5
     SG3>5@g1       send chunk 3's gradient sum to rank 5
@@ -64,21 +70,30 @@ class Op(str, Enum):
     SCATTER_W = "PW"
     RECV_STRIPE_W = "RT"
     GATHER_W = "AW"
+    REDUCE_SCATTER_G = "YG"
+    SEND_STRIPE_G = "TG"
+    RECV_STRIPE_G = "UG"
+    GATHER_G = "GG"
     BARRIER = "BAR"
 
 
 COMPUTE_OPS = frozenset({Op.FORWARD, Op.BACKWARD})
 ASYNC_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.EXCHANGE_G,
-                       Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W})
-P2P_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G, Op.RECV_STRIPE_W})
-COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G, Op.EXCHANGE_G, Op.SCATTER_W, Op.GATHER_W})
+                       Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W, Op.REDUCE_SCATTER_G, Op.SEND_STRIPE_G,
+                       Op.RECV_STRIPE_G, Op.GATHER_G})
+P2P_OPS = frozenset({Op.SEND_W, Op.RECV_W, Op.SEND_G, Op.RECV_G, Op.RECV_STRIPE_W, Op.SEND_STRIPE_G,
+                     Op.RECV_STRIPE_G})
+COLLECTIVE_OPS = frozenset({Op.BCAST_W, Op.REDUCE_G, Op.EXCHANGE_G, Op.SCATTER_W, Op.GATHER_W, Op.REDUCE_SCATTER_G,
+                            Op.GATHER_G})
+SEND_OPS = frozenset({Op.SEND_W, Op.SEND_G, Op.SEND_STRIPE_G})
 WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W})
 
 
 def is_stripe(action: Action) -> bool:
     """Whether ``action`` moves one rank's stripe of its chunk (``1 / G`` of it) rather than the whole chunk: a
-    stripe receive, or a send from a stripe buffer ``t<c>``."""
-    return action.op is Op.RECV_STRIPE_W or (action.op is Op.SEND_W and action.buf[:1] == "t")
+    stripe's send or receive (weights from a stripe buffer ``t<c>``, or a gradient stripe)."""
+    return (action.op is Op.RECV_STRIPE_W or action.op is Op.SEND_STRIPE_G or action.op is Op.RECV_STRIPE_G
+            or (action.op is Op.SEND_W and action.buf[:1] == "t"))
 
 
 def channel(action: Action) -> tuple:
@@ -88,7 +103,7 @@ def channel(action: Action) -> tuple:
     op = action.op
     lane = "weights" if op in WEIGHT_OPS else "grads"
     if op in P2P_OPS:
-        return (lane, "send" if op is Op.SEND_W or op is Op.SEND_G else "recv", action.peer)
+        return (lane, "send" if op in SEND_OPS else "recv", action.peer)
     if op is Op.EXCHANGE_G:  # the holders' rail: every holder issues its exchanges in one (backward) order
         return (lane, "rail")
     return (lane, "node")
@@ -97,10 +112,11 @@ def channel(action: Action) -> tuple:
 def deferrable(action: Action, rank: int) -> bool:
     """Whether the engine may post ``action`` later than its place in the program, once its input is ready, instead
     of blocking the host on that input: a node's gradient send (its input is the reduce before it), a relay's
-    broadcast (its input is the inter-node receive before it) and a node's all-gather of stripes (its input is the
-    rank's own stripe receive). These inputs complete without this rank doing anything more, which is what makes
+    broadcast (its input is the inter-node receive before it), a node's all-gather of stripes (its input is the
+    rank's own stripe receive) and a gradient stripe's send (its input is the node's reduce-scatter). These inputs complete without this rank doing anything more, which is what makes
     deferring them safe (``runtime/engine.py``)."""
-    return action.op is Op.SEND_G or action.op is Op.GATHER_W or (action.op is Op.BCAST_W and action.peer == rank)
+    return (action.op is Op.SEND_G or action.op is Op.SEND_STRIPE_G or action.op is Op.GATHER_W
+            or (action.op is Op.BCAST_W and action.peer == rank))
 
 
 def user_code_follows(program: tuple[Action, ...], j: int) -> bool:
@@ -149,12 +165,16 @@ class Action:
     def reads_writes(self, rank: int) -> tuple[set[str], set[str]]:
         """Buffers this action reads and writes on ``rank`` (drives the implicit waits)."""
         op, b, b2 = self.op, self.buf, self.buf2
-        if op is Op.FORWARD or op is Op.SEND_W or op is Op.SEND_G:
+        if op is Op.FORWARD or op is Op.SEND_W or op is Op.SEND_G or op is Op.SEND_STRIPE_G:
             return {b}, set()
         if op is Op.BACKWARD:
             return {b}, {b2}
-        if op in (Op.RELEASE, Op.RECV_W, Op.RECV_G, Op.RECV_STRIPE_W):
+        if op in (Op.RELEASE, Op.RECV_W, Op.RECV_G, Op.RECV_STRIPE_W, Op.RECV_STRIPE_G):
             return set(), {b}
+        if op is Op.REDUCE_SCATTER_G:  # like a reduce: every member's buffer is input and (its part) output
+            return {b}, {b}
+        if op is Op.GATHER_G:  # every member's stripe is read; the owner writes the whole sum
+            return ({b}, {self.buf2}) if self.peer == rank else ({b}, set())
         if op is Op.GATHER_W:  # every member writes the whole slot (its own part is read as the input)
             return {b}, {b}
         if op is Op.SCATTER_W:
@@ -181,8 +201,8 @@ class Action:
         if self.mb >= 0:
             s += f".{self.mb}"
         if self.peer >= 0:
-            s += {Op.SEND_W: ">", Op.SEND_G: ">", Op.RECV_W: "<", Op.RECV_G: "<", Op.RECV_STRIPE_W: "<"}.get(
-                self.op, "^") + str(self.peer)
+            s += {Op.SEND_W: ">", Op.SEND_G: ">", Op.SEND_STRIPE_G: ">", Op.RECV_W: "<", Op.RECV_G: "<",
+                  Op.RECV_STRIPE_W: "<", Op.RECV_STRIPE_G: "<"}.get(self.op, "^") + str(self.peer)
         s += f"@{self.buf}"
         if self.buf2:
             s += ("+" if self.op is Op.ADD_G else ">") + self.buf2
@@ -205,7 +225,7 @@ class ActionPool:
 
 
 _ACTION_RE = re.compile(
-    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|XG|PW|RT|AW|F|B|X)"
+    r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|XG|PW|RT|AW|YG|TG|UG|GG|F|B|X)"
     r"(?:(?P<chunk>\d+)(?:\.(?P<mb>\d+))?(?:[<>^](?P<peer>\d+))?@(?P<buf>\w+)(?:[>+](?P<buf2>\w+))?)?$"
 )
 

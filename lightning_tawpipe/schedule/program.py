@@ -65,6 +65,8 @@ class Schedule:
     # whether chunks cross nodes in stripes: every rank of a node receives its ``1 / G`` of a remote chunk over its own
     # rail and the node all-gathers them (``stripe``), instead of one rank receiving it all and broadcasting it
     striped: bool = False
+    # striped: each rank's ring of stripe-sized buffers for its stripes of remote gradient sums (``r<i>``)
+    n_stripe_buffers: int = 0
 
     @property
     def n_chunks(self) -> int:

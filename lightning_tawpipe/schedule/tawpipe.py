@@ -50,8 +50,11 @@ for that transfer. With it, every rank of the owner's node first gets its ``1 / 
 node (a scatter at the head of the iteration, over the fast links, ``PW``; the owner's copy does not change during an
 iteration), every rank of a fetching node receives its stripe from the rank of its own local index (``RT``), posted
 where the relay's receive was, and the node all-gathers the stripes (``AW``) where the relay broadcast. So each
-transfer uses all ``G`` rails, each for ``1 / G`` of the bytes. Gradients still travel as before: reduced onto the
-rank of the owner's local index and sent on its rail.
+transfer uses all ``G`` rails, each for ``1 / G`` of the bytes. Gradients go the same way back: the node
+reduce-scatters a remote chunk's gradient (``YG``, where it reduced it), every rank sends its stripe of the sum to
+the rank of its local index in the owner's node (``TG``), which receives it into a ring of stripe buffers (``UG``,
+posted as early as the receives of whole sums), and where the owner added a whole sum the owner's node gathers the
+stripes onto the owner (``GG``), which adds them right away.
 """
 
 from __future__ import annotations
@@ -181,7 +184,9 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
     groups = [GroupProgramBuilder(len(steps), topo.group_ranks(node), compute) for node in range(topo.n_groups)]
     action = ActionPool()  # one object for the repeats (e.g. a chunk sent to the same rank for F and for B)
     weight_sends: dict[int, list[tuple[int, int, Action]]] = {r: [] for r in range(topo.world_size)}
+    # remote gradient sums each owner (whole) or, striped, each owner's node (in stripes) receives
     arrivals: dict[int, list[_GradArrival]] = {r: [] for r in range(topo.world_size)}
+    node_arrivals: dict[int, list[_GradArrival]] = {n: [] for n in range(topo.n_groups)}
 
     for node, group in enumerate(groups):
         for i, load in enumerate(loads):
@@ -217,7 +222,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
             group.shared(load.last).append(releases[i])
         if train:
             _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action, n_mirrored, exchange,
-                             n_microbatches - 1)
+                             n_microbatches - 1, node_arrivals if stripe else None)
 
     programs: dict[int, tuple[Action, ...]] = {}
     for node, group in enumerate(groups):
@@ -228,6 +233,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
             group.head[rank] += scatters
             group.head[rank] += [a for _, _, a in sorted(weight_sends[rank], key=lambda t: (t[0], t[1]))]
             _place_arrivals(group, rank, arrivals[rank], node, recv_buffers, action)
+        if stripe and train:
+            _place_striped_arrivals(group, node, node_arrivals[node], owners, G * recv_buffers, action)
         programs.update(group.build())
     return Schedule(
         name="tawpipe",
@@ -239,7 +246,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         programs=tuple(programs[r] for r in range(topo.world_size)),
         n_slots=n_slots,
         n_grad_buffers=grad_buffers,
-        n_recv_buffers=recv_buffers,
+        n_recv_buffers=1 if stripe else recv_buffers,  # striped: the owner adds each gathered sum at once
+        n_stripe_buffers=G * recv_buffers if stripe and train else 0,
         reuse=reuse,
         mirrors=mirrors,
         exchanges=exchange,
@@ -254,10 +262,12 @@ def _compute_action(step, slot: str, n_backward_before: int, grad_buffers: int) 
 
 
 def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
-                     action: ActionPool, n_mirrored: int, exchange: bool, last_mb: int) -> None:
+                     action: ActionPool, n_mirrored: int, exchange: bool, last_mb: int,
+                     node_arrivals: dict[int, list[_GradArrival]] | None = None) -> None:
     """Reduce each backward step's gradients in the node, then add them at (or send them to) the owner; a chunk held
     in the node (its owner's, or a mirror) is added right there. With ``exchange`` a holder adds a mirrored chunk's
-    last gradient right behind its reduce and posts the holders' exchange of it."""
+    last gradient right behind its reduce and posts the holders' exchange of it. With ``node_arrivals`` (striped) a
+    remote chunk's gradient is reduce-scattered and every rank sends its stripe to its own rail's peer."""
     last = len(steps) - 1
     G = topo.group_size
     gbufs = [f"g{i}" for i in range(grad_buffers)]
@@ -269,9 +279,16 @@ def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arri
         n_backward += 1
         owner = owners[step.chunk]
         root = node * G + owner % G
+        later = min(j + 1, last)  # one compute later, so the reduce overlaps the next backward
+        if node_arrivals is not None and owner // G != node and step.chunk >= n_mirrored:
+            owner_node = owner // G
+            group.shared(j).append(action(Op.REDUCE_SCATTER_G, step.chunk, buf=gbuf))
+            for k in range(G):  # right behind the reduce-scatter, deferred like a whole sum's send
+                group.add(node * G + k, j, action(Op.SEND_STRIPE_G, step.chunk, peer=owner_node * G + k, buf=gbuf))
+            node_arrivals[owner_node].append(_GradArrival(later, node, step.chunk, node * G))
+            continue
         if G > 1:
             group.shared(j).append(action(Op.REDUCE_G, step.chunk, peer=root, buf=gbuf))
-        later = min(j + 1, last)  # one compute later, so the reduce overlaps the next backward
         if step.chunk < n_mirrored and exchange and step.mb == last_mb:
             group.add(root, j, action(Op.ACC_G, step.chunk, buf=gbuf))
             group.add(root, j, action(Op.EXCHANGE_G, step.chunk, buf=f"acc{step.chunk}"))
@@ -283,6 +300,48 @@ def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arri
             # instead of starting after it; the owner still adds it in one step after ``later``
             group.add(root, j, action(Op.SEND_G, step.chunk, peer=owner, buf=gbuf))
             arrivals[owner].append(_GradArrival(later, node, step.chunk, root))
+
+
+def _place_striped_arrivals(group: GroupProgramBuilder, node: int, arrivals: list[_GradArrival], owners,
+                            n_buffers: int, action: ActionPool) -> None:
+    """Striped: every rank of the owner's node receives its stripe of each remote gradient sum, and the node gathers
+    the stripes onto the owner, which adds them.
+
+    The same timing as :func:`_place_arrivals`, for the node as a whole: the stripe receives of arrival ``i`` are
+    posted as soon as its stripe buffer (a node-wide ring of ``n_buffers``) is free again, and the gather sits where
+    an owner added a whole sum, one compute step after the sender certainly posted it; the owner adds the gathered
+    sum right behind the gather, so one buffer of the chunk's size serves it (``q0``). Every rank of the node places
+    the same receives, gathers and buffers in the same order, which is what makes the gathers a collective.
+    """
+    last = group.n_steps - 1
+    G = len(group.head)
+    ordered = sorted(arrivals, key=lambda a: (a.send_point + max(0, a.sender_node - node), a.src, a.chunk))
+    rbufs = [f"r{i}" for i in range(n_buffers)]
+    freed_at: list[int | None] = [None] * n_buffers
+    for i, arr in enumerate(ordered):
+        rbuf, post = rbufs[i % n_buffers], freed_at[i % n_buffers]
+        owner = owners[arr.chunk]
+        for k in range(G):
+            rank = node * G + k
+            receive = action(Op.RECV_STRIPE_G, arr.chunk, peer=arr.sender_node * G + k, buf=rbuf)
+            if post is None:
+                group.head[rank].append(receive)
+            elif post > last:
+                group.tail[rank].append(receive)
+            else:
+                group.add(rank, post, receive)
+        gather = action(Op.GATHER_G, arr.chunk, peer=owner, buf=rbuf, buf2="q0")
+        add = action(Op.ACC_G, arr.chunk, buf="q0")
+        add_point = arr.send_point + max(0, arr.sender_node - node) + 1
+        if add_point > last:
+            for k in range(G):
+                group.tail[node * G + k].append(gather)
+            group.tail[owner].append(add)
+            freed_at[i % n_buffers] = last + 1
+        else:
+            group.shared(add_point).append(gather)
+            group.add(owner, add_point, add)
+            freed_at[i % n_buffers] = add_point
 
 
 def _place_arrivals(group: GroupProgramBuilder, rank: int, arrivals: list[_GradArrival], owner_node: int,

@@ -9,6 +9,8 @@ buffer holds, so it checks more than "no deadlock":
   rank's stripe scattered from the owner, received from the rank of the same local index, and all-gathered);
 * a slot is never overwritten while it holds a chunk that was not released, and all are released at the end;
 * P2P pairs and collectives agree on chunk, root and kind;
+* striped gradients: a node's reduce-scatter leaves each rank its stripe of the sum, each stripe travels to the rank
+  of its local index, and the gather onto the owner finds every stripe with the same contributions;
 * every owner's accumulator ends with exactly one gradient contribution from every (rank, micro-batch) (a mirrored
   chunk: its holders' accumulators together, each contribution in exactly one; after the holders' exchange ``XG``,
   every holder's, and none added after it; the holders of a rail exchange the same chunk at each turn);
@@ -41,7 +43,7 @@ import threading
 from collections import deque
 from dataclasses import replace
 
-from lightning_tawpipe.schedule.actions import Action, Op
+from lightning_tawpipe.schedule.actions import Action, Op, is_stripe
 from lightning_tawpipe.schedule.program import Schedule, gc_paused
 
 
@@ -77,7 +79,8 @@ def validate(schedule: Schedule) -> None:
 # -- the decoded form of an action ------------------------------------------------------------------------------------
 
 # kinds, in the order the simulator tests them (the P2P ones consecutive: `kind <= _QG` once the others are out)
-_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _RT, _CW, _AG, _GA, _BAR, _XG, _PW, _AW, _UNKNOWN = range(18)
+(_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _RT, _TG, _UG, _CW, _AG, _GA, _BAR, _XG, _PW, _AW, _YG, _GG,
+ _UNKNOWN) = range(22)
 # op -> (kind, lane, posted op reads its buffer): lane "W" = 1 > "G" = 0 keeps the key order of (src, dst, lane);
 # a P2P send reads its buffer, a receive writes it; a broadcast's root reads it, other members write it
 _KIND = {
@@ -86,8 +89,10 @@ _KIND = {
     Op.RECV_W.value: (_RW, 1, 0), Op.SEND_G.value: (_SG, 0, 1), Op.RECV_G.value: (_QG, 0, 0),
     Op.COPY_W.value: (_CW, -1, 0), Op.ACC_G.value: (_AG, -1, 0), Op.ADD_G.value: (_GA, -1, 0),
     Op.BARRIER.value: (_BAR, -1, 0), Op.EXCHANGE_G.value: (_XG, -1, 0), Op.RECV_STRIPE_W.value: (_RT, 1, 0),
-    Op.SCATTER_W.value: (_PW, 1, 0), Op.GATHER_W.value: (_AW, 1, 0),
+    Op.SCATTER_W.value: (_PW, 1, 0), Op.GATHER_W.value: (_AW, 1, 0), Op.SEND_STRIPE_G.value: (_TG, 0, 1),
+    Op.RECV_STRIPE_G.value: (_UG, 0, 0), Op.REDUCE_SCATTER_G.value: (_YG, 0, 0), Op.GATHER_G.value: (_GG, 0, 0),
 }
+_STRIPE_RECEIVES = (Op.RECV_STRIPE_W, Op.RECV_STRIPE_G)
 
 _BUFFER_IDS: dict[str, int] = {"own": 0, "": 1}  # every buffer name seen -> a small int (stable for the process)
 _BUFFER_NAMES: list[str] = ["own", ""]
@@ -149,6 +154,8 @@ def _show(content: object, P: int) -> object:
     """A buffer content as the messages print it: gradients with their set of (rank, micro-batch) contributions."""
     if isinstance(content, tuple) and len(content) == 3 and content[0] == "G":
         return ("G", content[1], frozenset(_bits_to_pairs(content[2], P)))
+    if isinstance(content, tuple) and len(content) == 4 and content[0] == "GS":  # (.., chunk, local index, mask)
+        return ("GS", content[1], content[2], frozenset(_bits_to_pairs(content[3], P)))
     return content
 
 
@@ -165,6 +172,8 @@ class _Simulator:
             _buffer_id(f"g{i}")
         for i in range(schedule.n_recv_buffers):
             _buffer_id(f"q{i}")
+        for i in range(schedule.n_stripe_buffers):
+            _buffer_id(f"r{i}")
         self.n_buffers = n = len(_BUFFER_NAMES)
         # one posted writer counts W in a busy counter, one reader 1: more readers than actions cannot be posted
         self.W = 1 + max(map(len, self.programs), default=0)
@@ -293,7 +302,7 @@ class _Simulator:
                         self._fail(rank, a, f"slot {a.buf} holds {_show(buffers[b], P)}, not chunk {a.chunk}'s "
                                             "weights")
                     buffers[c[2]] = ("G", c[3], 1 << (c[6] * P + rank))
-                elif kind <= _RT:  # P2P: a send reads its buffer, a receive writes it
+                elif kind <= _UG:  # P2P: a send reads its buffer, a receive writes it
                     b, peer = c[1], c[4]
                     if c[8]:
                         if busy[b] >= W:
@@ -386,13 +395,22 @@ class _Simulator:
                 return False
             busy[b] += W
             busy[0] += root
-            key = (rank // self.G) * 2 + 1
-            queue = self.collectives[key][rank % self.G]
-            if not queue:
-                self.posted[key] += 1
-                if self.posted[key] == self.G:
-                    self.ready_coll.append(key)
-            queue.append(a)
+            self._post_in_node(rank, a, lane=1)
+            return True
+        elif kind == _YG:  # like a reduce: every member writes (and reads) its buffer
+            if busy[b]:
+                return False
+            busy[b] += W + 1
+            self._post_in_node(rank, a, lane=0)
+            return True
+        elif kind == _GG:  # every member reads its stripe buffer; the owner writes the whole sum
+            root = a.peer == rank
+            if busy[b] >= W or (root and busy[b2]):
+                return False
+            busy[b] += 1
+            if root:
+                busy[b2] += W
+            self._post_in_node(rank, a, lane=0)
             return True
         elif kind == _XG:  # posted: writes the accumulator until every holder of the rail has posted
             if busy[b]:
@@ -405,6 +423,16 @@ class _Simulator:
             return True
         self._execute_local(rank, a, c)
         return True
+
+    def _post_in_node(self, rank: int, a: Action, lane: int) -> None:
+        """Queue ``a`` as ``rank``'s next collective of its node on ``lane`` (1: weights, 0: gradients)."""
+        key = (rank // self.G) * 2 + lane
+        queue = self.collectives[key][rank % self.G]
+        if not queue:
+            self.posted[key] += 1
+            if self.posted[key] == self.G:
+                self.ready_coll.append(key)
+        queue.append(a)
 
     def _match_exchanges(self, local: int) -> None:
         """Complete the exchanges every rank of the rail (every node's rank of this local index) has posted, in
@@ -488,9 +516,12 @@ class _Simulator:
                 content = buffers[src][b]
                 if content is None or content[1] != send.chunk:
                     self._fail(src, send, f"sends {send.buf} holding {_show(content, P)}")
-                if (recv.op is Op.RECV_STRIPE_W) != (content[0] == "WS"):
+                striped = content[0] == "WS" or content[0] == "GS"
+                if is_stripe(send) != striped:  # the engine sends what the op says: a stripe, or the whole buffer
+                    self._fail(src, send, f"sends {_show(content, P)} as {'a stripe' if striped else 'a whole'}")
+                if (recv.op in _STRIPE_RECEIVES) != striped:
                     self._fail(dst, recv, f"receives {_show(content, P)} from rank {src}'s {send.buf}")
-                if content[0] == "WS" and content[2] != dst % self.G:
+                if striped and content[2] != dst % self.G:
                     self._fail(dst, recv, f"receives stripe {content[2]} of chunk {send.chunk} in the part of "
                                           f"local index {dst % self.G}")
                 if recv.op in (Op.RECV_W, Op.RECV_STRIPE_W) and buffers[dst][rb] is not None:
@@ -525,6 +556,9 @@ class _Simulator:
                     self._fail(base + i, a, f"collective mismatch in the node: rank {base} posted {first}")
         if first.op is Op.GATHER_W or first.op is Op.SCATTER_W:
             self._complete_stripes(base, ops)
+            return
+        if first.op is Op.REDUCE_SCATTER_G or first.op is Op.GATHER_G:
+            self._complete_gradient_stripes(base, ops)
             return
         root = first.peer
         if not base <= root < base + G:
@@ -592,6 +626,46 @@ class _Simulator:
         if first.op is Op.GATHER_W:
             for i, a in enumerate(ops):
                 self.buffers[base + i][a._sim[1]] = first._sim[5]
+
+    def _complete_gradient_stripes(self, base: int, ops: list[Action]) -> None:
+        """A node's reduce-scatter of a chunk's gradients (each rank's buffer then holds its stripe of the node's sum)
+        or gather of a remote sum's stripes onto the owner (every rank's stripe must carry the same contributions;
+        the owner then holds the whole sum)."""
+        first, P, W = ops[0], self.world, self.W
+        chunk, G = first.chunk, self.G
+        rows = [self.buffers[base + i] for i in range(G)]
+        ids = [a._sim[1] for a in ops]
+        if first.op is Op.REDUCE_SCATTER_G:
+            union = 0
+            for i, a in enumerate(ops):
+                c = rows[i][ids[i]]
+                if c is None or c[0] != "G" or c[1] != chunk:
+                    self._fail(base + i, a, f"reduce-scatters {_show(c, P)}, not chunk {chunk}'s gradient")
+                if union & c[2]:
+                    self._fail(base + i, a, "a gradient contribution is counted twice")
+                union |= c[2]
+            for i, a in enumerate(ops):
+                rows[i][ids[i]] = ("GS", chunk, i, union)
+                self.busy[base + i][ids[i]] -= W + 1
+                self._wake(base + i)
+            return
+        owner = first.peer
+        if not base <= owner < base + G or self.s.owners[chunk] != owner:
+            self._fail(base, first, f"gathers chunk {chunk}'s stripes onto rank {owner}, not onto its owner in the node")
+        stripes = [rows[i][ids[i]] for i in range(G)]
+        if any(c is None or c[0] != "GS" or c[1] != chunk or c[2] != i for i, c in enumerate(stripes)) or len(
+                {c[3] for c in stripes}) != 1:
+            self._fail(owner, first, f"gathers stripes {[_show(c, P) for c in stripes]}")
+        out = ops[owner - base]._sim[2]
+        if self.buffers[owner][out] is not None:
+            self._fail(owner, first, f"overwrites {first.buf2} while it still holds "
+                                     f"{_show(self.buffers[owner][out], P)}")
+        for i in range(G):
+            rows[i][ids[i]] = None
+            self.busy[base + i][ids[i]] -= 1
+            self._wake(base + i)
+        self.buffers[owner][out] = ("G", chunk, stripes[0][3])
+        self.busy[owner][out] -= W
 
     # -- final checks ---------------------------------------------------------------------------------------------
     def _check_final_state(self) -> None:
