@@ -433,7 +433,7 @@ def build_strategy(name: str, devices: int, num_nodes: int, n_microbatches: int 
 
     With ``init_weights`` (a LitGPT ``lit_model.pth``), TawPipe builds the model on the meta device and each rank
     copies only the chunk it owns out of the memory-mapped file: no rank holds the whole pretrained model.
-    ``replica_knobs`` (``replicas``, ``outer``, ``sync_every``, ``density``) go to TawPipe as they are."""
+    ``replica_knobs`` (``replicas``, ``outer``, ``sync_every``, ``density``, ``stripe``) go to TawPipe as they are."""
     if name == "tawpipe":
         from lightning_tawpipe import TawPipeStrategy
 
@@ -548,6 +548,7 @@ class TrainArgs:
     outer: Optional[str] = "sparseloco"
     sync_every: int = 15
     density: float = 0.03125
+    stripe: bool = False
     seed: int = 1337
     progress_bar: bool = True
 
@@ -570,7 +571,8 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
         strategy=build_strategy(args.strategy, args.devices, args.num_nodes, args.n_microbatches, args.group_size,
                                 init_weights=module.init_weights, lora=module.lora,
                                 **({"replicas": args.replicas, "outer": args.outer, "sync_every": args.sync_every,
-                                    "density": args.density} if args.strategy == "tawpipe" else {})),
+                                    "density": args.density, "stripe": args.stripe}
+                                   if args.strategy == "tawpipe" else {})),
         precision=args.precision,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate_grad_batches,

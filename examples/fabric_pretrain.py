@@ -67,6 +67,7 @@ def setup(
     seed: int = 1337,
     results: Optional[Path] = None,
     replicate_first_chunk: Union[bool, int] = False,
+    stripe: bool = False,
 ) -> None:
     """Pretrain a tiny LitGPT LLaMA with Fabric.
 
@@ -104,13 +105,15 @@ def setup(
             here (``torch.save``), for comparisons and tests.
         replicate_first_chunk: TawPipe on several nodes: mirror chunk 0 (``true``) or the first N chunks (``N``) on
             every node (see ``TawPipeStrategy``).
+        stripe: TawPipe: move remote weights and gradients in stripes over every rank's own NIC (see
+            ``TawPipeStrategy``).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # ranks share the CPU cores
     if strategy in ("tawpipe", "weipipe"):
         strategy = TawPipeFabricStrategy(schedule=strategy, group_size=group_size, n_microbatches=n_microbatches,
                                          state_dict_type=state_dict_type,
-                                         replicate_first_chunk=replicate_first_chunk)
+                                         replicate_first_chunk=replicate_first_chunk, stripe=stripe)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision=precision)
     fabric.launch()

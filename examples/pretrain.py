@@ -76,6 +76,7 @@ def setup(
     outer: Optional[str] = "sparseloco",
     sync_every: int = 15,
     density: float = 0.03125,
+    stripe: bool = False,
     seed: int = 1337,
     progress_bar: bool = True,
     sample_tokens: int = 30,
@@ -122,6 +123,8 @@ def setup(
         outer: TawPipe with replicas: ``sparseloco``, ``diloco`` or ``null`` (average gradients every step).
         sync_every: TawPipe with replicas: inner steps between outer steps.
         density: TawPipe with SparseLoCo: Top-k fraction per 64x64 tile.
+        stripe: TawPipe: move remote weights and gradients in stripes over every rank's own NIC (nodes with one NIC
+            per device).
         seed: Random seed (same on every rank).
         progress_bar: Show the progress bar.
         sample_tokens: Tokens sampled from the final checkpoint as a smoke test (0 to skip).
@@ -153,7 +156,7 @@ def setup(
                      weight_decay=weight_decay, warmup_steps=warmup_steps, max_norm=max_norm,
                      eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
                      n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar,
-                     replicas=replicas, outer=outer, sync_every=sync_every, density=density)
+                     replicas=replicas, outer=outer, sync_every=sync_every, density=density, stripe=stripe)
     title = f"pretrain {config.name} ({strategy}, {devices * num_nodes} processes)"
     return run_training(module, data, args, out_dir, tokenizer_dir, title,
                         sample_prompt='The "with" statement', sample_tokens=sample_tokens)

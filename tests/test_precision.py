@@ -35,13 +35,16 @@ def _assert_losses_close(result: dict, reference: dict, rel: float) -> None:
         assert abs(x - y) <= rel * abs(y), f"{name}: {result['validation'][name]} vs ddp {ref}"
 
 
-def _expected_bytes_per_rank(element_size: int, trainable_only: bool = False, lora: bool = False):
-    """(inter-node, intra-node, gradient) bytes each rank's program sends per step, from the schedule itself."""
+def _expected_bytes_per_rank(element_size: int, trainable_only: bool = False, lora: bool = False,
+                             stripe: bool = False):
+    """(inter-node, intra-node, gradient) bytes each rank's program sends per step, from the schedule itself (a
+    stripe: the chunk's weights, or its trainable prefix, over the node's ranks, rounded up)."""
     from lightning_tawpipe.module import tiny_llama_config
     from lightning_tawpipe.partition import partition_units
     from lightning_tawpipe.runtime.shard import ChunkLayout
     from lightning_tawpipe.runtime.units import find_units
     from lightning_tawpipe.schedule import Op, build_tawpipe
+    from lightning_tawpipe.schedule.actions import is_stripe
     from lightning_tawpipe.topology import Topology
 
     cfg = tiny_llama_config(n_layer=5, n_embd=32, block_size=32)
@@ -62,17 +65,25 @@ def _expected_bytes_per_rank(element_size: int, trainable_only: bool = False, lo
     layout = ChunkLayout([[np for u in r for np in units[u].named_parameters()] for r in ranges])
     topo = Topology(2, 2)
     out = []
-    for rank, program in enumerate(build_tawpipe(topo, n_microbatches=2, prefetch=2).programs):
+    G = topo.group_size
+    for rank, program in enumerate(build_tawpipe(topo, n_microbatches=2, prefetch=2, stripe=stripe).programs):
         inter = intra = grad = 0
         for a in program:
-            grads = a.op in (Op.SEND_G, Op.REDUCE_G)
+            grads = a.op in (Op.SEND_G, Op.REDUCE_G, Op.SEND_STRIPE_G, Op.REDUCE_SCATTER_G, Op.GATHER_G)
             n = layout.n_trainable[a.chunk] if grads else layout.numel[a.chunk]
-            nbytes = n * element_size
-            if a.op in (Op.SEND_W, Op.SEND_G):
+            nbytes = (-(-n // G) if is_stripe(a) else n) * element_size
+            stripe_bytes = -(-n // G) * element_size
+            if a.op in (Op.SEND_W, Op.SEND_G, Op.SEND_STRIPE_G):
                 inter, intra = (inter, intra + nbytes) if topo.same_group(rank, a.peer) else (inter + nbytes, intra)
             elif a.op is Op.BCAST_W and a.peer == rank:
-                intra += nbytes * (topo.group_size - 1)
+                intra += nbytes * (G - 1)
             elif a.op is Op.REDUCE_G and a.peer != rank:
+                intra += nbytes
+            elif (a.op is Op.SCATTER_W and a.peer == rank) or a.op in (Op.GATHER_W, Op.REDUCE_SCATTER_G):
+                nbytes = stripe_bytes * (G - 1)
+                intra += nbytes
+            elif a.op is Op.GATHER_G and a.peer != rank:
+                nbytes = stripe_bytes
                 intra += nbytes
             else:
                 continue
@@ -118,6 +129,23 @@ def test_16_mixed_skips_overflowing_steps_on_every_rank_together(train_job):
     for name, ref in reference["state_dict"].items():
         diff = (result["state_dict"][name] - ref).abs()
         assert diff.mean() <= 1e-4 and diff.max() <= 1e-2, f"{name}: mean {diff.mean():.1e}, max {diff.max():.1e}"
+
+
+def test_striped_bf16_lora_matches_ddp_and_sends_trainable_stripes(train_job):
+    """Striped transfers under bf16-mixed with a LoRA model: stripes of weights and gradients travel in bf16, a
+    gradient stripe covers only the trainable prefix (a frozen chunk sends none), and training equals DDP's."""
+    result = train_job(*COMMON, *TAWPIPE, "--lora", "--stripe", "--precision", "bf16-mixed", node_ranks=2)
+    reference = train_job(*COMMON, *DDP, "--lora", "--precision", "bf16-mixed")
+    _assert_losses_close(result, reference, rel=2e-3)
+    assert "striped over 2 rails" in result["log"]
+    for name, ref in reference["state_dict"].items():
+        if "lora_" not in name:  # frozen: bit for bit the initial weights, as under DDP
+            assert torch.equal(result["state_dict"][name], ref), name
+    expected, layout = _expected_bytes_per_rank(element_size=2, lora=True, stripe=True)
+    assert 0 in layout.n_trainable, "expected a fully frozen chunk in this layout"
+    for rank, (per_step, grads) in enumerate(zip(result["comm_per_rank"], result["grad_bytes_per_rank"])):
+        for step, g in zip(per_step, grads):
+            assert [*step, g] == list(expected[rank]), f"rank {rank}: measured {step, g}, schedule {expected[rank]}"
 
 
 def test_frozen_parameters_send_no_gradients(train_job):
