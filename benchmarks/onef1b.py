@@ -227,7 +227,8 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> dict:
             state_bytes = _state_bytes(module, optimizer)
         optimizer.zero_grad(set_to_none=True)
         losses.append([x.detach().item() for x in mb_losses])
-    is_node_reporter = rank % a.devices == 0  # one process per node reads the node's link counters
+    # the processes of local index < rails read their rail's counters (one rail: one process per node)
+    is_node_reporter = rank % a.devices < int(os.environ.get("NETNS_RAILS", "1"))
     link = [e - b for e, b in zip(link_end, link_start)] if is_node_reporter else [0, 0]
     return {"losses": losses, "step_times": step_times, "state_bytes": state_bytes, "link": link,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux reports KiB
@@ -267,6 +268,9 @@ def _rank_main(local_rank: int, a: argparse.Namespace, node_rank: int, addr: str
     rank = node_rank * a.devices + local_rank
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(local_rank), NODE_RANK=str(node_rank))
+    rails = int(os.environ.get("NETNS_RAILS", "1"))
+    if rails > 1:  # multi-rail emulated nodes: each local rank on its own rail (benchmarks/worker.py does the same)
+        os.environ["GLOO_SOCKET_IFNAME"] = f"tawp{local_rank % rails}"
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=a.timeout_s))
     try:
         result = _train(a, rank, world)

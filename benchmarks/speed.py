@@ -61,6 +61,8 @@ VARIANTS = {
     # against 1.34 for rep01) and over every partition of the 10 units as well (1.22)
     "tawpipe-rep0-p3-gb4": {"replicate_first_chunk": True, "prefetch": 3, "grad_buffers": 4},
     "tawpipe-rep01-p3-p321211": {"replicate_first_chunk": 2, "prefetch": 3, "partition": [3, 2, 1, 2, 1, 1]},
+    # every remote chunk and gradient sum in stripes over every rank's own rail (for --rails = --devices)
+    "tawpipe-stripe": {"stripe": True},
 }
 
 
@@ -164,7 +166,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     point = 0
     for rate in a.rates.split(","):
         subprocess.run(["bash", str(NETNS), "destroy", "--prefix", PREFIX], capture_output=True)
-        netns("create", "--nodes", str(a.nodes), "--rate", rate, "--prefix", PREFIX)
+        netns("create", "--nodes", str(a.nodes), "--rate", rate, "--prefix", PREFIX, "--rails", str(a.rails))
         try:
             for seq in (int(s) for s in a.seq.split(",")):
                 rounds = []
@@ -199,7 +201,8 @@ def annotate(runs: dict, rate: str, seq: int, a: argparse.Namespace) -> list[dic
             row["vs_compute_only"] = r["step_time_median"] / compute["step_time_median"] \
                 if "step_time_median" in compute else None
             per_node = r.get("link_tx_bytes_per_step", 0) / a.nodes
-            row["comm_over_compute"] = (per_node * 8 / bits) / compute["step_time_median"] \
+            # a node's bandwidth: all of its rails (each at the rate)
+            row["comm_over_compute"] = (per_node * 8 / (bits * a.rails)) / compute["step_time_median"] \
                 if bits and "step_time_median" in compute else None
         rows.append(row)
     return rows
@@ -330,6 +333,9 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--devices", type=int, default=2, help="ranks per node")
     p.add_argument("--rates", default="50mbit,200mbit,none")
+    p.add_argument("--rails", type=int, default=1,
+                   help="links per emulated node, each at the rate: one per local rank (multi-rail, a NIC per GPU) "
+                        "when equal to --devices")
     p.add_argument("--seq", default="512")
     p.add_argument("--strategies", default=",".join(ALL))
     p.add_argument("--n_layer", type=int, default=8)

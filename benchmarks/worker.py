@@ -93,6 +93,11 @@ def main() -> None:
     from lightning_tawpipe.data import EmbeddedTextDataModule
     from lightning_tawpipe.module import tiny_llama_config
 
+    # multi-rail emulated nodes (netns-topology.sh --rails R): each local rank talks through its own rail's interface
+    # and reports that rail's bytes; the ranks of local index < R together report the node's
+    rails = int(os.environ.get("NETNS_RAILS", "1"))
+    if rails > 1:
+        os.environ["GLOO_SOCKET_IFNAME"] = f"tawp{int(os.environ.get('LOCAL_RANK', 0)) % rails}"
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
 
     class Timer(Callback):
@@ -167,7 +172,7 @@ def main() -> None:
         local = [getattr(t, "_local_tensor", t) for t in tensors]  # FSDP2 DTensors: count this rank's shard only
         state_bytes = sum(t.numel() * t.element_size() for t in local)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    is_link_reporter = s.local_rank == 0
+    is_link_reporter = s.local_rank < rails
     link = [timer.link_end[0] - timer.link_start[0], timer.link_end[1] - timer.link_start[1]] if is_link_reporter \
         else [0, 0]
     timed = timer.comm[a.warmup:]
