@@ -17,6 +17,8 @@ iteration-boundary round trip of chunk 0 (``lightning_tawpipe/plan/floor.py``) a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import argparse
 import json
 import os
@@ -44,7 +46,7 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "sleep-blocks/2x2-rep01", "sleep-blocks/2x2-rep01-2gbit", "sleep-blocks/3x2-rep01",
            "sleep-blocks/2x2-rep-combos", "sleep-blocks/2x2-pieces", "sleep-blocks/2x2-pieces-2gbit",
            "sleep-blocks/3x2-pieces", "sleep-blocks/3x2-2gbit-before-pieces", "sleep-blocks/3x2-2gbit-pieces",
-           "sleep-blocks/3x2-searched",
+           "sleep-blocks/3x2-searched", "sleep-blocks/rails-2x2", "sleep-blocks/rails-3x2",
            "2x2-real-mirrors")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
@@ -89,6 +91,8 @@ def validate_dir(name: str) -> list[dict]:
         sleeping = bool(args.get("sleep_blocks"))
         cluster = cpu_testbed(args["nodes"], args["devices"], None if rate == "none" else rate,
                               host_cores=None if sleeping else cores)
+        if args.get("rails", 1) > 1:  # multi-rail emulated nodes: a link per rail, each at the rate
+            cluster = replace(cluster, nics_per_node=args["rails"])
         w = Workload(shape, seq, args["batch_size"], args["n_microbatches"], "32-true")
         compute = calibrate_cpu(cluster, w, runs["compute"]["step_time_median"])
         point = {"set": name, "rate": rate, "seq": seq}
