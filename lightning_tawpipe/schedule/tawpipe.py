@@ -322,14 +322,8 @@ def _place_striped_arrivals(group: GroupProgramBuilder, node: int, arrivals: lis
         rbuf, post = rbufs[i % n_buffers], freed_at[i % n_buffers]
         owner = owners[arr.chunk]
         for k in range(G):
-            rank = node * G + k
-            receive = action(Op.RECV_STRIPE_G, arr.chunk, peer=arr.sender_node * G + k, buf=rbuf)
-            if post is None:
-                group.head[rank].append(receive)
-            elif post > last:
-                group.tail[rank].append(receive)
-            else:
-                group.add(rank, post, receive)
+            _place_when_free(group, node * G + k, post,
+                             action(Op.RECV_STRIPE_G, arr.chunk, peer=arr.sender_node * G + k, buf=rbuf))
         gather = action(Op.GATHER_G, arr.chunk, peer=owner, buf=rbuf, buf2="q0")
         add = action(Op.ACC_G, arr.chunk, buf="q0")
         add_point = arr.send_point + max(0, arr.sender_node - node) + 1
@@ -342,6 +336,17 @@ def _place_striped_arrivals(group: GroupProgramBuilder, node: int, arrivals: lis
             group.shared(add_point).append(gather)
             group.add(owner, add_point, add)
             freed_at[i % n_buffers] = add_point
+
+
+def _place_when_free(group: GroupProgramBuilder, rank: int, freed_at: int | None, receive: Action) -> None:
+    """Place a receive where its buffer is free again: at the head (not used yet this iteration), in the tail (freed
+    after the last compute), or at that point."""
+    if freed_at is None:
+        group.head[rank].append(receive)
+    elif freed_at > group.n_steps - 1:
+        group.tail[rank].append(receive)
+    else:
+        group.add(rank, freed_at, receive)
 
 
 def _place_arrivals(group: GroupProgramBuilder, rank: int, arrivals: list[_GradArrival], owner_node: int,
@@ -361,13 +366,7 @@ def _place_arrivals(group: GroupProgramBuilder, rank: int, arrivals: list[_GradA
     for i, arr in enumerate(ordered):
         qbuf = qbufs[i % n_buffers]
         post = freed_at[i % n_buffers]
-        receive = action(Op.RECV_G, arr.chunk, peer=arr.src, buf=qbuf)
-        if post is None:
-            group.head[rank].append(receive)
-        elif post > last:
-            group.tail[rank].append(receive)
-        else:
-            group.add(rank, post, receive)
+        _place_when_free(group, rank, post, action(Op.RECV_G, arr.chunk, peer=arr.src, buf=qbuf))
         add_point = arr.send_point + max(0, arr.sender_node - owner_node) + 1  # +1: the transfer hides behind a step
         add = action(Op.ACC_G, arr.chunk, buf=qbuf)
         if add_point > last:
