@@ -116,6 +116,10 @@ _POSTED = {
 }
 
 
+# actions on stripes (``stripe``), posted by Engine._post_striped
+_STRIPED_OPS = frozenset({Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W, Op.REDUCE_SCATTER_G, Op.SEND_STRIPE_G,
+                          Op.RECV_STRIPE_G, Op.GATHER_G})
+
 # actions that move or combine gradients: they cover only a chunk's trainable prefix (see ChunkLayout)
 _GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G, Op.EXCHANGE_G, Op.REDUCE_SCATTER_G,
                  Op.SEND_STRIPE_G, Op.RECV_STRIPE_G, Op.GATHER_G)
@@ -606,28 +610,33 @@ class Engine:
 
     def _post(self, a: Action, reads: set[str], writes: set[str]) -> None:
         method, lane = _POSTED[a.op]
-        G = self._schedule.topology.group_size
-        if a.op is Op.RECV_STRIPE_W:
-            work = self.comm.irecv(self._stripe(a.buf, a.chunk), a.peer, lane)
-        elif a.op is Op.GATHER_W:
-            mine = self._stripe(a.buf, a.chunk)
-            work = self.comm.all_gather(self._buffers[a.buf][: mine.numel() * G], mine, lane)
-        elif a.op is Op.SCATTER_W:
-            pieces = self._stripes_of_own(a.chunk) if a.peer == self.rank else None
-            work = self.comm.scatter(self._view(a.buf, a.chunk), pieces, a.peer, lane)
-        elif a.op is Op.REDUCE_SCATTER_G:
-            mine = self._grad_stripe(a.buf, a.chunk)
-            work = self.comm.reduce_scatter(mine, self._buffers[a.buf][: mine.numel() * G], lane)
-        elif a.op is Op.SEND_STRIPE_G:
-            work = self.comm.isend(self._grad_stripe(a.buf, a.chunk), a.peer, lane)
-        elif a.op is Op.RECV_STRIPE_G:
-            work = self.comm.irecv(self._buffers[a.buf][: self._grad_stripe_size(a.chunk)], a.peer, lane)
-        elif a.op is Op.GATHER_G:
-            out = None
-            if a.peer == self.rank:
-                out = [self._grad_stripe(a.buf2, a.chunk, k) for k in range(G)]
-            work = self.comm.gather(self._buffers[a.buf][: self._grad_stripe_size(a.chunk)], out, a.peer, lane)
+        if a.op in _STRIPED_OPS:
+            work = self._post_striped(a, lane)
         else:
             view = self._grad_view(a.buf, a.chunk) if a.op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
             work = getattr(self.comm, method)(view, a.peer, lane)
         self._pending.append(_Pending(a, work, reads, writes))
+
+    def _post_striped(self, a: Action, lane: str):
+        """Post an operation on stripes (``stripe``): each rank's ``1 / G`` part of a chunk's weights or gradient,
+        cut at the same offsets on every rank of the node (stripe ``k`` at ``k * size``; slots and gradient buffers
+        are padded to whole stripes, so the collectives work in place)."""
+        G = self._schedule.topology.group_size
+        if a.op is Op.SCATTER_W:
+            pieces = self._stripes_of_own(a.chunk) if a.peer == self.rank else None
+            return self.comm.scatter(self._view(a.buf, a.chunk), pieces, a.peer, lane)
+        if a.op is Op.RECV_STRIPE_W:
+            return self.comm.irecv(self._stripe(a.buf, a.chunk), a.peer, lane)
+        if a.op is Op.GATHER_W:
+            mine = self._stripe(a.buf, a.chunk)
+            return self.comm.all_gather(self._buffers[a.buf][: mine.numel() * G], mine, lane)
+        if a.op is Op.REDUCE_SCATTER_G:
+            mine = self._grad_stripe(a.buf, a.chunk)
+            return self.comm.reduce_scatter(mine, self._buffers[a.buf][: mine.numel() * G], lane)
+        if a.op is Op.SEND_STRIPE_G:
+            return self.comm.isend(self._grad_stripe(a.buf, a.chunk), a.peer, lane)
+        received = self._buffers[a.buf][: self._grad_stripe_size(a.chunk)]  # a stripe buffer r<i>
+        if a.op is Op.RECV_STRIPE_G:
+            return self.comm.irecv(received, a.peer, lane)
+        out = [self._grad_stripe(a.buf2, a.chunk, k) for k in range(G)] if a.peer == self.rank else None
+        return self.comm.gather(received, out, a.peer, lane)  # GATHER_G: onto the owner's buffer, whole
