@@ -163,8 +163,9 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             of every other node, so they never cross nodes and their gradients are summed by one exchange per
             optimizer step instead of a round trip between iterations (TawPipe schedule, several nodes; default
             False). An iteration outside ``fabric.no_backward_sync`` sums their gradients inside its program.
-        stripe: move remote chunks' weights in stripes over every rank's own NIC, all-gathered in the receiving node
-            (TawPipe schedule; default False): for nodes with one NIC per device (see ``TawPipeStrategy``).
+        stripe: move remote chunks' weights and gradient sums in stripes over every rank's own NIC, all-gathered in
+            the receiving node or gathered onto the owner (TawPipe schedule; default False): for nodes with one NIC
+            per device (see ``TawPipeStrategy``).
     """
 
     strategy_name = "tawpipe"

@@ -97,12 +97,12 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             of the round trip, and no chunk-0 weight traffic between nodes, for chunk 0's state once more per node.
             An int ``k`` mirrors the first ``k`` chunks: with ``2`` chunk 1's round trip (which binds next, over slow
             links) goes too, and its exchange overlaps chunk 0's backward in the iteration that ends the step.
-        stripe: move every remote chunk's weights in stripes (``bool``, default False; TawPipe schedule): each rank
-            of the owner's node sends ``1 / G`` of it over its own NIC to the rank of its local index, and the
-            receiving node all-gathers them over its fast links, instead of one rank pair carrying the whole chunk.
-            For nodes with one NIC per device (multi-rail), where one pair's transfer leaves the other NICs idle;
-            with a single shared NIC it only adds the all-gather (``python -m lightning_tawpipe.plan --nics N
-            --stripe both`` predicts it). Gradients still go to the owner on one rail.
+        stripe: move every remote chunk's weights and gradient sums in stripes (``bool``, default False; TawPipe
+            schedule): each rank of the owner's node sends ``1 / G`` of a chunk over its own NIC to the rank of its
+            local index, and the receiving node all-gathers the stripes over its fast links; gradients go back the
+            same way (reduce-scatter, stripes, gather onto the owner). For nodes with one NIC per device
+            (multi-rail), where one rank pair's transfer leaves the other NICs idle; with a single shared NIC it
+            changes nothing measurable (``python -m lightning_tawpipe.plan --nics N --stripe both`` predicts it).
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in

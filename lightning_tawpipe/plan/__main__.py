@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
                         "once more per node): false, true, 'both' (with and without), or numbers of leading chunks "
                         "to mirror, e.g. 0,1,2")
     k.add_argument("--stripe", default="false", choices=["false", "true", "both"],
-                   help="TawPipe: move remote weights in stripes over every NIC of a node (for --nics > 1): false, "
+                   help="TawPipe: move remote weights and gradient sums in stripes over every NIC of a node (for --nics > 1): false, "
                         "true, or both (with and without)")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p

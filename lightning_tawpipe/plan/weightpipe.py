@@ -75,7 +75,7 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     strategy's defaults, ``prefetch`` and by node count). ``replicate_first_chunk`` (TawPipe) mirrors chunk 0 (or
     the first ``k`` chunks) on every node. The iteration is one that ends an optimizer step (the Trainer's with no
     gradient accumulation): it sums the mirrored chunks' gradients in its program. ``stripe`` (TawPipe) moves remote
-    weights in stripes over every rail of a node.
+    weights and gradient sums in stripes over every rail of a node.
     """
     g = group_size or cluster.devices_per_node
     if cluster.devices_per_node % g:

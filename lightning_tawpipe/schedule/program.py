@@ -62,8 +62,9 @@ class Schedule:
     # whether the programs sum the mirrored chunks' gradients between their holders (``XG``): an iteration that ends
     # an optimizer step; otherwise the strategy does it once per step, after the last iteration
     exchanges: bool = False
-    # whether chunks cross nodes in stripes: every rank of a node receives its ``1 / G`` of a remote chunk over its own
-    # rail and the node all-gathers them (``stripe``), instead of one rank receiving it all and broadcasting it
+    # whether chunks and gradient sums cross nodes in stripes (``stripe``): every rank of a node receives its ``1 / G``
+    # of a remote chunk over its own rail and the node all-gathers them, instead of one rank receiving it all and
+    # broadcasting it; gradient sums go back the same way
     striped: bool = False
     # striped: each rank's ring of stripe-sized buffers for its stripes of remote gradient sums (``r<i>``)
     n_stripe_buffers: int = 0

@@ -44,7 +44,7 @@ posts the exchange (``XG``) at once, so chunk 1's overlaps ``B0``; within that l
 sends the finished units' part (``runtime/engine.py``), so chunk 0's overlaps ``B0`` too. Otherwise the strategy sums
 after the iteration (``Pipeline.finalize_gradients``).
 
-**Striped weights** (``stripe``): without it, a remote chunk crosses into a node on one rail, between the owner and
+**Striped transfers** (``stripe``): without it, a remote chunk crosses into a node on one rail, between the owner and
 the rank of its local index, and is broadcast from there; a node with one NIC per device leaves the other NICs idle
 for that transfer. With it, every rank of the owner's node first gets its ``1 / G`` stripe of each chunk owned in the
 node (a scatter at the head of the iteration, over the fast links, ``PW``; the owner's copy does not change during an
@@ -126,7 +126,8 @@ def build_tawpipe(
     ``grad_buffers`` defaults by the node count (:func:`default_grad_buffers`). ``replicate_first_chunk`` gives every
     other node a mirror of chunk 0 (``True``) or of the first ``k`` chunks (an int), and ``exchange`` sums their
     gradients between the holders inside the program (see the module doc; nothing changes on one node).
-    ``stripe`` moves remote weights in stripes over every rail of a node (module doc; nothing changes on one node or
+    ``stripe`` moves remote weights and gradient sums in stripes over every rail of a node (module doc; nothing
+    changes on one node or
     with one rank per node).
     """
     with gc_paused():

@@ -78,7 +78,7 @@ def validate(schedule: Schedule) -> None:
 
 # -- the decoded form of an action ------------------------------------------------------------------------------------
 
-# kinds, in the order the simulator tests them (the P2P ones consecutive: `kind <= _QG` once the others are out)
+# kinds, in the order the simulator tests them (the P2P ones consecutive: `kind <= _UG` once the others are out)
 (_BW, _X, _F, _RG, _B, _SW, _RW, _SG, _QG, _RT, _TG, _UG, _CW, _AG, _GA, _BAR, _XG, _PW, _AW, _YG, _GG,
  _UNKNOWN) = range(22)
 # op -> (kind, lane, posted op reads its buffer): lane "W" = 1 > "G" = 0 keeps the key order of (src, dst, lane);
