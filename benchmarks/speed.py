@@ -63,6 +63,8 @@ VARIANTS = {
     "tawpipe-rep01-p3-p321211": {"replicate_first_chunk": 2, "prefetch": 3, "partition": [3, 2, 1, 2, 1, 1]},
     # every remote chunk and gradient sum in stripes over every rank's own rail (for --rails = --devices)
     "tawpipe-stripe": {"stripe": True},
+    # striped, chunk 0 mirrored, one chunk deeper prefetch: the planner's best on 3 x 2 with 2 rails at 1 Gbit/s each
+    "tawpipe-stripe-rep0-p3": {"stripe": True, "replicate_first_chunk": True, "prefetch": 3},
 }
 
 
