@@ -86,6 +86,7 @@ def setup(
     log_interval: int = 10,
     n_microbatches: int = 1,
     group_size: Optional[int] = None,
+    stripe: bool = False,
     seed: int = 1337,
     progress_bar: bool = True,
     sample_tokens: int = 40,
@@ -136,6 +137,8 @@ def setup(
         log_interval: Print a progress line (and log) every this many steps.
         n_microbatches: TawPipe: micro-batches each batch is split into.
         group_size: TawPipe: ranks per group (``null``: processes per node).
+        stripe: TawPipe: move remote weights and gradients in stripes over every rank's own NIC (nodes with one NIC
+            per device).
         seed: Random seed (same on every rank).
         progress_bar: Show the progress bar.
         sample_tokens: Tokens generated for one validation question from the final checkpoint (0 to skip).
@@ -180,7 +183,8 @@ def setup(
                      accumulate_grad_batches=accumulate_grad_batches, learning_rate=learning_rate,
                      weight_decay=weight_decay, warmup_steps=warmup_steps, max_norm=max_norm,
                      eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
-                     n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar)
+                     n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar,
+                     stripe=stripe)
     kind = "LoRA" if lora else "full"
     title = f"{kind} fine-tune {config.name} ({strategy}, {devices * num_nodes} processes)"
     style = getattr(data, "prompt_style", prompt_style)
