@@ -192,7 +192,7 @@ def test_plan_recommends_hsdp_when_it_fits_and_warns():
     m = ModelShape("t", 8, 256, 8, 4, 32, 1024, 256)
     w = Workload(m, 256, 1, 2, "bf16-mixed")
     c = Cluster(2, 4, intra_bw=100e9, inter_bw=1.25e9, nics_per_node=4, device_flops=100e12)
-    p = plan(c, w, prefetch=(1,))
+    p = plan(c, w, prefetch=(1,), stripe=(False,))
     assert {x.strategy for x in p.predictions} == {"tawpipe", "weipipe", "fsdp", "hsdp", "1f1b", "ddp"}
     assert p.recommended == min((x for x in p.predictions if x.fits), key=lambda x: x.step_time).strategy
     text = " ".join(p.warnings)
@@ -204,8 +204,9 @@ def test_plan_recommends_hsdp_when_it_fits_and_warns():
     assert striped.step_time < taw.step_time and striped.knobs["stripe"] and "stripe" not in taw.knobs
     assert (f"stripe=True spreads them over all 4 (predicted {striped.step_time * 1e3:.0f} ms against "
             f"{taw.step_time * 1e3:.0f}") in text
-    both = plan(c, w, prefetch=(1,), strategies=("tawpipe",), stripe=(False, True))
+    both = plan(c, w, prefetch=(1,), strategies=("tawpipe",))  # by default striping is tried on 4 NICs per node
     assert both.get("tawpipe").knobs.get("stripe") and "multi-rail" not in " ".join(both.warnings)
+    assert len(both.predictions) == 2
     # striping moves the same bytes between nodes, only over more NICs at once
     assert striped.inter_node_bytes == pytest.approx(taw.inter_node_bytes)
 
@@ -363,6 +364,13 @@ def test_mirrored_chunk_0_trades_its_round_trip_for_one_exchange(capsys):
                  "--replicate_first_chunk", "0,1,2"]) == 0
     out = capsys.readouterr().out
     assert "replicate_first_chunk=2" in out and out.count("tawpipe(") == 3
+    # --stripe auto (the default): striped variants only where a node has several NICs
+    assert "stripe=True" not in out
+    assert main(["--nodes", "2", "--devices", "2", "--nics", "2", "--inter", "1gbit", "--model", "tiny-llama-1.1b",
+                 "--override", "n_layer=8", "n_embd=256", "--seq", "512", "--strategies", "tawpipe", "--prefetch",
+                 "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tawpipe(") == 2 and "stripe=True" in out
 
 
 def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):

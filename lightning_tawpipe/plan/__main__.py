@@ -70,9 +70,9 @@ def parser() -> argparse.ArgumentParser:
                    help="TawPipe: mirror chunk 0 on every node (no chunk-0 round trip between steps, for its state "
                         "once more per node): false, true, 'both' (with and without), or numbers of leading chunks "
                         "to mirror, e.g. 0,1,2")
-    k.add_argument("--stripe", default="false", choices=["false", "true", "both"],
-                   help="TawPipe: move remote weights and gradient sums in stripes over every NIC of a node (for --nics > 1): false, "
-                        "true, or both (with and without)")
+    k.add_argument("--stripe", default="auto", choices=["auto", "false", "true", "both"],
+                   help="TawPipe: move remote weights and gradient sums in stripes over every NIC of a node: false, "
+                        "true, both (with and without), or auto (default: both with --nics > 1, else false)")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
 
@@ -89,6 +89,12 @@ def parse_mirrored(text: str) -> tuple[bool | int, ...]:
     if any(k < 0 for k in counts):
         raise argparse.ArgumentTypeError(f"chunk counts must be >= 0, got {text!r}")
     return counts
+
+
+def _stripe_options(text: str) -> tuple[bool, ...] | None:
+    """``--stripe``: which TawPipe variants to predict; ``auto`` (None) lets the planner try striping where a node
+    has several NICs."""
+    return {"auto": None, "false": (False,), "true": (True,), "both": (False, True)}[text]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                   partitions=tuple(a.partition or ["parameters"]),
                   grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,),
                   replicate_first_chunk=a.replicate_first_chunk,
-                  stripe={"false": (False,), "true": (True,), "both": (False, True)}[a.stripe])
+                  stripe=_stripe_options(a.stripe))
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

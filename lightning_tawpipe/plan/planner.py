@@ -45,9 +45,12 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
          strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",),
          grad_buffers: tuple[int | None, ...] = (None,),
-         replicate_first_chunk: tuple[bool | int, ...] = (False,), stripe: tuple[bool, ...] = (False,)) -> Plan:
+         replicate_first_chunk: tuple[bool | int, ...] = (False,), stripe: tuple[bool, ...] | None = None) -> Plan:
     """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers x chunk-0
-    mirrors x striping; None: the strategy's default) and recommend one."""
+    mirrors x striping; None: the strategy's default) and recommend one. ``stripe=None`` tries striped transfers
+    where a node has several NICs."""
+    if stripe is None:
+        stripe = (False, True) if cluster.nics_per_node > 1 else (False,)
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
     skipped: list[str] = []
@@ -156,7 +159,7 @@ def warnings(p: Plan) -> list[str]:
         fsdp = f"; fsdp: {p.get('fsdp').step_time * 1e3:.0f} ms" if "fsdp" in names else ""
         out.append(f"multi-rail links ({k} NICs per node): FSDP/HSDP collectives use all {k} NICs but each TawPipe "
                    f"transfer uses one; stripe=True spreads them over all {k} (predicted "
-                   f"{striped.step_time * 1e3:.0f} ms against {taw.step_time * 1e3:.0f}{fsdp}; try --stripe both)")
+                   f"{striped.step_time * 1e3:.0f} ms against {taw.step_time * 1e3:.0f}{fsdp})")
     if "hsdp" in names:
         h = p.get("hsdp")
         if h.fits:
