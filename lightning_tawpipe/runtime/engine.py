@@ -543,6 +543,12 @@ class Engine:
             raise RuntimeError(f"the engine cannot execute {a}")
 
     # -- mirrored chunks: the holders' sum of their gradients -------------------------------------------------------
+    def take_exchanged(self) -> set[int]:
+        """The mirrored chunks whose gradients the holders summed (``XG``) since the last call; forgets them."""
+        with self._lock:
+            exchanged, self.exchanged = self.exchanged, set()
+        return exchanged
+
     def sum_mirrored_gradients(self, chunks: list[int]) -> None:
         """Between iterations: sum the gradients of these mirrored chunks with their other holders, last chunk first
         (the order the programs' ``XG`` use), and wait (counted into the next step's figures). Each holder must list

@@ -347,8 +347,8 @@ class Pipeline:
         """After the last backward of an optimizer step: owners expose the averaged gradient, replicas all-reduce."""
         world = self.topo.world_size  # this replica's ranks: replicas combine their models in the outer loop
         # the holders sum what the iteration did not (an iteration that ended the step sums inside its program)
-        self.engine.sum_mirrored_gradients([c for c in self.held_shards() if c not in self.engine.exchanged])
-        self.engine.exchanged.clear()
+        summed = self.engine.take_exchanged()
+        self.engine.sum_mirrored_gradients([c for c in self.held_shards() if c not in summed])
         self.shard.attach_grads(1.0 / world)
         for mirror in self.mirrors.values():
             mirror.attach_grads(1.0 / world)
@@ -372,10 +372,9 @@ class Pipeline:
         last before the optimizer step (a guess the strategy could not make for sure): every holder now has the sum,
         so the owner keeps it and each mirror starts from zero, and the step sums them again (``finalize_gradients``
         sums every held chunk again once this is cleared)."""
-        for c in self.engine.exchanged:
+        for c in self.engine.take_exchanged():
             if c in self.mirrors:
                 self.mirrors[c].zero_grad()
-        self.engine.exchanged.clear()
 
     def zero_grad(self) -> None:
         self.shard.zero_grad()
