@@ -195,13 +195,14 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
             issue = load.issue
             owner = owners[load.chunk]
             # the owner, or the chunk's mirror, copies it from its own storage (topo.same_group, inlined: hot)
+            striped = stripe and owner // G != node and load.chunk >= n_mirrored  # all-gathered, not broadcast
             if owner // G == node or load.chunk < n_mirrored:
                 root, bcast_point = node * G + owner % G, issue
                 group.add(root, issue, action(Op.COPY_W, load.chunk, buf=slot))
             else:
                 root = node * G + owner % G
                 tick = issue + node
-                if stripe:  # every rank receives its stripe from the rank of its local index in the owner's node
+                if striped:  # every rank receives its stripe from the rank of its local index in the owner's node
                     owner_node = owner // G
                     stripes = f"t{load.chunk}"
                     for k in range(G):
@@ -214,12 +215,9 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                 # relay one compute before the first use: the inter-node receive overlaps every compute from
                 # the slot's release until then, the (faster) intra-node broadcast the last one
                 bcast_point = min(max(issue + 1, load.first - 2), load.first - 1)
-                if stripe:
-                    group.shared(bcast_point).append(action(Op.GATHER_W, load.chunk, buf=slot))
-                    group.shared(load.last).append(releases[i])
-                    continue
             if G > 1:
-                group.shared(bcast_point).append(Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
+                group.shared(bcast_point).append(action(Op.GATHER_W, load.chunk, buf=slot) if striped
+                                                 else Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
             group.shared(load.last).append(releases[i])
         if train:
             _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action, n_mirrored, exchange,
