@@ -67,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_buffers", type=int, default=0, help="TawPipe gradient buffers (>= 2; 0: by node count)")
     p.add_argument("--replicate_first_chunk", type=int, nargs="?", const=1, default=0,
                    help="TawPipe: mirror chunk 0 (or the first N chunks) on every node")
-    p.add_argument("--stripe", action="store_true", help="TawPipe: move remote weights and gradient sums in stripes over every rail")
+    p.add_argument("--stripe", action="store_true",
+                   help="TawPipe: move remote weights and gradient sums in stripes over every rail")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="TawPipe/WeiPipe chunks: parameters, uniform, or units per chunk (2,2,3,3)")
     p.add_argument("--steps", type=int, default=6)

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--p2p_groups", default=None, choices=["rail", "directed"])
     p.add_argument("--replicate_first_chunk", type=int, nargs="?", const=1, default=0,
                    help="tawpipe: mirror chunk 0 (or the first N chunks) on every node")
-    p.add_argument("--stripe", action="store_true", help="tawpipe: move remote weights and gradient sums in stripes over every rail")
+    p.add_argument("--stripe", action="store_true",
+                   help="tawpipe: move remote weights and gradient sums in stripes over every rail")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="'parameters', 'uniform', or units per chunk, e.g. 2,1,2,3")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")

@@ -554,8 +554,8 @@ def test_validator_checks_stripes():
              *programs[1:]]
     with pytest.raises(ScheduleError, match="receives \\('W', 0\\) from rank 0's own"):
         validate(replace(striped, programs=tuple(whole)))
-    missing = [programs[0], programs[1], tuple(a for a in programs[2] if not (a.op is Op.RECV_STRIPE_W and a.chunk == 0)),
-               *programs[3:]]
+    without = tuple(a for a in programs[2] if not (a.op is Op.RECV_STRIPE_W and a.chunk == 0))
+    missing = [programs[0], programs[1], without, *programs[3:]]
     with pytest.raises(ScheduleError, match="all-gathers chunk 0 but its part of s0 holds None"):
         validate(replace(striped, programs=tuple(missing)))
     # gradients: node 0 sends chunk 1's stripes crossed over to node 1's ranks (1 is owned by rank 2, on node 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from lightning_tawpipe.plan.cluster import Cluster
 from lightning_tawpipe.plan.result import Memory
 from lightning_tawpipe.plan.workload import Workload
+from lightning_tawpipe.schedule.actions import stripe_numel
 from lightning_tawpipe.schedule.program import Schedule
 
 
@@ -50,12 +51,12 @@ def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel
         G = schedule.topology.group_size
         stripes = [0] * schedule.topology.n_groups
         for c in range(len(schedule.mirrors), len(chunk_numel)):
-            stripes[schedule.owners[c] // G] += -(-chunk_numel[c] // G)
+            stripes[schedule.owners[c] // G] += stripe_numel(chunk_numel[c], G)
         working += max(stripes) * w.weight_bytes
     if schedule.train:
         working += (schedule.n_grad_buffers + schedule.n_recv_buffers) * biggest * w.weight_bytes
         # striped: the ring of stripe buffers for remote gradient sums (each a stripe of the largest chunk)
-        working += schedule.n_stripe_buffers * -(-biggest // schedule.topology.group_size) * w.weight_bytes
+        working += schedule.n_stripe_buffers * stripe_numel(biggest, schedule.topology.group_size) * w.weight_bytes
     in_flight = 1.0 if kind == "tawpipe" else min(w.n_microbatches, 2)  # WeiPipe overlaps two micro-batches
     return Memory(states, working, activations(w, w.model.n_layer, in_flight))
 

@@ -196,7 +196,8 @@ class Comm:
         group = self.lanes[lane].node_group
         if self.per_rank_collectives:  # rank k broadcasts part k
             parts = out.split(piece.numel())
-            return _AllOf([dist.broadcast(part, group=group, group_src=k, async_op=True) for k, part in enumerate(parts)])
+            return _AllOf([dist.broadcast(part, group=group, group_src=k, async_op=True)
+                           for k, part in enumerate(parts)])
         return dist.all_gather_into_tensor(out, piece, group=group, async_op=True)
 
     def reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor, lane: str):

@@ -50,7 +50,7 @@ from torch.profiler import record_function
 from lightning_tawpipe.runtime.comm import Comm
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule.actions import COMPUTE_OPS, Action, Op, buffers_conflict, channel, deferrable
-from lightning_tawpipe.schedule.actions import user_code_follows
+from lightning_tawpipe.schedule.actions import WEIGHT_OPS, stripe_numel, user_code_follows
 from lightning_tawpipe.schedule.program import Schedule
 
 
@@ -98,7 +98,8 @@ class _Pending:
         return buffers_conflict(reads, writes, self.reads, self.writes)
 
 
-# communication actions: the Comm method that posts them and the lane (communicator set) they travel on
+# communication actions: the Comm method that posts them (None: a striped operation, Engine._post_striped) and the
+# lane (communicator set) they travel on
 _POSTED = {
     Op.SEND_W: ("isend", "weights"),
     Op.RECV_W: ("irecv", "weights"),
@@ -106,19 +107,14 @@ _POSTED = {
     Op.REDUCE_G: ("reduce", "grads"),
     Op.SEND_G: ("isend", "grads"),
     Op.RECV_G: ("irecv", "grads"),
-    Op.SCATTER_W: ("scatter", "weights"),
-    Op.RECV_STRIPE_W: ("irecv", "weights"),
-    Op.GATHER_W: ("all_gather", "weights"),
-    Op.REDUCE_SCATTER_G: ("reduce_scatter", "grads"),
-    Op.SEND_STRIPE_G: ("isend", "grads"),
-    Op.RECV_STRIPE_G: ("irecv", "grads"),
-    Op.GATHER_G: ("gather", "grads"),
+    Op.SCATTER_W: (None, "weights"),
+    Op.RECV_STRIPE_W: (None, "weights"),
+    Op.GATHER_W: (None, "weights"),
+    Op.REDUCE_SCATTER_G: (None, "grads"),
+    Op.SEND_STRIPE_G: (None, "grads"),
+    Op.RECV_STRIPE_G: (None, "grads"),
+    Op.GATHER_G: (None, "grads"),
 }
-
-
-# actions on stripes (``stripe``), posted by Engine._post_striped
-_STRIPED_OPS = frozenset({Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W, Op.REDUCE_SCATTER_G, Op.SEND_STRIPE_G,
-                          Op.RECV_STRIPE_G, Op.GATHER_G})
 
 # actions that move or combine gradients: they cover only a chunk's trainable prefix (see ChunkLayout)
 _GRADIENT_OPS = (Op.REDUCE_G, Op.SEND_G, Op.RECV_G, Op.ACC_G, Op.ADD_G, Op.EXCHANGE_G, Op.REDUCE_SCATTER_G,
@@ -329,10 +325,11 @@ class Engine:
     def _ensure_buffers(self, schedule: Schedule) -> None:
         n = self.layout.max_numel
         G = schedule.topology.group_size
-        # slots hold whole stripes (a chunk's size rounded up to G): a striped chunk is all-gathered in place
-        wanted = {f"s{i}": (self.compute_dtype, -(-n // G) * G) for i in range(schedule.n_slots)}
+        # slots and gradient buffers hold whole stripes (a chunk's size rounded up to G): a striped chunk is
+        # all-gathered, and its gradient reduce-scattered and gathered, in place
+        padded = stripe_numel(n, G) * G
+        wanted = {f"s{i}": (self.compute_dtype, padded) for i in range(schedule.n_slots)}
         # gradients are produced, reduced and sent in the compute dtype; owners accumulate them in the master dtype
-        padded = -(-n // G) * G  # a gradient is reduce-scattered (and gathered) in place, in whole stripes
         wanted.update({f"g{i}": (self.compute_dtype, padded)
                        for i in range(schedule.n_grad_buffers if schedule.train else 0)})
         wanted.update({f"q{i}": (self.compute_dtype, padded)
@@ -340,7 +337,8 @@ class Engine:
         wanted.update({f"r{i}": (self.compute_dtype, padded // G) for i in range(schedule.n_stripe_buffers)})
         if schedule.striped:  # this rank's stripe of every chunk its node owns (and serves to other nodes)
             node = schedule.topology.group_of(self.rank)
-            wanted.update({f"t{c}": (self.compute_dtype, self._stripe_size(c, G)) for c, o in enumerate(schedule.owners)
+            wanted.update({f"t{c}": (self.compute_dtype, stripe_numel(self.layout.numel[c], G))
+                           for c, o in enumerate(schedule.owners)
                            if c >= len(schedule.mirrors) and schedule.topology.group_of(o) == node})
         for name, (dtype, size) in wanted.items():
             if name not in self._buffers or self._buffers[name].numel() < size:
@@ -348,32 +346,23 @@ class Engine:
                     raise RuntimeError(f"weight slot {name} was resized while a chunk is bound to it")
                 self._buffers[name] = torch.empty(size, dtype=dtype, device=self.device)
 
-    def _stripe_size(self, chunk: int, G: int) -> int:
-        """Elements of one rank's stripe of ``chunk``: its size over the node's ranks, rounded up (the last stripe is
-        padded)."""
-        return -(-self.layout.numel[chunk] // G)
-
-    def _stripe(self, buf: str, chunk: int) -> torch.Tensor:
-        """This rank's part of a slot holding ``chunk`` in stripes (stripe ``local index``)."""
-        topo = self._schedule.topology
-        size = self._stripe_size(chunk, topo.group_size)
-        start = topo.local_index(self.rank) * size
-        return self._buffers[buf][start:start + size]
-
-    def _grad_stripe_size(self, chunk: int) -> int:
-        """Elements of one rank's stripe of ``chunk``'s gradient (its trainable prefix over the node's ranks)."""
-        return -(-self.layout.n_trainable[chunk] // self._schedule.topology.group_size)
-
-    def _grad_stripe(self, buf: str, chunk: int, local: int | None = None) -> torch.Tensor:
-        """Stripe ``local`` (default: this rank's) of ``chunk``'s gradient in buffer ``buf``."""
-        size = self._grad_stripe_size(chunk)
+    def _stripe(self, buf: str, size: int, local: int | None = None) -> torch.Tensor:
+        """Stripe ``local`` (default: this rank's) of ``size`` elements in buffer ``buf``: a chunk's weights
+        (:meth:`_weight_stripe_size`) or its gradient (:meth:`_grad_stripe_size`)."""
         local = self._schedule.topology.local_index(self.rank) if local is None else local
         return self._buffers[buf][local * size:(local + 1) * size]
+
+    def _weight_stripe_size(self, chunk: int) -> int:
+        return stripe_numel(self.layout.numel[chunk], self._schedule.topology.group_size)
+
+    def _grad_stripe_size(self, chunk: int) -> int:
+        """A gradient stripe covers the chunk's trainable prefix only (a frozen chunk has none)."""
+        return stripe_numel(self.layout.n_trainable[chunk], self._schedule.topology.group_size)
 
     def _stripes_of_own(self, chunk: int) -> list[torch.Tensor]:
         """The owner's copy of ``chunk`` cut into the node's stripes, for the scatter; the last is padded (a copy)."""
         G = self._schedule.topology.group_size
-        size, own = self._stripe_size(chunk, G), self._own[chunk]
+        size, own = self._weight_stripe_size(chunk), self._own[chunk]
         pieces = list(own.split(size))
         if len(pieces) < G or pieces[-1].numel() < size:
             padded = torch.zeros(G * size, dtype=own.dtype, device=own.device)
@@ -616,7 +605,7 @@ class Engine:
 
     def _post(self, a: Action, reads: set[str], writes: set[str]) -> None:
         method, lane = _POSTED[a.op]
-        if a.op in _STRIPED_OPS:
+        if method is None:
             work = self._post_striped(a, lane)
         else:
             view = self._grad_view(a.buf, a.chunk) if a.op in _GRADIENT_OPS else self._view(a.buf, a.chunk)
@@ -631,18 +620,17 @@ class Engine:
         if a.op is Op.SCATTER_W:
             pieces = self._stripes_of_own(a.chunk) if a.peer == self.rank else None
             return self.comm.scatter(self._view(a.buf, a.chunk), pieces, a.peer, lane)
+        size = self._weight_stripe_size(a.chunk) if a.op in WEIGHT_OPS else self._grad_stripe_size(a.chunk)
         if a.op is Op.RECV_STRIPE_W:
-            return self.comm.irecv(self._stripe(a.buf, a.chunk), a.peer, lane)
+            return self.comm.irecv(self._stripe(a.buf, size), a.peer, lane)
         if a.op is Op.GATHER_W:
-            mine = self._stripe(a.buf, a.chunk)
-            return self.comm.all_gather(self._buffers[a.buf][: mine.numel() * G], mine, lane)
+            return self.comm.all_gather(self._buffers[a.buf][: size * G], self._stripe(a.buf, size), lane)
         if a.op is Op.REDUCE_SCATTER_G:
-            mine = self._grad_stripe(a.buf, a.chunk)
-            return self.comm.reduce_scatter(mine, self._buffers[a.buf][: mine.numel() * G], lane)
+            return self.comm.reduce_scatter(self._stripe(a.buf, size), self._buffers[a.buf][: size * G], lane)
         if a.op is Op.SEND_STRIPE_G:
-            return self.comm.isend(self._grad_stripe(a.buf, a.chunk), a.peer, lane)
-        received = self._buffers[a.buf][: self._grad_stripe_size(a.chunk)]  # a stripe buffer r<i>
+            return self.comm.isend(self._stripe(a.buf, size), a.peer, lane)
+        received = self._buffers[a.buf][:size]  # a stripe buffer r<i>
         if a.op is Op.RECV_STRIPE_G:
             return self.comm.irecv(received, a.peer, lane)
-        out = [self._grad_stripe(a.buf2, a.chunk, k) for k in range(G)] if a.peer == self.rank else None
+        out = [self._stripe(a.buf2, size, k) for k in range(G)] if a.peer == self.rank else None
         return self.comm.gather(received, out, a.peer, lane)  # GATHER_G: onto the owner's buffer, whole

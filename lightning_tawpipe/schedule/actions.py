@@ -31,7 +31,8 @@ String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-b
     SW3>7@t3       send this rank's stripe of chunk 3 to rank 7 (the same local index on another node)
     RT3<5@s0       receive this rank's stripe of chunk 3 from rank 5 into its part of slot 0
     AW3@s0         all-gather chunk 3's stripes in the node: every rank then has the whole chunk in slot 0
-    YG3@g1         reduce-scatter chunk 3's gradients in the node: each rank gets its stripe of the sum in its part of g1
+    YG3@g1         reduce-scatter chunk 3's gradients in the node: each rank gets its stripe of the sum, in its part
+                   of g1
     TG3>5@g1       send this rank's stripe of the node's gradient sum in g1 to rank 5 (same local index, owner's node)
     UG3<5@r0       receive this rank's stripe of a node's gradient sum of chunk 3 from rank 5 into r0
     GG3^5@r0>q1    gather the node's stripes in r0 onto rank 5 (chunk 3's owner), whole, into its q1
@@ -89,6 +90,12 @@ SEND_OPS = frozenset({Op.SEND_W, Op.SEND_G, Op.SEND_STRIPE_G})
 WEIGHT_OPS = frozenset({Op.COPY_W, Op.SEND_W, Op.RECV_W, Op.BCAST_W, Op.SCATTER_W, Op.RECV_STRIPE_W, Op.GATHER_W})
 
 
+def stripe_numel(numel: int, group_size: int) -> int:
+    """Elements of one rank's stripe of ``numel`` elements cut over the ``group_size`` ranks of a node: rounded up, so
+    the last stripe is padded and stripe ``k`` starts at ``k`` times this on every rank."""
+    return -(-numel // group_size)
+
+
 def is_stripe(action: Action) -> bool:
     """Whether ``action`` moves one rank's stripe of its chunk (``1 / G`` of it) rather than the whole chunk: a
     stripe's send or receive (weights from a stripe buffer ``t<c>``, or a gradient stripe)."""
@@ -113,8 +120,8 @@ def deferrable(action: Action, rank: int) -> bool:
     """Whether the engine may post ``action`` later than its place in the program, once its input is ready, instead
     of blocking the host on that input: a node's gradient send (its input is the reduce before it), a relay's
     broadcast (its input is the inter-node receive before it), a node's all-gather of stripes (its input is the
-    rank's own stripe receive) and a gradient stripe's send (its input is the node's reduce-scatter). These inputs complete without this rank doing anything more, which is what makes
-    deferring them safe (``runtime/engine.py``)."""
+    rank's own stripe receive) and a gradient stripe's send (its input is the node's reduce-scatter). These inputs
+    complete without this rank doing anything more, which is what makes deferring them safe (``runtime/engine.py``)."""
     return (action.op is Op.SEND_G or action.op is Op.SEND_STRIPE_G or action.op is Op.GATHER_W
             or (action.op is Op.BCAST_W and action.peer == rank))
 

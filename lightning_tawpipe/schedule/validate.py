@@ -651,7 +651,8 @@ class _Simulator:
             return
         owner = first.peer
         if not base <= owner < base + G or self.s.owners[chunk] != owner:
-            self._fail(base, first, f"gathers chunk {chunk}'s stripes onto rank {owner}, not onto its owner in the node")
+            self._fail(base, first,
+                       f"gathers chunk {chunk}'s stripes onto rank {owner}, not onto its owner in the node")
         stripes = [rows[i][ids[i]] for i in range(G)]
         if any(c is None or c[0] != "GS" or c[1] != chunk or c[2] != i for i, c in enumerate(stripes)) or len(
                 {c[3] for c in stripes}) != 1:
