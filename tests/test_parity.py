@@ -15,9 +15,9 @@ from litgpt import GPT
 from lightning_tawpipe.module import tiny_llama_config
 from lightning_tawpipe.partition import partition_units
 from lightning_tawpipe.runtime.units import find_units
-from lightning_tawpipe.schedule import Op, build_tawpipe
-from lightning_tawpipe.schedule.actions import is_stripe
+from lightning_tawpipe.schedule import build_tawpipe
 from lightning_tawpipe.topology import Topology
+from program_bytes import program_bytes
 
 COMMON = ("--steps", "5", "--lr", "3e-3", "--seq_length", "32", "--n_embd", "32", "--batch_size", "4",
           "--val_batches", "2")
@@ -118,7 +118,7 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
                                  replicate_first_chunk=int(mirrored), exchange=True)
         numel = _chunk_numel(int(n_layer), world)
         for rank, per_step in enumerate(result["comm_per_rank"]):
-            inter, intra = _program_bytes(schedule, numel, rank)
+            inter, intra, _ = program_bytes(schedule, rank, numel, numel, itemsize=4)
             assert inter > 0, rank  # not only the relays: every rank of a node receives and sends stripes
             if not mirrored:  # (a mirror's exchange comes on top, in per-unit pieces: counted in its own tests)
                 assert all(step == [inter, intra] for step in per_step), (rank, per_step, [inter, intra])
@@ -154,36 +154,6 @@ def _chunk_numel(n_layer: int, world: int) -> list[int]:
     return [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], world)]
 
 
-def _program_bytes(schedule, chunk_numel: list[int], rank: int, itemsize: int = 4) -> tuple[int, int]:
-    """(inter-node, intra-node) bytes ``rank``'s program sends: a P2P send its buffer (a stripe: ``1 / G`` of the
-    chunk, rounded up), a broadcast's root one copy per other member, a reduce's member its buffer, a scatter's root
-    and every member of an all-gather or reduce-scatter one stripe per other member, a gather's member its stripe
-    (every parameter of the test model is trainable, so a gradient's stripe is a weight stripe)."""
-    topo = schedule.topology
-    G = topo.group_size
-    inter = intra = 0
-    for a in schedule.program(rank):
-        whole = chunk_numel[a.chunk] * itemsize
-        stripe = -(-chunk_numel[a.chunk] // G) * itemsize
-        if a.op in (Op.SEND_W, Op.SEND_G):
-            nbytes = stripe if is_stripe(a) else whole
-            if topo.same_group(rank, a.peer):
-                intra += nbytes
-            else:
-                inter += nbytes
-        elif a.op is Op.BCAST_W and a.peer == rank:
-            intra += whole * (G - 1)
-        elif a.op is Op.REDUCE_G and a.peer != rank:
-            intra += whole
-        elif (a.op is Op.SCATTER_W and a.peer == rank) or a.op in (Op.GATHER_W, Op.REDUCE_SCATTER_G):
-            intra += stripe * (G - 1)
-        elif a.op is Op.SEND_STRIPE_G:
-            inter += stripe
-        elif a.op is Op.GATHER_G and a.peer != rank:
-            intra += stripe
-    return inter, intra
-
-
 def test_engine_accounting_equals_schedule(train_job):
     """Every rank's measured inter- and intra-node bytes per step equal what its program says it sends."""
     args = ("--devices", "2", "--num_nodes", "2", "--group_size", "0", "--n_layer", "5", "--n_microbatches", "2",
@@ -191,7 +161,8 @@ def test_engine_accounting_equals_schedule(train_job):
     result = train_job(*COMMON, "--strategy", "tawpipe", *args, node_ranks=2)
     schedule = build_tawpipe(Topology(2, 2), n_microbatches=2, prefetch=1)
     for rank, per_step in enumerate(result["comm_per_rank"]):
-        inter, intra = _program_bytes(schedule, _chunk_numel(5, 4), rank)
+        numel = _chunk_numel(5, 4)  # every parameter of the test model is trainable
+        inter, intra, _ = program_bytes(schedule, rank, numel, numel, itemsize=4)
         assert inter > 0
         for step in per_step:
             assert step == [inter, intra], f"rank {rank}: measured {step}, schedule says {[inter, intra]}"

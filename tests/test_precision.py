@@ -35,17 +35,16 @@ def _assert_losses_close(result: dict, reference: dict, rel: float) -> None:
         assert abs(x - y) <= rel * abs(y), f"{name}: {result['validation'][name]} vs ddp {ref}"
 
 
-def _expected_bytes_per_rank(element_size: int, trainable_only: bool = False, lora: bool = False,
-                             stripe: bool = False):
+def _expected_bytes_per_rank(element_size: int, lora: bool = False, stripe: bool = False):
     """(inter-node, intra-node, gradient) bytes each rank's program sends per step, from the schedule itself (a
     stripe: the chunk's weights, or its trainable prefix, over the node's ranks, rounded up)."""
     from lightning_tawpipe.module import tiny_llama_config
     from lightning_tawpipe.partition import partition_units
     from lightning_tawpipe.runtime.shard import ChunkLayout
     from lightning_tawpipe.runtime.units import find_units
-    from lightning_tawpipe.schedule import Op, build_tawpipe
-    from lightning_tawpipe.schedule.actions import is_stripe
+    from lightning_tawpipe.schedule import build_tawpipe
     from lightning_tawpipe.topology import Topology
+    from program_bytes import program_bytes
 
     cfg = tiny_llama_config(n_layer=5, n_embd=32, block_size=32)
     if lora:
@@ -63,32 +62,9 @@ def _expected_bytes_per_rank(element_size: int, trainable_only: bool = False, lo
     units = find_units(model)
     ranges = partition_units([u.numel() for u in units], 4)
     layout = ChunkLayout([[np for u in r for np in units[u].named_parameters()] for r in ranges])
-    topo = Topology(2, 2)
-    out = []
-    G = topo.group_size
-    for rank, program in enumerate(build_tawpipe(topo, n_microbatches=2, prefetch=2, stripe=stripe).programs):
-        inter = intra = grad = 0
-        for a in program:
-            grads = a.op in (Op.SEND_G, Op.REDUCE_G, Op.SEND_STRIPE_G, Op.REDUCE_SCATTER_G, Op.GATHER_G)
-            n = layout.n_trainable[a.chunk] if grads else layout.numel[a.chunk]
-            nbytes = (-(-n // G) if is_stripe(a) else n) * element_size
-            stripe_bytes = -(-n // G) * element_size
-            if a.op in (Op.SEND_W, Op.SEND_G, Op.SEND_STRIPE_G):
-                inter, intra = (inter, intra + nbytes) if topo.same_group(rank, a.peer) else (inter + nbytes, intra)
-            elif a.op is Op.BCAST_W and a.peer == rank:
-                intra += nbytes * (G - 1)
-            elif a.op is Op.REDUCE_G and a.peer != rank:
-                intra += nbytes
-            elif (a.op is Op.SCATTER_W and a.peer == rank) or a.op in (Op.GATHER_W, Op.REDUCE_SCATTER_G):
-                nbytes = stripe_bytes * (G - 1)
-                intra += nbytes
-            elif a.op is Op.GATHER_G and a.peer != rank:
-                nbytes = stripe_bytes
-                intra += nbytes
-            else:
-                continue
-            grad += nbytes if grads else 0
-        out.append((inter, intra, grad))
+    schedule = build_tawpipe(Topology(2, 2), n_microbatches=2, prefetch=2, stripe=stripe)
+    out = [program_bytes(schedule, rank, layout.numel, layout.n_trainable, element_size)
+           for rank in range(schedule.topology.world_size)]
     return out, layout
 
 

@@ -16,9 +16,9 @@ from litgpt import GPT
 from lightning_tawpipe.module import tiny_llama_config
 from lightning_tawpipe.partition import partition_units
 from lightning_tawpipe.runtime.units import find_units
-from lightning_tawpipe.schedule.actions import Op
 from lightning_tawpipe.schedule.tawpipe import build_tawpipe
 from lightning_tawpipe.topology import Topology
+from program_bytes import program_bytes
 
 ARGS = ("--steps", "4", "--accumulate", "2", "--clip_val", "0.05", "--lr", "3e-3", "--seq_length", "32",
         "--n_embd", "32", "--n_layer", "6", "--batch_size", "2", "--n_microbatches", "2")
@@ -100,8 +100,7 @@ def test_bf16_mixed_mirrors_sum_in_bf16_and_stay_identical(train_job):
     numel = [sum(units[u].numel() for u in r) for r in partition_units([u.numel() for u in units], 4)]
     schedule = build_tawpipe(Topology(2, 2), 2, prefetch=2, replicate_first_chunk=True, exchange=True)  # demo's
     for rank in (0, 2):
-        sent = sum(2 * numel[a.chunk] for a in schedule.program(rank)
-                   if a.op in (Op.SEND_W, Op.SEND_G) and a.peer // 2 != rank // 2)
+        sent = program_bytes(schedule, rank, numel, numel, itemsize=2)[0]  # its inter-node sends
         assert [batch[0] for batch in result["comm_per_rank"][rank]] == [sent + 2 * numel[0]] * 3, rank
 
 
