@@ -537,13 +537,16 @@ def test_validator_checks_stripes():
     receive, and an all-gather where a rank's part is missing, are caught."""
     striped = build_tawpipe(Topology(2, 2), 1, stripe=True)
     programs = list(striped.programs)
-    # node 1's ranks receive chunk 0's stripes crossed over: each from the other local index
-    wrong = [tuple(replace(a, peer=5 - a.peer) if a.op is Op.SEND_W and a.chunk == 0 else a for a in p)
-             for p in programs[:2]]
-    wrong += [tuple(replace(a, peer=1 - a.peer) if a.op is Op.RECV_STRIPE_W and a.chunk == 0 else a for a in p)
-              for p in programs[2:]]
+
+    def crossed(send: Op, receive: Op, chunk: int) -> tuple:
+        """Node 0's ranks send ``chunk``'s stripes to node 1's ranks crossed over (each to the other local index)."""
+        return (*[tuple(replace(a, peer=5 - a.peer) if a.op is send and a.chunk == chunk else a for a in p)
+                  for p in programs[:2]],
+                *[tuple(replace(a, peer=1 - a.peer) if a.op is receive and a.chunk == chunk else a for a in p)
+                  for p in programs[2:]])
+
     with pytest.raises(ScheduleError, match="receives stripe 1 of chunk 0 in the part of local index 0"):
-        validate(replace(striped, programs=tuple(wrong)))
+        validate(replace(striped, programs=crossed(Op.SEND_W, Op.RECV_STRIPE_W, 0)))
     early = list(programs[2])
     i = index_of(early, lambda a: a.op is Op.GATHER_W and a.chunk == 0)
     j = index_of(early, lambda a: a.op is Op.FORWARD and a.chunk == 0)
@@ -558,13 +561,9 @@ def test_validator_checks_stripes():
     missing = [programs[0], programs[1], without, *programs[3:]]
     with pytest.raises(ScheduleError, match="all-gathers chunk 0 but its part of s0 holds None"):
         validate(replace(striped, programs=tuple(missing)))
-    # gradients: node 0 sends chunk 1's stripes crossed over to node 1's ranks (1 is owned by rank 2, on node 1)
-    crossed = [tuple(replace(a, peer=5 - a.peer) if a.op is Op.SEND_STRIPE_G and a.chunk == 1 else a for a in p)
-               for p in programs[:2]]
-    crossed += [tuple(replace(a, peer=1 - a.peer) if a.op is Op.RECV_STRIPE_G and a.chunk == 1 else a for a in p)
-                for p in programs[2:]]
+    # gradients: chunk 1 is owned by rank 2, on node 1
     with pytest.raises(ScheduleError, match="receives stripe (0|1) of chunk 1 in the part of local index (1|0)"):
-        validate(replace(striped, programs=tuple(crossed)))
+        validate(replace(striped, programs=crossed(Op.SEND_STRIPE_G, Op.RECV_STRIPE_G, 1)))
     # the owner adds before the gather
     owner = list(programs[2])
     g = index_of(owner, lambda a: a.op is Op.GATHER_G and a.chunk == 1)
