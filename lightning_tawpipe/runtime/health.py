@@ -10,13 +10,18 @@ store the process group was rendezvoused with (Lightning's ``MASTER_ADDR:MASTER_
 * ``tawpipe/alive/<step>/<rank>``: written by ranks that hit a communication error, so the ones that never write
   it are the ones that died.
 
-The step-level checks are collective (one small all-gather before and after each step): every rank sees the same
-verdict and stops together, with the step number, instead of one rank stopping and the others hanging.
+The step-level checks are collective (small all-gathers): every rank sees the same verdict and stops together, with
+the step number, instead of one rank stopping and the others hanging. The Trainer's step *posts* them without waiting
+(:class:`PostedCheck`) and judges them once its iteration has ended, before the optimizer step: a blocking
+all-gather at the start of a step is a barrier over the slow links (measured 18 ms of a 690 ms traced step on
+3 emulated nodes x 2 ranks at 1 Gbit/s), and one after it waits for the slowest rank; posted, both ride along with
+the step's own traffic. Nothing is stepped before the verdict, so a bad step still changes no weight.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -109,33 +114,63 @@ def check_equal_nodes(node_of_rank: list[int]) -> None:
         )
 
 
-def check_step_inputs(step: int, batch_size: int, device: torch.device, group=None) -> None:
+class PostedCheck:
+    """A collective check in flight: every rank's value is all-gathered while the caller goes on, and
+    :meth:`judge` waits for them and raises the same error on every rank. Every rank must post the same checks in
+    the same order (they are collectives)."""
+
+    def __init__(self, value: torch.Tensor, verdict: Callable[[list[int]], None], group=None) -> None:
+        self._verdict = verdict
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            self._values, self._work = [value], None
+            return
+        self._values = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+        self._work = dist.all_gather(self._values, value, group=group, async_op=True)
+
+    def judge(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        self._verdict([int(v.item()) for v in self._values])
+
+
+def post_step_inputs(step: int, batch_size: int, device: torch.device, group=None) -> PostedCheck:
     """Every rank (of ``group``: one replica) must feed the same per-rank batch size (owners average gradients
-    over ranks like ``ddp``)."""
-    sizes = _gather(torch.tensor([batch_size], dtype=torch.int64, device=device), group)
-    if len(set(sizes)) > 1:
-        raise ValueError(
-            f"Step {step}: ranks got different batch sizes {dict(enumerate(sizes))}. TawPipe averages gradients "
-            "over ranks as ddp does, which needs equal per-rank batches: use drop_last=True (or equal shards) in "
-            "the training DataLoader."
-        )
+    over ranks like ``ddp``). A mismatch does not desynchronise the pipeline (weights move, activations do not), so
+    it can be judged at the step's end; a rank whose batch does not split into the micro-batches judges it at once,
+    so that its error names the mismatch and the others stop on its exit with that message."""
+
+    def verdict(sizes: list[int]) -> None:
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"Step {step}: ranks got different batch sizes {dict(enumerate(sizes))}. TawPipe averages gradients "
+                "over ranks as ddp does, which needs equal per-rank batches: use drop_last=True (or equal shards) in "
+                "the training DataLoader."
+            )
+
+    return PostedCheck(torch.tensor([batch_size], dtype=torch.int64, device=device), verdict, group)
+
+
+def post_loss_finite(step: int, loss: torch.Tensor) -> PostedCheck:
+    """Stop every rank together, naming the step and the ranks, when any rank's loss is NaN or infinite."""
+
+    def verdict(finite: list[int]) -> None:
+        bad = [r for r, ok in enumerate(finite) if not ok]
+        if bad:
+            raise FloatingPointError(
+                f"Non-finite loss at step {step} on rank(s) {bad}; training stopped on every rank before the "
+                "optimizer step. Lower the learning rate, clip gradients, or pass "
+                "TawPipeStrategy(check_finite_loss=False) to continue anyway."
+            )
+
+    return PostedCheck(torch.isfinite(loss.detach()).all().reshape(1).to(torch.int64), verdict)
+
+
+def check_step_inputs(step: int, batch_size: int, device: torch.device, group=None) -> None:
+    """:func:`post_step_inputs`, judged at once."""
+    post_step_inputs(step, batch_size, device, group).judge()
 
 
 def check_loss_finite(step: int, loss: torch.Tensor) -> None:
-    """Stop every rank together, naming the step and the ranks, when any rank's loss is NaN or infinite."""
-    finite = _gather(torch.isfinite(loss.detach()).reshape(1).to(torch.int64))
-    bad = [r for r, ok in enumerate(finite) if not ok]
-    if bad:
-        raise FloatingPointError(
-            f"Non-finite loss at step {step} on rank(s) {bad}; training stopped on every rank before the optimizer "
-            "step. Lower the learning rate, clip gradients, or pass TawPipeStrategy(check_finite_loss=False) to "
-            "continue anyway."
-        )
-
-
-def _gather(t: torch.Tensor, group=None) -> list[int]:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [int(t.item())]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t, group=group)
-    return [int(x.item()) for x in out]
+    """:func:`post_loss_finite`, judged at once."""
+    post_loss_finite(step, loss).judge()
