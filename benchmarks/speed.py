@@ -108,6 +108,7 @@ def worker_args(strategy: str, a: argparse.Namespace, seq: int, out: Path) -> li
             "--warmup", str(a.warmup), "--out", str(out),
             *([] if strategy == "1f1b" or a.precision == "32-true" else ["--precision", a.precision]),
             *(["--sleep_blocks", a.sleep_blocks] if a.sleep_blocks else []),
+            *(["--free_running"] if a.free_running else []),
             *variant_args]  # last, so they win over the shared knobs
 
 
@@ -162,6 +163,9 @@ def measure(a: argparse.Namespace) -> list[dict]:
     unknown = [s for s in strategies if s not in ALL and s not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {', '.join((*ALL, *VARIANTS))}")
+    if a.free_running and "1f1b" in strategies:
+        raise SystemExit("--free_running times Lightning strategies only (1F1B's worker times its own schedule), so "
+                         "leave 1f1b out of --strategies")
     if a.sleep_blocks and "1f1b" in strategies:
         raise SystemExit("--sleep_blocks patches LitGPT blocks inside the Lightning workers; benchmarks.onef1b has "
                          "its own stages, so leave 1f1b out of --strategies")
@@ -364,6 +368,10 @@ def main() -> None:
                    help="every transformer block sleeps FWD_MS/BWD_MS (each within +-JITTER of it) instead of "
                         "computing, leaving the cores to communication as on a GPU cluster (a diagnostic: "
                         "benchmarks/sleep_blocks.py; not for 1f1b)")
+    p.add_argument("--free_running", action="store_true",
+                   help="no barrier between steps (as a Trainer runs: a rank that finishes early starts its next step, "
+                        "so work crosses the step boundary); a step is then the slowest rank's mean interval between "
+                        "steps. Default: every step starts after a barrier and is timed to its slowest rank's end")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and plots from OUT/results.json")
     a = p.parse_args()

@@ -2,7 +2,8 @@
 
     python -m benchmarks.worker --strategy tawpipe --num_nodes 2 --devices 2 --seq_length 512 --out run.json
 
-Measures, after ``--warmup`` steps: every rank's step time (a step's time is the slowest rank's), tokens/s per
+Measures, after ``--warmup`` steps: every rank's step time (a step's time is the slowest rank's; every step starts
+after a barrier, unless ``--free_running``, where it is the slowest rank's mean interval between steps), tokens/s per
 rank, peak RSS and model-state bytes per rank, TawPipe's own communication accounting, and the bytes that crossed
 this node's link (read from the network namespace's interface counters around the timed window, so set-up
 traffic is excluded). Local rank 0 of every node writes its node's link bytes; global rank 0 writes the JSON.
@@ -81,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sleep_blocks", default=None, metavar="FWD_MS,BWD_MS[,JITTER]",
                    help="every transformer block sleeps instead of computing (benchmarks/sleep_blocks.py)")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the first timed step to TRACE.rank<r>.json")
+    p.add_argument("--free_running", action="store_true",
+                   help="no barrier between steps, as a Trainer runs: a rank may start its next step while others "
+                        "finish theirs; the step time is then the slowest rank's mean over the timed steps")
     p.add_argument("--out", required=True)
     return p
 
@@ -112,17 +116,21 @@ def main() -> None:
             self.wait_by_op: dict[str, float] = {}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            trainer.strategy.barrier()
+            if not a.free_running:
+                trainer.strategy.barrier()
             if batch_idx == a.warmup:
                 self.link_start = link_bytes(iface)
                 self.cpu_start, self.machine_start = time.process_time(), machine_cpu()
                 if a.trace:  # one step under the profiler: engine actions appear as TAWPIPE:<action> ranges
                     self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     self.profiler.__enter__()
-            self._t0 = time.perf_counter()
+            now = time.perf_counter()
+            # free running: a step lasts from the previous step's end (the loop's work between steps included)
+            self._t0 = self._last_end if a.free_running and self.times else now
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.times.append(time.perf_counter() - self._t0)
+            self._last_end = time.perf_counter()
+            self.times.append(self._last_end - self._t0)
             if a.trace and batch_idx == a.warmup:
                 self.profiler.__exit__(None, None, None)
                 self.profiler.export_chrome_trace(f"{a.trace}.rank{trainer.global_rank}.json")
@@ -132,7 +140,8 @@ def main() -> None:
             if pipeline is not None and batch_idx >= a.warmup:
                 for op, sec in pipeline.comm.stats.wait_by_op.items():
                     self.wait_by_op[op] = self.wait_by_op.get(op, 0.0) + sec
-            trainer.strategy.barrier()
+            if not a.free_running:
+                trainer.strategy.barrier()
             if batch_idx == a.steps - 1:
                 self.link_end = link_bytes(iface)
                 self.cpu_end, self.machine_end = time.process_time(), machine_cpu()
@@ -200,12 +209,16 @@ def write_result(a: argparse.Namespace, timer, rows: list[list[float]]) -> None:
     n = len(timer.times)
     step_times = [max(r[i] for r in rows) for i in range(n)][a.warmup:]
     timed_steps = max(1, n - a.warmup)
+    # with barriers every step starts together, so a step is its slowest rank's; free running, ranks drift by up to a
+    # step against each other, so a step is the slowest rank's mean over the timed window (its throughput)
+    step_time = (max(sum(r[a.warmup:n]) for r in rows) / timed_steps if a.free_running
+                 else sorted(step_times)[len(step_times) // 2])
     result = {
         "strategy": a.strategy,
         "config": vars(a),
         "world_size": len(rows),
         "step_times": step_times,
-        "step_time_median": sorted(step_times)[len(step_times) // 2],
+        "step_time_median": step_time,
         "losses": timer.losses,
         "model_state_bytes": [r[n] for r in rows],
         "peak_rss_mb": [r[n + 1] for r in rows],
