@@ -117,17 +117,11 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
                                  prefetch=int(_arg(tawpipe_args, "--prefetch")), stripe=True,
                                  replicate_first_chunk=int(mirrored), exchange=True)
         numel = _chunk_numel(int(n_layer), world)
-        exchanged = set()  # a mirror's exchange comes on top, in per-unit pieces, striped too: every rank one stripe
         for rank, per_step in enumerate(result["comm_per_rank"]):
             inter, intra, _ = program_bytes(schedule, rank, numel, numel, itemsize=4)
             assert inter > 0, rank  # not only the relays: every rank of a node receives and sends stripes
-            if not mirrored:
+            if not mirrored:  # (a mirror's exchange comes on top, in per-unit pieces: counted in its own tests)
                 assert all(step == [inter, intra] for step in per_step), (rank, per_step, [inter, intra])
-            exchanged |= {step[0] - inter for step in per_step}
-        if mirrored:  # 2 nodes: each rank's all-reduce sends its stripes once; the node's sum to whole stripes
-            (stripes,) = exchanged  # the same on every rank and step
-            n_pieces_max = int(n_layer) + 2
-            assert numel[0] * 4 <= stripes * group <= numel[0] * 4 + n_pieces_max * (group - 1) * 4, stripes
     if "--partition" in tawpipe_args:  # each rank owns exactly the units it was told: state = 16 B per parameter
         counts = [int(n) for n in tawpipe_args[tawpipe_args.index("--partition") + 1].split(",")]
         units = [u.numel() for u in find_units(GPT(tiny_llama_config(n_layer=int(n_layer), n_embd=32)))]

@@ -68,9 +68,9 @@ def test_clipping_by_value_param_groups_and_lr_scheduler_match_ddp(train_job, tm
 
 def test_manual_optimization_matches_ddp(train_job):
     """``manual_backward`` + ``optimizer.step()`` inside training_step: the engine drains before the step. Chunk 0
-    is mirrored and transfers striped: the strategy cannot know which iteration ends a step, so the holders sum
-    chunk 0's gradient after it, every rank of a node its stripe over its own rail."""
+    is mirrored: the strategy cannot know which iteration ends a step, so the holders sum its gradient after each
+    one, every step (a sum the strategy asked for must not count as the next step's)."""
     result = train_job(*ARGS, "--strategy", "tawpipe", "--group_size", "2", "--n_microbatches", "1", "--manual",
-                       "--replicate_first_chunk", "--stripe")
+                       "--replicate_first_chunk")
     reference = train_job(*ARGS, "--strategy", "ddp", "--manual")
     _same_training(result, reference)

@@ -290,8 +290,6 @@ class _Sim:
                 self._matched(now, self._p2p_transfer(send, recv, key))
             else:
                 mine.setdefault(key, deque()).append(p)
-        elif a.op is Op.EXCHANGE_G and a.peer >= 0:  # striped: every rank, each its stripe over its own rail
-            self._gather(now, ("stripes",), self.topo.world_size, r, p, self._exchange)
         elif a.op is Op.EXCHANGE_G:  # the holders of a rail, one per node
             self._gather(now, ("rail", self.topo.local_index(r)), self.topo.n_groups, self.topo.group_of(r), p,
                          self._exchange)
@@ -356,20 +354,14 @@ class _Sim:
 
     def _exchange(self, members: list[_Posted], key: tuple) -> _Transfer:
         """A ring all-reduce between the holders (one per node): each sends and receives ``2 (N - 1) / N`` of the
-        gradient through its own NIC, over ``2 (N - 1)`` steps. Striped (every rank of every node a member): each
-        rank's ``1 / G`` stripe goes through its own NIC (a NIC shared by several ranks carries all their stripes),
-        after a scatter in the node and before a gather, each ``(G - 1) / G`` of the gradient over the fast links."""
-        c, n = self.c, self.topo.n_groups
+        gradient through its own NIC, over ``2 (N - 1)`` steps."""
+        c, n = self.c, len(members)
         base, nics, G = 2 * c.world_size, c.nics_per_node, c.devices_per_node
-        nic = sorted({self._node(m.rank) * nics + c.nic_of(m.rank % G) for m in members})
-        resources = tuple(base + i for i in nic) + tuple(base + c.nodes * nics + i for i in nic)
-        nbytes, latency = self._bytes(members[0].action) * 2 * (n - 1) / n, 2 * (n - 1) * c.inter_latency
-        if len(members) > n:  # striped: per NIC, the stripes of the ranks behind it
-            stripes_per_nic = len(members) / len(nic)
-            nbytes *= stripes_per_nic / G
-            latency += 2 * (self._bytes(members[0].action) * (G - 1) / G / c.intra_bw + c.intra_latency)
-        return _Transfer(tuple(members), nbytes, resources, latency, ("x",) + key, True, n,
-                         tuple(i // nics for i in nic), c.inter_bw)  # bytes counted once per NIC
+        resources = tuple(base + self._node(m.rank) * nics + c.nic_of(m.rank % G) for m in members)
+        resources += tuple(base + c.nodes * nics + self._node(m.rank) * nics + c.nic_of(m.rank % G) for m in members)
+        nbytes = self._bytes(members[0].action) * 2 * (n - 1) / n
+        return _Transfer(tuple(members), nbytes, resources, 2 * (n - 1) * c.inter_latency, ("x",) + key, True, n,
+                         tuple(self._node(m.rank) for m in members), c.inter_bw)
 
     def _matched(self, now: float, t: _Transfer) -> None:
         """Both/all sides posted: start now, or after the communicator's previous operation."""

@@ -30,9 +30,6 @@ from lightning_tawpipe.replicas import ReplicaLayout, build_device_mesh
 from lightning_tawpipe.topology import Topology
 
 LANES = ("weights", "grads")
-# a striped exchange of mirrored gradients (``replicate_first_chunk`` with ``stripe``) runs on a helper thread, at
-# times that differ between ranks: it gets communicators of its own so it never interleaves with the lanes' order
-EXCHANGE_LANE = "exchange"
 
 
 @dataclass
@@ -101,11 +98,11 @@ class Comm:
 
     @classmethod
     def build(cls, topo: Topology, device_type: str, ring_peers: bool, p2p_groups: str = "rail",
-              replicas: ReplicaLayout | None = None, exchange_lane: bool = False) -> Comm:
+              replicas: ReplicaLayout | None = None) -> Comm:
         """Create every group this rank needs; a collective call, every rank must make it in the same order.
 
         With several replicas every rank creates every replica's groups (``new_group`` is collective over the
-        world) and keeps its own replica's. ``exchange_lane``: also the node and rail groups of striped exchanges.
+        world) and keeps its own replica's.
         """
         replicas = replicas or ReplicaLayout((topo,))
         if dist.get_world_size() != replicas.world_size:
@@ -120,7 +117,7 @@ class Comm:
             raise RuntimeError(f"rank {me} is in replica {replica} ({replicas.topologies[replica]}), not in {topo}")
         layouts = [(replicas.offset(r), t) for r, t in enumerate(replicas.topologies)]
         lanes = {}
-        for name in (*LANES, EXCHANGE_LANE) if exchange_lane else LANES:
+        for name in LANES:
             # The lane's own communicators: sharing one with the other lane or with Lightning's collectives would
             # interleave their messages (DeviceMesh, for one, hands out the world group for a dimension that spans
             # every rank).
@@ -132,7 +129,7 @@ class Comm:
             if ring_peers and p2p_groups == "rail":
                 world, _ = dist.new_subgroups_by_enumeration([list(range(o, o + t.world_size)) for o, t in layouts])
             lane = _Lane(node_group, rail_group, world)
-            if p2p_groups == "directed" and name != EXCHANGE_LANE:  # (the exchange lane has no point to point)
+            if p2p_groups == "directed":
                 for o, t in layouts:
                     for src, dst in _peer_pairs(t, ring_peers):
                         group = dist.new_group([o + src, o + dst])
@@ -236,27 +233,6 @@ class Comm:
         else:
             self._count(nbytes, False, "grads")
         return dist.all_reduce(tensor, group=self.lanes["grads"].rail_group, async_op=True)
-
-    def exchange_stripe(self, stripe: torch.Tensor, parts: list[torch.Tensor] | None, holder: int) -> None:
-        """A striped exchange, blocking (a helper thread runs it): the holder's ``parts`` are scattered over its node,
-        every rank all-reduces its ``stripe`` over its own rail (the same stripe of every node's holder), and the sums
-        are gathered back into the holder's ``parts``. So a mirrored chunk's exchange uses every rail of the node,
-        each for ``1 / G`` of the bytes. The bytes are counted by :meth:`count_exchange_stripe` on the host thread."""
-        ln, local = self.lanes[EXCHANGE_LANE], self.topo.local_index(holder)
-        dist.scatter(stripe, parts, group=ln.node_group, group_src=local)
-        dist.all_reduce(stripe, group=ln.rail_group)
-        dist.gather(stripe, parts, group=ln.node_group, group_dst=local)
-
-    def count_exchange_stripe(self, stripe: torch.Tensor, holder: int, between_steps: bool = False) -> None:
-        """What :meth:`exchange_stripe` sends from this rank: the holder's scatter (a stripe to each other rank of
-        the node), a ring all-reduce's ``2 (N - 1) / N`` of the stripe, and a stripe gathered onto the holder."""
-        nbytes, G, members = stripe.numel() * stripe.element_size(), self.topo.group_size, self.topo.n_groups
-        self._count(nbytes * (G - 1) if holder == self.rank else nbytes, True, "grads")
-        inter = nbytes * 2 * (members - 1) // members
-        if between_steps:
-            self.stats.carried_bytes += inter
-        else:
-            self._count(inter, False, "grads")
 
     def _count(self, nbytes: int, intra_node: bool, lane: str) -> None:
         if intra_node:

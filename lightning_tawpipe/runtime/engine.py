@@ -41,7 +41,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -85,56 +84,6 @@ class _Watched:
             self.done.set()
         if self.error is None:
             then()
-
-
-class _StripedExchanges:
-    """Runs this rank's part of striped exchanges (``Comm.exchange_stripe``) one after another on a helper thread.
-
-    Why a thread: an exchange is three collectives in a row (scatter in the node, all-reduce on the rail, gather),
-    each needing the last one's result, and gloo's ``wait`` blocks; posting them from the host would stall compute
-    at each step. Why one thread: every rank submits the node's exchanges in program order, so running them in that
-    order keeps the exchange lane's collectives in the same order on every member."""
-
-    def __init__(self, comm: Comm) -> None:
-        self.comm = comm
-        self._pool: ThreadPoolExecutor | None = None
-
-    def submit(self, wire: torch.Tensor | None, numel: int, holder: int, dtype: torch.dtype, device: torch.device,
-               between_steps: bool) -> _Submitted:
-        """Exchange ``numel`` gradient elements of a mirrored chunk: the holder passes them (``wire``, summed in
-        place), the other ranks of its node ``None``. Returns a work whose ``wait`` raises what the thread met."""
-        G = self.comm.topo.group_size
-        size = stripe_numel(numel, G)
-        stripe = torch.empty(size, dtype=dtype, device=device)
-        self.comm.count_exchange_stripe(stripe, holder, between_steps)
-        padded = None
-        if wire is not None:  # stripes cut at the same offsets on every rank; the last one padded
-            padded = torch.zeros(size * G, dtype=dtype, device=device)
-            padded[:numel].copy_(wire)
-
-        def run() -> None:
-            parts = list(padded.split(size)) if padded is not None else None
-            self.comm.exchange_stripe(stripe, parts, holder)
-            if wire is not None:
-                wire.copy_(padded[:numel])
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tawpipe-exchange")
-        return _Submitted(self._pool.submit(run))
-
-
-class _Submitted:
-    """A helper thread's job as a communication work (``wait``, ``is_completed``)."""
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def is_completed(self) -> bool:
-        return self.future.done()
-
-    def wait(self) -> bool:
-        self.future.result()
-        return True
 
 
 @dataclass
@@ -210,7 +159,6 @@ class Engine:
         self.exchanged: set[int] = set()
         self.mirrored_chunks = mirrored_chunks  # the topology mirrors chunks (this rank may hold none of them)
         self._exchanges: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._striped_exchanges = _StripedExchanges(comm)  # a striped schedule's exchanges (``_post_exchange``)
         # per unit, (chunk, start, end) of its gradients in its chunk's gradient prefix; with them, the last backward
         # of an exchanged chunk sends the finished units' gradients at each unit boundary (module doc)
         self.unit_slices = unit_slices
@@ -593,7 +541,7 @@ class Engine:
     def sum_mirrored_gradients(self, chunks: list[int]) -> None:
         """Between iterations: sum the gradients of these mirrored chunks with their other holders, last chunk first
         (the order the programs' ``XG`` use), and wait (counted into the next step's figures). Each holder must list
-        the same chunks of a rail; in a striped schedule, every rank the chunks its node's holders list."""
+        the same chunks of a rail."""
         start = time.perf_counter()
         for chunk in sorted(chunks, reverse=True):
             if self.layout.n_trainable[chunk]:  # a frozen chunk: no gradient (every holder skips it)
@@ -617,7 +565,7 @@ class Engine:
         if start >= end:
             return
         topo = self._schedule.topology
-        root = self._node_holder(chunk)
+        root = topo.rank(topo.group_of(self.rank), topo.local_index(self._schedule.owners[chunk]))
         gradient = self._buffers[current.buf2][start:end]
         with self._lock:
             self._gradient_end[chunk] = start  # the program's actions now cover only the first units
@@ -625,11 +573,6 @@ class Engine:
             work = self.comm.reduce(gradient, root, "grads") if topo.group_size > 1 else None
             if self.rank != root:
                 self._pending.append(_Pending(reduce, work, {current.buf2}, {current.buf2}))
-                if self._exchange_striped():  # its stripe of the piece, once the holder has added it
-                    piece = f"acc{chunk}[{start}:{end}]"
-                    exchange = Action(Op.EXCHANGE_G, chunk, peer=root, buf=piece)
-                    self._pending.append(_Pending(exchange, self._post_exchange(chunk, start=start, end=end),
-                                                  set(), {piece}))
                 return
         if work is not None:
             self.comm.wait(work, "piece")  # not under the lock: helpers may post deferred operations meanwhile
@@ -644,33 +587,15 @@ class Engine:
         """Post the all-reduce of ``chunk``'s accumulator (or of ``[start:end]`` of it; by default what the program's
         gradient actions cover) over its holders' rail. It runs in the compute dtype, the precision every other
         gradient crosses nodes in (under bf16-mixed, half the bytes); an all-reduce gives every member the same
-        result, so owner and mirrors stay identical. In a striped schedule every rank of the node takes part, each
-        all-reducing its stripe over its own rail (``_StripedExchanges``); ranks other than the holder pass no
-        gradient."""
+        result, so owner and mirrors stay identical."""
         if end is None:
             end = self._gradient_end.get(chunk, self.layout.n_trainable[chunk])
+        acc = self.shards[chunk].grad_acc[start:end]
+        wire = acc if acc.dtype == self.compute_dtype else acc.to(self.compute_dtype)
+        self._exchanges.append((acc, wire))
         if not between_steps:  # what the strategy asked for itself is not reported back to it (take_exchanged)
             self.exchanged.add(chunk)
-        holder = self._node_holder(chunk)
-        wire = None
-        if self.rank == holder:
-            acc = self.shards[chunk].grad_acc[start:end]
-            wire = acc if acc.dtype == self.compute_dtype else acc.to(self.compute_dtype)
-            self._exchanges.append((acc, wire))
-        if self._exchange_striped():
-            return self._striped_exchanges.submit(wire, end - start, holder, self.compute_dtype, self.device,
-                                                  between_steps)
         return self.comm.all_reduce_rail(wire, between_steps)
-
-    def _node_holder(self, chunk: int) -> int:
-        """The rank of this node that holds mirrored ``chunk``: the one with its owner's local index."""
-        topo = self._schedule.topology
-        return topo.rank(topo.group_of(self.rank), topo.local_index(self._schedule.owners[chunk]))
-
-    def _exchange_striped(self) -> bool:
-        """Whether mirrored chunks are exchanged in stripes over every rank's rail (a striped schedule)."""
-        s = self._schedule
-        return s is not None and s.striped and s.topology.group_size > 1
 
     def _finish_exchanges(self) -> None:
         """After the exchanges were waited for: copy sums made in another dtype back into the accumulators."""

@@ -98,11 +98,8 @@ class Pipeline:
         # None: by the node count (resolved here so the layout line and the planner say what runs)
         self.grad_buffers = default_grad_buffers(topo, grad_buffers) if schedule == "tawpipe" else grad_buffers
         self.replicas = replicas or ReplicaLayout((topo,))
-        # mirrored chunks' gradients exchanged in stripes over every rail (a striped schedule on several nodes)
-        self.stripes_exchanges = (self.stripe and topo.n_groups > 1 and topo.group_size > 1
-                                  and mirrored_chunk_count(replicate_first_chunk, topo.world_size) > 0)
         self.comm = Comm.build(topo, device.type, ring_peers=(schedule == "weipipe"), p2p_groups=p2p_groups,
-                               replicas=self.replicas, exchange_lane=self.stripes_exchanges)
+                               replicas=self.replicas)
         self.rank, self.replica = self.comm.rank, self.comm.replica  # replica-local rank
         self.root = root
         self.units = unit_hooks.find_units(root)
@@ -351,9 +348,7 @@ class Pipeline:
         world = self.topo.world_size  # this replica's ranks: replicas combine their models in the outer loop
         # the holders sum what the iteration did not (an iteration that ended the step sums inside its program)
         summed = self.engine.take_exchanged()
-        # striped, every rank of a node takes part in each of its holders' exchanges (``Engine._post_exchange``)
-        exchanging = range(len(self.holders)) if self.stripes_exchanges else self.held_shards()
-        self.engine.sum_mirrored_gradients([c for c in exchanging if c not in summed])
+        self.engine.sum_mirrored_gradients([c for c in self.held_shards() if c not in summed])
         self.shard.attach_grads(1.0 / world)
         for mirror in self.mirrors.values():
             mirror.attach_grads(1.0 / world)

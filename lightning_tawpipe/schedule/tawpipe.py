@@ -290,11 +290,7 @@ def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arri
             group.shared(j).append(action(Op.REDUCE_G, step.chunk, peer=root, buf=gbuf))
         if step.chunk < n_mirrored and exchange and step.mb == last_mb:
             group.add(root, j, action(Op.ACC_G, step.chunk, buf=gbuf))
-            if node_arrivals is None:
-                group.add(root, j, action(Op.EXCHANGE_G, step.chunk, buf=f"acc{step.chunk}"))
-            else:  # striped: every rank of the node all-reduces its stripe of the holder's sum over its own rail
-                for k in range(G):
-                    group.add(node * G + k, j, action(Op.EXCHANGE_G, step.chunk, peer=root, buf=f"acc{step.chunk}"))
+            group.add(root, j, action(Op.EXCHANGE_G, step.chunk, buf=f"acc{step.chunk}"))
         elif root == owner or step.chunk < n_mirrored:
             group.add(root, later, action(Op.ACC_G, step.chunk, buf=gbuf))
         else:

@@ -415,17 +415,11 @@ class _Simulator:
         elif kind == _XG:  # posted: writes the accumulator until every holder of the rail has posted
             if busy[b]:
                 return False
-            holders = self.s.holders(a.chunk)
-            if len(holders) < 2:
-                self._fail(rank, a, "exchanges a chunk that has no other holders")
-            if a.peer >= 0:  # striped: every rank of the node takes part, naming the node's holder
-                if a.peer not in holders or a.peer // self.G != rank // self.G:
-                    self._fail(rank, a, f"stripes an exchange with rank {a.peer}, not its node's holder of the chunk")
-            elif rank not in holders:
+            if rank not in self.s.holders(a.chunk) or len(self.s.holders(a.chunk)) < 2:
                 self._fail(rank, a, "exchanges a chunk it does not hold with other holders")
             busy[b] += W
             self.exchanges.setdefault(rank, deque()).append(a)
-            self._match_exchanges(None if a.peer >= 0 else self.topo.local_index(rank))
+            self._match_exchanges(self.topo.local_index(rank))
             return True
         self._execute_local(rank, a, c)
         return True
@@ -440,32 +434,27 @@ class _Simulator:
                 self.ready_coll.append(key)
         queue.append(a)
 
-    def _match_exchanges(self, local: int | None) -> None:
-        """Complete the exchanges every rank of the rail (every node's rank of this local index; ``None``: striped,
-        every rank) has posted, in order: each must be of the same chunk and kind (gloo matches a group's
-        collectives by their order), and after it each holder's accumulator has every holder's contributions, each
-        once."""
-        members = range(self.world) if local is None else [self.topo.rank(n, local) for n in range(self.topo.n_groups)]
-        queues = [self.exchanges.get(r) for r in members]
+    def _match_exchanges(self, local: int) -> None:
+        """Complete the exchanges every rank of the rail (every node's rank of this local index) has posted, in
+        order: each must be of the same chunk (gloo matches a group's collectives by their order), and after it each
+        holder's accumulator has every holder's contributions, each once."""
+        rail = [self.topo.rank(n, local) for n in range(self.topo.n_groups)]
+        queues = [self.exchanges.get(r) for r in rail]
         while all(queues):
             ops = [q.popleft() for q in queues]
-            chunk, striped = ops[0].chunk, ops[0].peer >= 0
-            for r, a in zip(members, ops):
-                if a.chunk != chunk or (a.peer >= 0) != striped:
-                    where = "across the nodes" if local is None else "on the rail"
-                    self._fail(r, a, f"exchange mismatch {where}: rank {members[0]} exchanges chunk {chunk}"
-                                     f"{' in stripes' if striped else ''}")
-            holders = [r for r in members if r in self.s.holders(chunk)]
+            chunk = ops[0].chunk
+            for r, a in zip(rail, ops):
+                if a.chunk != chunk:
+                    self._fail(r, a, f"exchange mismatch on the rail: rank {rail[0]} exchanges chunk {chunk}")
             union = 0
-            for r in holders:
+            for r in rail:
                 part = self.acc[r].get(chunk, 0)
                 if union & part:
                     self.twice[r][chunk] = self.twice[r].get(chunk, 0) | (union & part)
                 union |= part
-            for r in holders:
+            for r, a in zip(rail, ops):
                 self.acc[r][chunk] = union
                 self.exchanged[r].add(chunk)
-            for r, a in zip(members, ops):
                 self.busy[r][a._sim[1]] -= self.W
                 self._wake(r)
 
