@@ -140,7 +140,7 @@ def test_a_variant_runs_the_tawpipe_worker_with_its_knobs_after_the_shared_ones(
 
     a = argparse.Namespace(n_layer=8, n_embd=256, n_head=8, n_query_groups=4, batch_size=1, n_microbatches=1,
                            prefetch=2, reuse=0, steps=6, threads=1, warmup=2, precision="32-true",
-                           sleep_blocks=None)
+                           sleep_blocks=None, free_running=False)
     args = worker_args("tawpipe-gb3-light0-p1", a, 512, "out.json")
     assert args[:2] == ["--strategy", "tawpipe"]
     assert args[-6:] == ["--grad_buffers", "3", "--partition", "2,2,3,3", "--prefetch", "1"]
@@ -148,6 +148,8 @@ def test_a_variant_runs_the_tawpipe_worker_with_its_knobs_after_the_shared_ones(
     assert worker_args("ddp", a, 512, "out.json")[:2] == ["--strategy", "ddp"]
     assert worker_args("tawpipe-rep0", a, 512, "out.json")[-1] == "--replicate_first_chunk"  # a switch: bare flag
     assert worker_args("tawpipe-rep01", a, 512, "out.json")[-2:] == ["--replicate_first_chunk", "2"]
+    assert "--free_running" not in args
+    assert "--free_running" in worker_args("tawpipe", argparse.Namespace(**{**vars(a), "free_running": True}), 512, "o")
     from benchmarks.baselines import make_strategy  # and the worker's strategy keeps the count (not a bool)
 
     assert make_strategy("tawpipe", (2, 2), replicate_first_chunk=2).replicate_first_chunk == 2
