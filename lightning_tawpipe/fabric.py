@@ -84,7 +84,7 @@ from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_sa
 from lightning_tawpipe.checkpoint_io import read_meta
 from lightning_tawpipe.fabric_precision import TawPipeFabricPrecision
 from lightning_tawpipe.runtime import optim_state
-from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, split_batch
+from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
 from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
 from lightning_tawpipe.environment import TawPipeEnvironment, check_knobs
 from lightning_tawpipe.runtime import health
@@ -419,6 +419,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         ``loss_fn(model, micro_batch)`` runs the model once and returns the micro-batch's loss; each loss is
         back-propagated divided by ``n_microbatches`` (so gradients equal those of the whole batch's mean loss),
         and the mean loss is returned, detached. Follow it with ``clip_gradients``/``optimizer.step()`` as usual.
+        Like the Trainer's step it checks that every rank fed the same batch size and got a finite loss, posting both
+        checks and judging them when the iteration has ended (``runtime/health.py``), before any optimizer step.
         """
         n = self.n_microbatches if n_microbatches is None else n_microbatches
         check_knobs(n, self.prefetch, self.schedule, self.group_size, self.partition, self.reuse, self.grad_buffers)
@@ -426,10 +428,23 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         if engine.active:
             raise RuntimeError("train_step was called while a TawPipe iteration is running (a forward without its "
                                "backward?); every iteration must finish first.")
+        self._iteration += 1
+        self._health.step_started(self._iteration)
+        with self._reporting_failures():
+            return self._train_step(model, batch, loss_fn, n)
+
+    def _train_step(self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor],
+                    n: int) -> Tensor:
+        engine = self.pipeline.engine
+        inputs = health.post_step_inputs(self._iteration, batch_size(batch), self.root_device)
         self._release_module_weights()
         self._start_accumulating()
         self.pipeline.comm.stats.reset()
-        micro_batches = split_batch(batch, n)
+        try:
+            micro_batches = split_batch(batch, n)
+        except ValueError:
+            inputs.judge()  # a batch unlike the others' is the likelier cause: name it (the others stop on our exit)
+            raise
         engine.begin(train=True, n_microbatches=n, ends_step=not self._accumulating)
 
         def run(i: int) -> Tensor:
@@ -447,8 +462,13 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         finally:
             self._in_train_step = False
             fabric_wrappers._in_fabric_backward = False
+        mean = torch.stack(losses).mean()
+        finite = health.post_loss_finite(self._iteration, mean) if self.check_finite_loss else None
         engine.end()
-        return torch.stack(losses).mean()
+        inputs.judge()
+        if finite is not None:
+            finite.judge()
+        return mean
 
     def _release_module_weights(self) -> None:
         if not self._released:

@@ -201,6 +201,10 @@ def test_one_rank_loop_semantics_match_plain_pytorch(one_rank_fabric, tmp_path):
     assert whole.keys() == {"model", "optimizer", "iter_num"}
     _assert_same_weights(whole["model"], saved_weights, atol=0.0)
 
+    iteration = fabric.strategy._iteration + 1  # the pipelined train_step checks its loss too, naming its iteration
+    with pytest.raises(FloatingPointError, match=f"Non-finite loss at step {iteration} on rank"):
+        fabric.strategy.train_step(model, data[3], lambda m, b: loss_of(m, b) * float("nan"), n_microbatches=2)
+    assert not fabric.strategy.pipeline.engine.active  # the iteration ended before the verdict
     iteration = fabric.strategy._iteration + 1
     bad = loss_of(model, data[3]) * float("nan")  # stopped before any gradient moves, naming the iteration
     with pytest.raises(FloatingPointError, match=f"Non-finite loss at step {iteration} on rank"):
