@@ -61,6 +61,11 @@ VARIANTS = {
     # against 1.34 for rep01) and over every partition of the 10 units as well (1.22)
     "tawpipe-rep0-p3-gb4": {"replicate_first_chunk": True, "prefetch": 3, "grad_buffers": 4},
     "tawpipe-rep01-p3-p321211": {"replicate_first_chunk": 2, "prefetch": 3, "partition": [3, 2, 1, 2, 1, 1]},
+    # the same search with deeper prefetch (up to 6) and more mirrored chunks (up to 5): its best two, predicted 1.155
+    # and 1.165 once the per-step checks stopped blocking. Mirroring 4 (or 3) of the 6 chunks moves the backward's
+    # bytes into the forward, at the cost of local rank 0 holding 3 chunks' state
+    "tawpipe-rep0123-p5-p211213": {"replicate_first_chunk": 4, "prefetch": 5, "partition": [2, 1, 1, 2, 1, 3]},
+    "tawpipe-rep012-p6-p222112": {"replicate_first_chunk": 3, "prefetch": 6, "partition": [2, 2, 2, 1, 1, 2]},
     # every remote chunk and gradient sum in stripes over every rank's own rail (for --rails = --devices)
     "tawpipe-stripe": {"stripe": True},
     # striped, chunk 0 mirrored, one chunk deeper prefetch: the planner's best on 3 x 2 with 2 rails at 1 Gbit/s each
