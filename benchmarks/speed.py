@@ -70,6 +70,10 @@ VARIANTS = {
     "tawpipe-stripe": {"stripe": True},
     # striped, chunk 0 mirrored, one chunk deeper prefetch: the planner's best on 3 x 2 with 2 rails at 1 Gbit/s each
     "tawpipe-stripe-rep0-p3": {"stripe": True, "replicate_first_chunk": True, "prefetch": 3},
+    # striped, with the knobs that met the overlap target on 3 x 2 with one link (fewer striped all-gathers at the
+    # iteration's head, where the 2-core box runs out of CPU)
+    "tawpipe-stripe-rep012-p6-p222112": {"stripe": True, "replicate_first_chunk": 3, "prefetch": 6,
+                                         "partition": [2, 2, 2, 1, 1, 2]},
 }
 
 
