@@ -66,6 +66,8 @@ VARIANTS = {
     # bytes into the forward, at the cost of local rank 0 holding 3 chunks' state
     "tawpipe-rep0123-p5-p211213": {"replicate_first_chunk": 4, "prefetch": 5, "partition": [2, 1, 1, 2, 1, 3]},
     "tawpipe-rep012-p6-p222112": {"replicate_first_chunk": 3, "prefetch": 6, "partition": [2, 2, 2, 1, 1, 2]},
+    # the same mirrors with prefetch 3 (4 weight slots instead of 7): which of the two knobs buys the overlap
+    "tawpipe-rep012-p3-p222112": {"replicate_first_chunk": 3, "prefetch": 3, "partition": [2, 2, 2, 1, 1, 2]},
     # every remote chunk and gradient sum in stripes over every rank's own rail (for --rails = --devices)
     "tawpipe-stripe": {"stripe": True},
     # striped, chunk 0 mirrored, one chunk deeper prefetch: the planner's best on 3 x 2 with 2 rails at 1 Gbit/s each
