@@ -51,7 +51,7 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            # after the per-step checks were posted instead of blocking (and two free-running sets: no barriers)
            "sleep-blocks/rails-3x2-checks", "sleep-blocks/3x2-checks", "sleep-blocks/rails-3x2-free-running",
            "sleep-blocks/3x2-free-running", "sleep-blocks/3x2-deeper", "sleep-blocks/3x2-deeper-confirm",
-           "sleep-blocks/rails-3x2-deeper",
+           "sleep-blocks/rails-3x2-deeper", "sleep-blocks/3x2-slots",
            "2x2-real-mirrors")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
