@@ -84,7 +84,7 @@ from lightning_tawpipe.checkpoint_io import TawPipeCheckpointIO, atomic_torch_sa
 from lightning_tawpipe.checkpoint_io import read_meta
 from lightning_tawpipe.fabric_precision import TawPipeFabricPrecision
 from lightning_tawpipe.runtime import optim_state
-from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
+from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size
 from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
 from lightning_tawpipe.environment import TawPipeEnvironment, check_knobs
 from lightning_tawpipe.runtime import health
@@ -436,15 +436,11 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
     def _train_step(self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor],
                     n: int) -> Tensor:
         engine = self.pipeline.engine
-        inputs = health.post_step_inputs(self._iteration, batch_size(batch), self.root_device)
+        checks = health.StepChecks(self._iteration, batch_size(batch), self.root_device)
         self._release_module_weights()
         self._start_accumulating()
         self.pipeline.comm.stats.reset()
-        try:
-            micro_batches = split_batch(batch, n)
-        except ValueError:
-            inputs.judge()  # a batch unlike the others' is the likelier cause: name it (the others stop on our exit)
-            raise
+        micro_batches = checks.split(batch, n)
         engine.begin(train=True, n_microbatches=n, ends_step=not self._accumulating)
 
         def run(i: int) -> Tensor:
@@ -463,11 +459,10 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             self._in_train_step = False
             fabric_wrappers._in_fabric_backward = False
         mean = torch.stack(losses).mean()
-        finite = health.post_loss_finite(self._iteration, mean) if self.check_finite_loss else None
+        if self.check_finite_loss:
+            checks.post_loss(mean)
         engine.end()
-        inputs.judge()
-        if finite is not None:
-            finite.judge()
+        checks.judge()
         return mean
 
     def _release_module_weights(self) -> None:

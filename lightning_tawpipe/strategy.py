@@ -54,7 +54,7 @@ from lightning_tawpipe.outer.loop import OuterConfig, OuterLoop
 from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime import health
-from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size, split_batch
+from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size
 from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
 
 log = logging.getLogger(__name__)
@@ -387,23 +387,18 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self.pipeline.comm.stats.reset()
         batch, rest = args[0], args[1:]
         # posted, judged once the iteration has ended and before any optimizer step (runtime/health.py)
-        inputs = health.post_step_inputs(step, batch_size(batch), self.root_device,
-                                         group=self.pipeline.comm.replica_group)
+        checks = health.StepChecks(step, batch_size(batch), self.root_device, group=self.pipeline.comm.replica_group)
         if self.outer is not None:
             self.outer.begin()
         if not module.automatic_optimization:
-            inputs.judge()  # the user's training_step may step the optimizer
+            checks.judge()  # the user's training_step may step the optimizer
             engine.begin(train=True, n_microbatches=1)
             out = super().training_step(*args, **kwargs)
             engine.end()
             self._log_comm_stats()
             return out
         precision = self.precision_plugin
-        try:
-            micro_batches = split_batch(batch, self.n_microbatches)
-        except ValueError:
-            inputs.judge()  # a batch unlike the others' is the likelier cause: name it (the others stop on our exit)
-            raise
+        micro_batches = checks.split(batch, self.n_microbatches)
         scale = 1.0 / (self.n_microbatches * self.lightning_module.trainer.accumulate_grad_batches)
         # the last iteration of an optimizer step runs inside optimizer_step (Lightning calls the closure there): its
         # program can then sum the mirrored chunks' gradients as soon as they are final
@@ -425,13 +420,12 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         results = MicrobatchRunner(engine).run(len(micro_batches), run_micro_batch)
         losses, output = [r[0] for r in results], results[-1][1]
         mean = torch.stack(losses).mean()
-        finite = health.post_loss_finite(step, mean) if self.check_finite_loss else None  # rides along the drain
+        if self.check_finite_loss:
+            checks.post_loss(mean)  # rides along the drain
         engine.end()
         self._backward_done = True
         self._log_comm_stats()
-        inputs.judge()
-        if finite is not None:
-            finite.judge()
+        checks.judge()
         return {**output, "loss": mean} if isinstance(output, Mapping) else mean
 
     @override

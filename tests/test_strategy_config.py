@@ -15,7 +15,7 @@ import lightning_tawpipe
 from lightning_tawpipe import TawPipeStrategy
 from lightning_tawpipe.module import tiny_llama_config
 from lightning_tawpipe.runtime.units import find_units
-from lightning_tawpipe.strategy import split_batch
+from lightning_tawpipe.runtime.microbatch import split_batch
 
 
 def make_trainer(strategy, devices: int = 2, **kwargs) -> lightning.Trainer:

@@ -21,10 +21,12 @@ the step's own traffic. Nothing is stepped before the verdict, so a bad step sti
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from lightning_tawpipe.runtime.microbatch import split_batch
 
 _COMM_ERRORS = ("Connection closed", "Connection reset", "timed out", "Timed out", "Timeout", "NCCL", "gloo",
                 "Broken pipe", "Socket")
@@ -164,6 +166,34 @@ def post_loss_finite(step: int, loss: torch.Tensor) -> PostedCheck:
             )
 
     return PostedCheck(torch.isfinite(loss.detach()).all().reshape(1).to(torch.int64), verdict)
+
+
+class StepChecks:
+    """One training iteration's checks, as the Trainer's step and Fabric's ``train_step`` run them: the batch size
+    posted at the start, the loss once the last micro-batch has it, both judged together after the iteration,
+    before the optimizer step."""
+
+    def __init__(self, step: int, batch_size: int, device: torch.device, group=None) -> None:
+        self.step = step
+        self._inputs = post_step_inputs(step, batch_size, device, group)
+        self._loss: PostedCheck | None = None
+
+    def split(self, batch: Any, n_microbatches: int) -> list[Any]:
+        """The batch's micro-batches; if it does not split, the batch-size check is judged first: a batch unlike
+        the others' is the likelier cause, so the error names it (the others stop on this rank's exit)."""
+        try:
+            return split_batch(batch, n_microbatches)
+        except ValueError:
+            self._inputs.judge()
+            raise
+
+    def post_loss(self, loss: torch.Tensor) -> None:
+        self._loss = post_loss_finite(self.step, loss)
+
+    def judge(self) -> None:
+        self._inputs.judge()
+        if self._loss is not None:
+            self._loss.judge()
 
 
 def check_step_inputs(step: int, batch_size: int, device: torch.device, group=None) -> None:
