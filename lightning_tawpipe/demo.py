@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tawpipe: mirror chunk 0 (or the first N chunks) on every node")
     p.add_argument("--stripe", action="store_true",
                    help="tawpipe: move remote weights and gradient sums in stripes over every rail")
+    p.add_argument("--microbatch_order", default="sample", choices=["sample", "chunk"],
+                   help="tawpipe: micro-batch order (chunk: every micro-batch through a chunk while it is resident)")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="'parameters', 'uniform', or units per chunk, e.g. 2,1,2,3")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each unit in backward")
@@ -228,7 +230,7 @@ def run_worker(a: argparse.Namespace) -> None:
                                    reuse=a.reuse or None, grad_buffers=a.grad_buffers or None,
                                    group_size=a.group_size or None, p2p_groups=a.p2p_groups,
                                    partition=a.partition, replicate_first_chunk=a.replicate_first_chunk,
-                                   stripe=a.stripe,
+                                   stripe=a.stripe, microbatch_order=a.microbatch_order,
                                    activation_checkpointing=a.activation_checkpointing, meta_init=a.meta_init,
                                    state_dict_type=a.state_dict_type, async_checkpointing=a.async_save,
                                    init_weights=a.init_weights, replicas=replicas,

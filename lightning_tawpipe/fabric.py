@@ -85,7 +85,12 @@ from lightning_tawpipe.checkpoint_io import read_meta
 from lightning_tawpipe.fabric_precision import TawPipeFabricPrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size
-from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
+from lightning_tawpipe.runtime.pipeline import (
+    Pipeline,
+    check_microbatch_order,
+    check_replicate_first_chunk,
+    check_stripe,
+)
 from lightning_tawpipe.environment import TawPipeEnvironment, check_knobs
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.strategy import DEFAULT_TIMEOUT
@@ -166,6 +171,9 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         stripe: move remote chunks' weights and gradient sums in stripes over every rank's own NIC, all-gathered in
             the receiving node or gathered onto the owner (TawPipe schedule; default False): for nodes with one NIC
             per device (see ``TawPipeStrategy``).
+        microbatch_order: ``"sample"`` (default) or ``"chunk"``: :meth:`train_step` runs every micro-batch through a
+            chunk while it is resident, for the weight and gradient traffic of one micro-batch (TawPipe schedule; see
+            ``TawPipeStrategy``).
     """
 
     strategy_name = "tawpipe"
@@ -195,6 +203,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         check_finite_loss: bool = True,
         replicate_first_chunk: bool | int = False,
         stripe: bool = False,
+        microbatch_order: Literal["sample", "chunk"] = "sample",
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io, precision=precision)
@@ -205,6 +214,8 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
         self.replicate_first_chunk = replicate_first_chunk
         check_stripe(stripe, schedule)
         self.stripe = stripe
+        check_microbatch_order(microbatch_order, schedule)
+        self.microbatch_order = microbatch_order
         self._backward_sync_control = _TawPipeBackwardSyncControl(self)
         self._accumulating = False  # inside fabric.no_backward_sync: no optimizer step follows this iteration
         self.pipeline: Optional[Pipeline] = None
@@ -317,6 +328,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             activation_checkpointing=self.activation_checkpointing,
             replicate_first_chunk=self.replicate_first_chunk,
             stripe=self.stripe,
+            microbatch_order=self.microbatch_order,
         )
         rank_zero_info(self.pipeline.describe())
         if self.meta_init and not self.pipeline.meta_init:

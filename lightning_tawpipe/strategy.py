@@ -55,7 +55,12 @@ from lightning_tawpipe.precision import TawPipePrecision
 from lightning_tawpipe.runtime import optim_state
 from lightning_tawpipe.runtime import health
 from lightning_tawpipe.runtime.microbatch import MicrobatchRunner, batch_size
-from lightning_tawpipe.runtime.pipeline import Pipeline, check_replicate_first_chunk, check_stripe
+from lightning_tawpipe.runtime.pipeline import (
+    Pipeline,
+    check_microbatch_order,
+    check_replicate_first_chunk,
+    check_stripe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,13 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
             same way (reduce-scatter, stripes, gather onto the owner). For nodes with one NIC per device
             (multi-rail), where one rank pair's transfer leaves the other NICs idle; with a single shared NIC it
             changes nothing measurable (``python -m lightning_tawpipe.plan --nics N --stripe both`` predicts it).
+        microbatch_order: ``"sample"`` (default, the paper's order: each micro-batch forward and backward in turn,
+            so every micro-batch fetches every chunk and sends every gradient again) or ``"chunk"`` (every
+            micro-batch through a chunk while its weights are resident, and one gradient per chunk: the weight and
+            gradient traffic of ``n_microbatches=1`` whatever ``n_microbatches`` is; TawPipe schedule). Its price is
+            activation memory: every micro-batch's activations stay alive until its backward, as with one
+            micro-batch of the whole batch, while the loss and the LM head's logits are still made one micro-batch
+            at a time. Combine with ``activation_checkpointing=True`` to keep only each unit's input.
         validate_schedules: simulate every rank's program before running it (``bool``, default True).
         activation_checkpointing: ``False`` (default: keep each unit's activations for backward, like FSDP; weights
             are not kept, they are fetched again) or ``True`` (keep only each unit's input and recompute the unit in
@@ -165,6 +177,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         partition: Union[Literal["parameters", "uniform"], Sequence[int]] = "parameters",
         replicate_first_chunk: bool | int = False,
         stripe: bool = False,
+        microbatch_order: Literal["sample", "chunk"] = "sample",
         validate_schedules: bool = True,
         p2p_groups: Optional[Literal["rail", "directed"]] = None,
         activation_checkpointing: bool = False,
@@ -207,6 +220,8 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         self.replicate_first_chunk = replicate_first_chunk
         check_stripe(stripe, schedule)
         self.stripe = stripe
+        check_microbatch_order(microbatch_order, schedule)
+        self.microbatch_order = microbatch_order
         self.log_comm_stats = log_comm_stats
         self.async_checkpointing = bool(async_checkpointing)
         self.init_weights, self.init_weights_strict = init_weights, bool(init_weights_strict)
@@ -336,6 +351,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
                 replicas=self.replica_layout,
                 replicate_first_chunk=self.replicate_first_chunk,
                 stripe=self.stripe,
+                microbatch_order=self.microbatch_order,
             )
             if self.pipeline.replicas.n_replicas > 1:
                 self.outer = OuterLoop.build(self.pipeline, self.outer_config)

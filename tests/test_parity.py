@@ -84,6 +84,16 @@ def _assert_sharded(result: dict, reference: dict, world: int, mirrors: int = 0)
             6, 1, id="6procs-as-2x3-striped-padded-mirrored-mb2-prefetch1-recompute",
         ),
         pytest.param(
+            ("--devices", "4", "--group_size", "2", "--n_layer", "6", "--n_microbatches", "4", "--prefetch", "2",
+             "--microbatch_order", "chunk"),
+            4, 1, id="4procs-as-2x2-chunk-major-mb4-prefetch2",
+        ),
+        pytest.param(
+            ("--devices", "6", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
+             "--microbatch_order", "chunk", "--stripe", "--replicate_first_chunk", "--activation_checkpointing"),
+            6, 1, id="6procs-as-3x2-chunk-major-mb2-striped-mirrored-recompute",
+        ),
+        pytest.param(
             ("--devices", "4", "--group_size", "2", "--n_layer", "5", "--n_microbatches", "2", "--prefetch", "2",
              "--schedule", "weipipe", "--activation_checkpointing"),
             4, 1, id="weipipe-4-mb2-interleaved-recompute",
@@ -103,6 +113,7 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
     reference = train_job(*COMMON, "--strategy", "ddp", "--devices", str(world), "--n_layer", n_layer)
     _assert_same_training(result, reference)
     mirrored = "--replicate_first_chunk" in tawpipe_args
+    order = _arg(tawpipe_args, "--microbatch_order") if "--microbatch_order" in tawpipe_args else "sample"
     group = int(_arg(tawpipe_args, "--group_size")) or world // node_ranks
     _assert_sharded(result, reference, world, mirrors=world // group - 1 if mirrored else 0)
     if world > 1:
@@ -115,13 +126,21 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
         assert f"striped over {group} rails" in result["log"]
         schedule = build_tawpipe(Topology(world // group, group), int(_arg(tawpipe_args, "--n_microbatches")),
                                  prefetch=int(_arg(tawpipe_args, "--prefetch")), stripe=True,
-                                 replicate_first_chunk=int(mirrored), exchange=True)
+                                 replicate_first_chunk=int(mirrored), exchange=True, order=order)
         numel = _chunk_numel(int(n_layer), world)
         for rank, per_step in enumerate(result["comm_per_rank"]):
             inter, intra, _ = program_bytes(schedule, rank, numel, numel, itemsize=4)
             assert inter > 0, rank  # not only the relays: every rank of a node receives and sends stripes
             if not mirrored:  # (a mirror's exchange comes on top, in per-unit pieces: counted in its own tests)
                 assert all(step == [inter, intra] for step in per_step), (rank, per_step, [inter, intra])
+    if order == "chunk" and not mirrored:
+        # chunk-major: every rank moves the bytes of one micro-batch, whatever n_microbatches is
+        assert "chunk-major micro-batches" in result["log"]
+        single = build_tawpipe(Topology(world // group, group), 1, prefetch=int(_arg(tawpipe_args, "--prefetch")))
+        numel = _chunk_numel(int(n_layer), world)
+        for rank, per_step in enumerate(result["comm_per_rank"]):
+            inter, intra, _ = program_bytes(single, rank, numel, numel, itemsize=4)
+            assert all(step == [inter, intra] for step in per_step), (rank, per_step, [inter, intra])
     if "--partition" in tawpipe_args:  # each rank owns exactly the units it was told: state = 16 B per parameter
         counts = [int(n) for n in tawpipe_args[tawpipe_args.index("--partition") + 1].split(",")]
         units = [u.numel() for u in find_units(GPT(tiny_llama_config(n_layer=int(n_layer), n_embd=32)))]

@@ -183,6 +183,9 @@ class Engine:
         self._helper_error: BaseException | None = None
         self._bound: dict[str, int] = {}  # slot -> chunk whose module parameters point into it
         self._grad_chunk: int | None = None  # chunk whose parameters' .grad point into a gradient buffer
+        # chunk-major order: per (chunk, micro-batch), the output of the chunk's last unit and the leaf that stood in
+        # for it as the next chunk's input (see :meth:`cut`)
+        self._cuts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         # set by MicrobatchRunner while micro-batches run interleaved in threads (see microbatch.py)
         self.gate: Callable[[int | None], None] | None = None
         self.thread_microbatch: Callable[[], int | None] = lambda: None
@@ -216,13 +219,15 @@ class Engine:
                 own.copy_(self.shards[chunk].weights)
         self._program, self._pc, self._current = schedule.program(self.rank), 0, None
         self._train = train
+        self._cuts.clear()
         self._schedule = schedule
         self._gradient_end = {}
 
-    def enter(self, op: Op, chunk: int, unit: int | None = None) -> None:
+    def enter(self, op: Op, chunk: int, unit: int | None = None, mb: int | None = None) -> None:
         """Called by a unit before computing: make ``chunk`` resident for ``op`` (no-op if already current).
-        ``unit``: the unit's index, which a backward names so that finished units can be exchanged (module doc)."""
-        cur, mb = self._current, self.thread_microbatch()
+        ``unit``: the unit's index, which a backward names so that finished units can be exchanged (module doc).
+        ``mb``: the micro-batch, where the caller knows it (else the running micro-batch thread's, if any)."""
+        cur, mb = self._current, self.thread_microbatch() if mb is None else mb
         if self._deferred:
             with self._lock:  # a unit boundary: post the deferred operations whose input is ready
                 self._post_deferred(block=False)
@@ -249,6 +254,44 @@ class Engine:
                     f"backward once when training), through every unit in order."
                 )
             self._start_compute(action)
+
+    @property
+    def cuts_graph(self) -> bool:
+        """Whether the running iteration cuts the autograd graph between chunks: a training iteration in chunk-major
+        order with several micro-batches (:meth:`cut`)."""
+        s = self._schedule
+        return self._program is not None and self._train and s.order == "chunk" and s.n_microbatches > 1
+
+    def cut(self, chunk: int, out: torch.Tensor) -> torch.Tensor:
+        """Chunk-major order: cut the graph after ``chunk``'s last unit. The next chunk gets a leaf that stands in
+        for ``out``; the engine keeps both and runs this chunk's backward itself (:meth:`run_cut_backward`).
+
+        Why: in chunk-major order the backward of chunk ``c`` runs for every micro-batch before chunk ``c - 1``'s. If
+        each micro-batch's ``loss.backward()`` ran through the whole model, every micro-batch's backward would pause at
+        each chunk boundary while the others caught up, several backward passes in flight at once. On CUDA those all
+        run on the device's one autograd thread, which a paused pass would block. With the cut, a micro-batch's own
+        backward ends at its last chunk's input, and every other backward step is one complete autograd call."""
+        if not out.requires_grad:
+            return out
+        leaf = out.detach().requires_grad_()
+        self._cuts[(chunk, self._current.mb)] = (out, leaf)
+        return leaf
+
+    def run_cut_backward(self) -> None:
+        """Chunk-major order, after every micro-batch's ``loss.backward()`` ended at its last chunk's input: run the
+        backward steps the program has left (every micro-batch through the next chunk down, and so on), each from the
+        output kept by :meth:`cut` with the gradient its successor left on the leaf."""
+        while self._cuts and (nxt := self.peek_compute()) is not None and nxt.op is Op.BACKWARD:
+            out, leaf = self._cuts.pop((nxt.chunk, nxt.mb), (None, None))
+            if out is None or leaf.grad is None:
+                raise RuntimeError(
+                    f"TawPipe rank {self.rank}: the schedule's next step is {nxt}, but micro-batch {nxt.mb}'s loss "
+                    f"did not reach chunk {nxt.chunk}'s output. In chunk-major order every micro-batch's loss must "
+                    f"depend on the output of the model's last unit, through every chunk."
+                )
+            self.enter(Op.BACKWARD, nxt.chunk, mb=nxt.mb)
+            torch.autograd.backward(out, leaf.grad)
+        self.flush_deferred()  # back to user code
 
     def flush_deferred(self) -> None:
         """Post every deferred operation, waiting for its input if need be. Called after each backward pass: user
@@ -319,6 +362,7 @@ class Engine:
         self._pending.clear()
         self._finish_exchanges()
         self._gradient_end.clear()
+        self._cuts.clear()
         self._program = None
 
     # -- internals ------------------------------------------------------------------------------------------------
@@ -402,18 +446,24 @@ class Engine:
             self.layout.bind(action.chunk, self._view(action.buf, action.chunk))
             self._bound[action.buf] = action.chunk
         self._detach_grads()
-        if action.op is Op.BACKWARD:
+        if action.op is Op.BACKWARD and action.acc:  # adds to the chunk's earlier micro-batches (a gradient run)
+            self._bind_grads(action)
+        elif action.op is Op.BACKWARD:
             self._grad_view(action.buf2, action.chunk).zero_()
             if self._schedule.striped:  # the pad of the last stripe is summed and sent too: keep it finite
                 G = self._schedule.topology.group_size
                 self._buffers[action.buf2][self.layout.n_trainable[action.chunk]:
                                            G * self._grad_stripe_size(action.chunk)].zero_()
-            grad = self._view(action.buf2, action.chunk)
-            for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
-                if e.param.requires_grad:
-                    e.param.grad = view
-            self._grad_chunk = action.chunk
+            self._bind_grads(action)
         self._current = action
+
+    def _bind_grads(self, action: Action) -> None:
+        """Point the chunk's parameters' ``.grad`` into the step's gradient buffer: autograd adds into it."""
+        grad = self._view(action.buf2, action.chunk)
+        for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
+            if e.param.requires_grad:
+                e.param.grad = view
+        self._grad_chunk = action.chunk
 
     def _detach_grads(self) -> None:
         """Gradients go to the buffer only during their chunk's backward step."""

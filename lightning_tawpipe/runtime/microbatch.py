@@ -8,6 +8,11 @@ action belongs to another micro-batch, the running thread hands the baton to tha
 sequential and deterministic; the threads only exist to keep each micro-batch's Python stack alive while another
 one runs. (CPU autograd runs a backward on the thread that called it, so a backward can pause mid-way. CUDA runs
 backward on a per-device autograd thread; at most one backward is ever in flight here, so it pauses in the same way.)
+
+Chunk-major order (``microbatch_order="chunk"``) runs every micro-batch through a chunk before the next chunk, so it
+interleaves too, in the forward. Its backward does not pause: the engine cuts the graph between chunks, a
+micro-batch's own ``loss.backward()`` ends at its last chunk, and once every micro-batch has run the engine runs the
+remaining backward steps itself, one complete autograd call each (``Engine.cut``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class MicrobatchRunner:
             self.engine.thread_microbatch = lambda: None
         if self._error is not None:
             raise self._error
+        self.engine.run_cut_backward()  # chunk-major: the backward steps below each micro-batch's last chunk
         return results
 
     def _next_owner(self) -> int | None:

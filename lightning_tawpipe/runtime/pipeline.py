@@ -29,7 +29,7 @@ from lightning_tawpipe.runtime.comm import Comm
 from lightning_tawpipe.runtime.engine import Engine
 from lightning_tawpipe.runtime.shard import ChunkLayout, OwnedShard
 from lightning_tawpipe.schedule import build_tawpipe, validate, with_user_barriers
-from lightning_tawpipe.schedule.program import Schedule
+from lightning_tawpipe.schedule.program import ORDERS, Schedule
 from lightning_tawpipe.schedule.tawpipe import chunk_mirrors, default_grad_buffers, default_reuse, mirrored_chunk_count
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
@@ -62,6 +62,18 @@ def check_stripe(stripe, schedule: str) -> None:
                          f"rank); got schedule={schedule!r}.")
 
 
+def check_microbatch_order(order, schedule: str) -> None:
+    """Chunk-major order (``microbatch_order="chunk"``) is a TawPipe schedule's: the WeiPipe ring passes chunks
+    around in its own order. Checked where a user sets it and where the runtime is built directly."""
+    if order not in ORDERS:
+        raise ValueError(f"microbatch_order must be one of {ORDERS} ('sample': each micro-batch forward and backward "
+                         f"in turn, the paper's order; 'chunk': every micro-batch through a chunk while it is "
+                         f"resident), got {order!r}.")
+    if order == "chunk" and schedule != "tawpipe":
+        raise ValueError(f"microbatch_order='chunk' needs schedule='tawpipe' (the WeiPipe ring has its own order); "
+                         f"got schedule={schedule!r}.")
+
+
 class Pipeline:
     """The sharded, pipelined view of ``root`` on this rank."""
 
@@ -86,12 +98,15 @@ class Pipeline:
         replicas: ReplicaLayout | None = None,
         replicate_first_chunk: bool | int = False,
         stripe: bool = False,
+        microbatch_order: str = "sample",
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
         check_replicate_first_chunk(replicate_first_chunk, schedule, replicas.n_replicas if replicas else 1)
         check_stripe(stripe, schedule)
         self.stripe = bool(stripe)
+        check_microbatch_order(microbatch_order, schedule)
+        self.microbatch_order = microbatch_order
         self.topo, self.schedule_name, self.prefetch, self.partition = topo, schedule, prefetch, partition
         self.reuse = reuse
         self.replicate_first_chunk = replicate_first_chunk
@@ -185,7 +200,8 @@ class Pipeline:
             from lightning_tawpipe.schedule.weipipe import build_weipipe as builder
         else:
             builder = partial(build_tawpipe, reuse=self.reuse, grad_buffers=self.grad_buffers,
-                              replicate_first_chunk=self.replicate_first_chunk, exchange=exchange, stripe=self.stripe)
+                              replicate_first_chunk=self.replicate_first_chunk, exchange=exchange, stripe=self.stripe,
+                              order=self.microbatch_order)
         schedule = builder(self.topo, n_microbatches, prefetch=self.prefetch, train=train)
         if self._validate:
             validate(schedule)
@@ -327,6 +343,7 @@ class Pipeline:
                if self.schedule_name == "tawpipe" else "")
             + (f", striped over {self.topo.group_size} rails" if self.stripe and self.topo.group_size > 1
                and self.topo.n_groups > 1 else "")
+            + (", chunk-major micro-batches" if self.microbatch_order == "chunk" else "")
             + (f", replica {self.replica} of {self.replicas}" if self.replicas.n_replicas > 1 else "")
         ]
         for c, holders in enumerate(self.holders):

@@ -174,10 +174,13 @@ _TENSOR = _Tensor()
 def install(units: list[Unit], chunk_of_unit: list[int], engine) -> None:
     """Replace each unit module's ``forward`` with the pipelined wrapper (idempotent)."""
     for index, (unit, chunk) in enumerate(zip(units, chunk_of_unit)):
+        # the output of a chunk's last unit (but the model's) is where chunk-major order cuts the graph (Engine.cut)
+        ends_chunk = index + 1 < len(chunk_of_unit) and chunk_of_unit[index + 1] != chunk
         for _, module in unit.modules:
             original = module.__dict__.get("_tawpipe_original_forward") or module.forward
             module._tawpipe_original_forward = original
-            module.forward = types.MethodType(_make_wrapper(engine, chunk, original, index), module)
+            cut = ends_chunk and module is unit.modules[-1][1]  # a unit's modules run in order; cut after its last
+            module.forward = types.MethodType(_make_wrapper(engine, chunk, original, index, cut), module)
 
 
 def uninstall(units: list[Unit]) -> None:
@@ -187,7 +190,7 @@ def uninstall(units: list[Unit]) -> None:
             module.__dict__.pop("_tawpipe_original_forward", None)
 
 
-def _make_wrapper(engine, chunk: int, original: Callable, unit: int) -> Callable:
+def _make_wrapper(engine, chunk: int, original: Callable, unit: int, cut: bool = False) -> Callable:
     def enter_backward(grad: torch.Tensor) -> None:
         engine.enter(Op.BACKWARD, chunk, unit)
 
@@ -195,6 +198,10 @@ def _make_wrapper(engine, chunk: int, original: Callable, unit: int) -> Callable
         engine.enter(Op.FORWARD, chunk)
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        out = unit_forward(module, *args, **kwargs)
+        return engine.cut(chunk, out) if cut and engine.cuts_graph else out
+
+    def unit_forward(module: nn.Module, *args, **kwargs):
         if not engine.activation_checkpointing:
             with engine.weight_saving_hooks():
                 out = original(*args, **kwargs)

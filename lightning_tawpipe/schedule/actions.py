@@ -23,6 +23,8 @@ String form (``str(action)`` / :func:`parse_action`), ``c`` chunk, ``m`` micro-b
 
     F3.1@s0        forward of chunk 3, micro-batch 1, weights in slot 0
     B3.1@s0>g1     backward of chunk 3, micro-batch 1, weights in s0, local gradients into g1
+    B3.1@s0+g1     the same, adding to the gradients of chunk 3's earlier micro-batches already in g1
+                   (chunk-major order: one gradient per chunk and iteration leaves the rank)
     X3@s0          release slot 0 (chunk 3 no longer resident)
     CW3@s0         owner copies its own chunk 3 into slot 0
     SW3>5@own      send chunk 3's weights to rank 5 (from ``own`` or from a slot when relaying a ring)
@@ -156,11 +158,14 @@ class Action:
     peer: int = -1
     buf: str = ""
     buf2: str = ""
+    # a backward step that adds its gradients to ``buf2`` (which holds the same chunk's earlier micro-batches')
+    # instead of overwriting it
+    acc: bool = False
     # the validator's compact form of this action, computed once per object (not part of its value)
     _sim: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __reduce__(self):  # pickles and copies carry the value only, never the validator's process-local cache
-        return (Action, (self.op, self.chunk, self.mb, self.peer, self.buf, self.buf2))
+        return (Action, (self.op, self.chunk, self.mb, self.peer, self.buf, self.buf2, self.acc))
 
     @property
     def stream(self) -> str:
@@ -212,7 +217,7 @@ class Action:
                   Op.RECV_STRIPE_W: "<", Op.RECV_STRIPE_G: "<"}.get(self.op, "^") + str(self.peer)
         s += f"@{self.buf}"
         if self.buf2:
-            s += ("+" if self.op is Op.ADD_G else ">") + self.buf2
+            s += ("+" if self.op is Op.ADD_G or self.acc else ">") + self.buf2
         return s
 
 
@@ -233,7 +238,7 @@ class ActionPool:
 
 _ACTION_RE = re.compile(
     r"^(?P<op>BAR|SW|RW|CW|BW|RG|SG|QG|AG|GA|XG|PW|RT|AW|YG|TG|UG|GG|F|B|X)"
-    r"(?:(?P<chunk>\d+)(?:\.(?P<mb>\d+))?(?:[<>^](?P<peer>\d+))?@(?P<buf>\w+)(?:[>+](?P<buf2>\w+))?)?$"
+    r"(?:(?P<chunk>\d+)(?:\.(?P<mb>\d+))?(?:[<>^](?P<peer>\d+))?@(?P<buf>\w+)(?:(?P<sep>[>+])(?P<buf2>\w+))?)?$"
 )
 
 
@@ -249,6 +254,7 @@ def parse_action(text: str) -> Action:
         peer=int(m["peer"]) if m["peer"] is not None else -1,
         buf=m["buf"] or "",
         buf2=m["buf2"] or "",
+        acc=m["op"] == Op.BACKWARD.value and m["sep"] == "+",
     )
 
 

@@ -68,6 +68,8 @@ class Schedule:
     striped: bool = False
     # striped: each rank's ring of stripe-sized buffers for its stripes of remote gradient sums (``r<i>``)
     n_stripe_buffers: int = 0
+    # the micro-batch order of the compute steps (:data:`ORDERS`)
+    order: str = "sample"
 
     @property
     def n_chunks(self) -> int:
@@ -90,6 +92,9 @@ class Schedule:
         return "\n".join(f"{r}: {format_program(list(p))}" for r, p in enumerate(self.programs))
 
 
+ORDERS = ("sample", "chunk")  # micro-batch orders: sample-major (the paper's) and chunk-major
+
+
 def sample_major_steps(n_chunks: int, n_microbatches: int, train: bool) -> list[Step]:
     """Each micro-batch goes forward through every chunk, then backward (the paper's order)."""
     steps: list[Step] = []
@@ -98,6 +103,61 @@ def sample_major_steps(n_chunks: int, n_microbatches: int, train: bool) -> list[
         if train:
             steps += [Step(Op.BACKWARD, c, mb) for c in reversed(range(n_chunks))]
     return steps
+
+
+def chunk_major_steps(n_chunks: int, n_microbatches: int, train: bool) -> list[Step]:
+    """Every micro-batch goes through a chunk before any goes on to the next (``microbatch_order="chunk"``).
+
+    Forward, chunk by chunk; at the last chunk each micro-batch turns (its forward, the loss, its backward) before the
+    next one starts, so only one micro-batch's logits are alive at a time; then backward, chunk by chunk. A chunk's
+    consecutive steps keep its weights resident (:func:`residency`), and its backward steps add into one gradient
+    buffer, so an iteration moves each chunk's weights and gradient as often as one micro-batch would, whatever
+    ``n_microbatches`` is. The price: every micro-batch's activations stay alive until its backward, as with one
+    micro-batch of the whole batch. With one micro-batch it is the sample-major order.
+    """
+    mbs, last = range(n_microbatches), n_chunks - 1
+    steps = [Step(Op.FORWARD, c, mb) for c in range(last) for mb in mbs]
+    for mb in mbs:
+        steps.append(Step(Op.FORWARD, last, mb))
+        if train:
+            steps.append(Step(Op.BACKWARD, last, mb))
+    if train:
+        steps += [Step(Op.BACKWARD, c, mb) for c in reversed(range(last)) for mb in mbs]
+    return steps
+
+
+def compute_steps(order: str, n_chunks: int, n_microbatches: int, train: bool) -> list[Step]:
+    """The compute steps of one iteration in micro-batch ``order`` (one of :data:`ORDERS`)."""
+    if order == "sample":
+        return sample_major_steps(n_chunks, n_microbatches, train)
+    if order == "chunk":
+        return chunk_major_steps(n_chunks, n_microbatches, train)
+    raise ValueError(f"microbatch_order must be one of {ORDERS}, got {order!r}.")
+
+
+def gradient_runs(steps: list[Step]) -> list[tuple[int, bool, bool]]:
+    """Per compute step: ``(run, first, last)`` for its *gradient run*, the backward steps of one chunk with no other
+    chunk's step between them, which add into one gradient buffer and leave the rank as one gradient (in chunk-major
+    order, ``B3.0 F3.1 B3.1`` at the last chunk is one run). A forward step gets the run of the next backward. In
+    sample-major order every backward step is its own run."""
+    n = len(steps)
+    last_of = [False] * n  # whether a backward step ends its run: another chunk (or the end) comes before its next
+    for j, step in enumerate(steps):
+        if step.op is Op.BACKWARD:
+            k = j + 1
+            while k < n and steps[k].chunk == step.chunk and steps[k].op is not Op.BACKWARD:
+                k += 1
+            last_of[j] = k == n or steps[k].chunk != step.chunk
+    out: list[tuple[int, bool, bool]] = []
+    run, open_run = 0, False
+    for j, step in enumerate(steps):
+        if step.op is not Op.BACKWARD:
+            out.append((run, False, False))
+            continue
+        out.append((run, not open_run, last_of[j]))
+        open_run = not last_of[j]
+        run += last_of[j]
+    return out
 
 
 @dataclass

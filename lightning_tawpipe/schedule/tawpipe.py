@@ -20,7 +20,8 @@ Per rank the program does, in order:
   until then (a chunk kept across a turn frees its slot early), and the fast intra-node broadcast overlaps the last.
   If the receive has not arrived when the relay reaches its broadcast, the engine defers the broadcast rather than
   stall the relay's own compute, and posts it the moment the receive is done.
-* **gradients**, after every backward step: reduce in the node onto the rank with the owner's local index (so every
+* **gradients**, after every backward step (in chunk-major order, after a chunk's last backward step: its steps add
+  into one buffer): reduce in the node onto the rank with the owner's local index (so every
   rail carries gradients, not only local rank 0); one step later that rank adds the sum into its accumulator if it
   is the owner. Otherwise it sends the sum to the owner right behind the reduce: the engine posts that send the
   moment the reduce is done, during the next backward step, without waiting for it (a *deferred send*). The owner
@@ -59,16 +60,16 @@ stripes onto the owner (``GG``), which adds them right away.
 
 from __future__ import annotations
 
-from itertools import accumulate
 from typing import NamedTuple
 
 from lightning_tawpipe.schedule.actions import Action, ActionPool, Op
 from lightning_tawpipe.schedule.program import (
     GroupProgramBuilder,
     Schedule,
+    compute_steps,
     gc_paused,
+    gradient_runs,
     residency,
-    sample_major_steps,
 )
 from lightning_tawpipe.topology import Topology, tawpipe_owner
 
@@ -112,6 +113,7 @@ def build_tawpipe(
     replicate_first_chunk: bool | int = False,
     exchange: bool = False,
     stripe: bool = False,
+    order: str = "sample",
 ) -> Schedule:
     """Programs for every rank of one TawPipe iteration (``topo.world_size`` chunks, one per rank).
 
@@ -128,11 +130,13 @@ def build_tawpipe(
     gradients between the holders inside the program (see the module doc; nothing changes on one node).
     ``stripe`` moves remote weights and gradient sums in stripes over every rail of a node (module doc; nothing
     changes on one node or
-    with one rank per node).
+    with one rank per node). ``order`` is the micro-batch order: ``"sample"`` (the paper's: each micro-batch forward
+    and backward in turn) or ``"chunk"`` (every micro-batch through a chunk while it is resident, see
+    :func:`~lightning_tawpipe.schedule.program.chunk_major_steps`).
     """
     with gc_paused():
         return _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse,
-                      mirrored_chunk_count(replicate_first_chunk, topo.world_size), exchange, stripe)
+                      mirrored_chunk_count(replicate_first_chunk, topo.world_size), exchange, stripe, order)
 
 
 def mirrored_chunk_count(replicate_first_chunk: bool | int, n_chunks: int) -> int:
@@ -158,7 +162,7 @@ def chunk_mirrors(topo: Topology, n_mirrored: int) -> tuple[tuple[int, ...], ...
 
 
 def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, reuse, n_mirrored,
-           exchange, stripe) -> Schedule:
+           exchange, stripe, order) -> Schedule:
     recv_buffers = recv_buffers or max(1, topo.n_groups - 1)
     grad_buffers = default_grad_buffers(topo, grad_buffers)
     if prefetch < 1:
@@ -174,13 +178,13 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
     n_mirrored = len(mirrors)
     exchange = exchange and train and n_mirrored > 0
     stripe = stripe and topo.n_groups > 1 and topo.group_size > 1
-    steps = sample_major_steps(n_chunks, n_microbatches, train)
-    backward_before = list(accumulate((s.op is Op.BACKWARD for s in steps), initial=0))  # [j]: in steps[:j]
+    steps = compute_steps(order, n_chunks, n_microbatches, train)
+    runs = gradient_runs(steps)  # a chunk's backward steps with no other chunk between add into one buffer
     reuse = default_reuse(prefetch, reuse)
     loads = residency(steps, n_slots, reuse)  # the same on every node
     slots = [f"s{load.slot}" for load in loads]
     slot_of_step = {j: slot for load, slot in zip(loads, slots) for j in load.uses}
-    compute = [_compute_action(step, slot_of_step[j], backward_before[j], grad_buffers) for j, step in enumerate(steps)]
+    compute = [_compute_action(step, slot_of_step[j], runs[j], grad_buffers) for j, step in enumerate(steps)]
     releases = [Action(Op.RELEASE, load.chunk, buf=slot) for load, slot in zip(loads, slots)]
     groups = [GroupProgramBuilder(len(steps), topo.group_ranks(node), compute) for node in range(topo.n_groups)]
     action = ActionPool()  # one object for the repeats (e.g. a chunk sent to the same rank for F and for B)
@@ -220,8 +224,8 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
                                                  else Action(Op.BCAST_W, load.chunk, peer=root, buf=slot))
             group.shared(load.last).append(releases[i])
         if train:
-            _place_gradients(topo, node, steps, owners, group, arrivals, grad_buffers, action, n_mirrored, exchange,
-                             n_microbatches - 1, node_arrivals if stripe else None)
+            _place_gradients(topo, node, steps, runs, owners, group, arrivals, grad_buffers, action, n_mirrored,
+                             exchange, n_microbatches - 1, node_arrivals if stripe else None)
 
     programs: dict[int, tuple[Action, ...]] = {}
     for node, group in enumerate(groups):
@@ -237,6 +241,7 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
         programs.update(group.build())
     return Schedule(
         name="tawpipe",
+        order=order,
         topology=topo,
         owners=owners,
         n_microbatches=n_microbatches,
@@ -254,28 +259,28 @@ def _build(topo, n_microbatches, prefetch, train, grad_buffers, recv_buffers, re
     )
 
 
-def _compute_action(step, slot: str, n_backward_before: int, grad_buffers: int) -> Action:
+def _compute_action(step, slot: str, run: tuple[int, bool, bool], grad_buffers: int) -> Action:
     if step.op is Op.FORWARD:
         return Action(Op.FORWARD, step.chunk, mb=step.mb, buf=slot)
-    return Action(Op.BACKWARD, step.chunk, mb=step.mb, buf=slot, buf2=f"g{n_backward_before % grad_buffers}")
+    index, first, _ = run
+    return Action(Op.BACKWARD, step.chunk, mb=step.mb, buf=slot, buf2=f"g{index % grad_buffers}", acc=not first)
 
 
-def _place_gradients(topo, node, steps, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
+def _place_gradients(topo, node, steps, runs, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
                      action: ActionPool, n_mirrored: int, exchange: bool, last_mb: int,
                      node_arrivals: dict[int, list[_GradArrival]] | None = None) -> None:
-    """Reduce each backward step's gradients in the node, then add them at (or send them to) the owner; a chunk held
+    """Reduce each gradient run's gradients (one backward step's, in sample-major order) in the node, then add them at (or send them to) the owner; a chunk held
     in the node (its owner's, or a mirror) is added right there. With ``exchange`` a holder adds a mirrored chunk's
     last gradient right behind its reduce and posts the holders' exchange of it. With ``node_arrivals`` (striped) a
     remote chunk's gradient is reduce-scattered and every rank sends its stripe to its own rail's peer."""
     last = len(steps) - 1
     G = topo.group_size
     gbufs = [f"g{i}" for i in range(grad_buffers)]
-    n_backward = 0
     for j, step in enumerate(steps):
-        if step.op is not Op.BACKWARD:
+        run, _, ends_run = runs[j]
+        if step.op is not Op.BACKWARD or not ends_run:
             continue
-        gbuf = gbufs[n_backward % grad_buffers]
-        n_backward += 1
+        gbuf = gbufs[run % grad_buffers]
         owner = owners[step.chunk]
         root = node * G + owner % G
         later = min(j + 1, last)  # one compute later, so the reduce overlaps the next backward

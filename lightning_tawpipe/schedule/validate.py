@@ -52,7 +52,11 @@ class ScheduleError(RuntimeError):
 
 
 def with_user_barriers(schedule: Schedule) -> Schedule:
-    """The same schedule with a world collective after each last-chunk forward and each chunk-0 backward."""
+    """The same schedule with a world collective wherever the user's code runs between compute steps: after each
+    last-chunk forward (the loss), after each chunk-0 backward (sample-major: the next micro-batch's
+    ``training_step`` begins, or the step ends), and after each compute step that a chunk-0 forward follows
+    (chunk-major: the next micro-batch's ``training_step`` begins there). The engine runs the actions between two
+    compute steps only when the second is asked for, so user code sits right after the first."""
     last = schedule.n_chunks - 1
     barrier = Action(Op.BARRIER)
     forward, backward = Op.FORWARD, Op.BACKWARD
@@ -61,11 +65,16 @@ def with_user_barriers(schedule: Schedule) -> Schedule:
         for program in schedule.programs:
             out: list[Action] = []
             append = out.append
+            after_compute = -1  # where in ``out`` the last compute step (and its barrier) ends
             for a in program:
-                append(a)
                 op = a.op
+                if op is forward and a.chunk == 0 and after_compute > 0 and out[after_compute - 1] is not barrier:
+                    out.insert(after_compute, barrier)
+                append(a)
                 if (op is forward and a.chunk == last) or (op is backward and a.chunk == 0):
                     append(barrier)
+                if op is forward or op is backward:
+                    after_compute = len(out)
             programs.append(tuple(out))
     return replace(schedule, programs=tuple(programs))
 
@@ -301,7 +310,14 @@ class _Simulator:
                         pcs[rank] = pc
                         self._fail(rank, a, f"slot {a.buf} holds {_show(buffers[b], P)}, not chunk {a.chunk}'s "
                                             "weights")
-                    buffers[c[2]] = ("G", c[3], 1 << (c[6] * P + rank))
+                    if a.acc:  # adds to the same chunk's earlier micro-batches (a gradient run)
+                        held = buffers[c[2]]
+                        if not held or held[0] != "G" or held[1] != c[3]:
+                            pcs[rank] = pc
+                            self._fail(rank, a, f"adds its gradients to {_show(held, P)}, not chunk {c[3]}'s")
+                        buffers[c[2]] = ("G", c[3], held[2] | 1 << (c[6] * P + rank))
+                    else:
+                        buffers[c[2]] = ("G", c[3], 1 << (c[6] * P + rank))
                 elif kind <= _UG:  # P2P: a send reads its buffer, a receive writes it
                     b, peer = c[1], c[4]
                     if c[8]:
