@@ -433,7 +433,8 @@ def build_strategy(name: str, devices: int, num_nodes: int, n_microbatches: int 
 
     With ``init_weights`` (a LitGPT ``lit_model.pth``), TawPipe builds the model on the meta device and each rank
     copies only the chunk it owns out of the memory-mapped file: no rank holds the whole pretrained model.
-    ``replica_knobs`` (``replicas``, ``outer``, ``sync_every``, ``density``, ``stripe``) go to TawPipe as they are."""
+    ``replica_knobs`` (``replicas``, ``outer``, ``sync_every``, ``density``, ``stripe``, ``microbatch_order``) go to
+    TawPipe as they are."""
     if name == "tawpipe":
         from lightning_tawpipe import TawPipeStrategy
 
@@ -549,6 +550,7 @@ class TrainArgs:
     sync_every: int = 15
     density: float = 0.03125
     stripe: bool = False
+    microbatch_order: str = "sample"
     seed: int = 1337
     progress_bar: bool = True
 
@@ -571,7 +573,8 @@ def run_training(module: LitGPTExample, data: DataModule, args: TrainArgs, out_d
         strategy=build_strategy(args.strategy, args.devices, args.num_nodes, args.n_microbatches, args.group_size,
                                 init_weights=module.init_weights, lora=module.lora,
                                 **({"replicas": args.replicas, "outer": args.outer, "sync_every": args.sync_every,
-                                    "density": args.density, "stripe": args.stripe}
+                                    "density": args.density, "stripe": args.stripe,
+                                    "microbatch_order": args.microbatch_order}
                                    if args.strategy == "tawpipe" else {})),
         precision=args.precision,
         max_steps=args.max_steps,

@@ -68,6 +68,7 @@ def setup(
     results: Optional[Path] = None,
     replicate_first_chunk: Union[bool, int] = False,
     stripe: bool = False,
+    microbatch_order: str = "sample",
 ) -> None:
     """Pretrain a tiny LitGPT LLaMA with Fabric.
 
@@ -107,13 +108,16 @@ def setup(
             every node (see ``TawPipeStrategy``).
         stripe: TawPipe: move remote weights and gradients in stripes over every rank's own NIC (see
             ``TawPipeStrategy``).
+        microbatch_order: TawPipe: ``sample`` or ``chunk`` (every micro-batch of ``train_step`` through a chunk while
+            it is resident; see ``TawPipeStrategy``).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # ranks share the CPU cores
     if strategy in ("tawpipe", "weipipe"):
         strategy = TawPipeFabricStrategy(schedule=strategy, group_size=group_size, n_microbatches=n_microbatches,
                                          state_dict_type=state_dict_type,
-                                         replicate_first_chunk=replicate_first_chunk, stripe=stripe)
+                                         replicate_first_chunk=replicate_first_chunk, stripe=stripe,
+                                         microbatch_order=microbatch_order)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision=precision)
     fabric.launch()

@@ -87,6 +87,7 @@ def setup(
     n_microbatches: int = 1,
     group_size: Optional[int] = None,
     stripe: bool = False,
+    microbatch_order: str = "sample",
     seed: int = 1337,
     progress_bar: bool = True,
     sample_tokens: int = 40,
@@ -139,6 +140,8 @@ def setup(
         group_size: TawPipe: ranks per group (``null``: processes per node).
         stripe: TawPipe: move remote weights and gradients in stripes over every rank's own NIC (nodes with one NIC
             per device).
+        microbatch_order: TawPipe: ``sample`` (each micro-batch forward and backward in turn) or ``chunk`` (every
+            micro-batch through a chunk while it is resident: the weight traffic of one micro-batch).
         seed: Random seed (same on every rank).
         progress_bar: Show the progress bar.
         sample_tokens: Tokens generated for one validation question from the final checkpoint (0 to skip).
@@ -184,7 +187,7 @@ def setup(
                      weight_decay=weight_decay, warmup_steps=warmup_steps, max_norm=max_norm,
                      eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
                      n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar,
-                     stripe=stripe)
+                     stripe=stripe, microbatch_order=microbatch_order)
     kind = "LoRA" if lora else "full"
     title = f"{kind} fine-tune {config.name} ({strategy}, {devices * num_nodes} processes)"
     style = getattr(data, "prompt_style", prompt_style)

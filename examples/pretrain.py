@@ -77,6 +77,7 @@ def setup(
     sync_every: int = 15,
     density: float = 0.03125,
     stripe: bool = False,
+    microbatch_order: str = "sample",
     seed: int = 1337,
     progress_bar: bool = True,
     sample_tokens: int = 30,
@@ -125,6 +126,8 @@ def setup(
         density: TawPipe with SparseLoCo: Top-k fraction per 64x64 tile.
         stripe: TawPipe: move remote weights and gradients in stripes over every rank's own NIC (nodes with one NIC
             per device).
+        microbatch_order: TawPipe: ``sample`` (each micro-batch forward and backward in turn) or ``chunk`` (every
+            micro-batch through a chunk while it is resident: the weight traffic of one micro-batch).
         seed: Random seed (same on every rank).
         progress_bar: Show the progress bar.
         sample_tokens: Tokens sampled from the final checkpoint as a smoke test (0 to skip).
@@ -156,7 +159,8 @@ def setup(
                      weight_decay=weight_decay, warmup_steps=warmup_steps, max_norm=max_norm,
                      eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval,
                      n_microbatches=n_microbatches, group_size=group_size, seed=seed, progress_bar=progress_bar,
-                     replicas=replicas, outer=outer, sync_every=sync_every, density=density, stripe=stripe)
+                     replicas=replicas, outer=outer, sync_every=sync_every, density=density, stripe=stripe,
+                     microbatch_order=microbatch_order)
     title = f"pretrain {config.name} ({strategy}, {devices * num_nodes} processes)"
     return run_training(module, data, args, out_dir, tokenizer_dir, title,
                         sample_prompt='The "with" statement', sample_tokens=sample_tokens)

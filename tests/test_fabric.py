@@ -73,11 +73,11 @@ def runs(tmp_path_factory):
     specs = {
         "ddp": ["--strategy", "ddp", "--devices", "2", "--micro_batch_size", "4"],
         "tawpipe": ["--devices", "2", "--micro_batch_size", "4"],
-        # resharded: 4 ranks (2 emulated nodes) resume the 2-rank TawPipe checkpoint, 2 pipelined micro-batches, chunk 0
-        # mirrored on node 1 (its mirror reads the owner's weights and optimizer state from the checkpoint), the other
-        # chunks striped over both ranks of a node
+        # resharded: 4 ranks (2 emulated nodes) resume the 2-rank TawPipe checkpoint, 2 pipelined micro-batches in
+        # chunk-major order, chunk 0 mirrored on node 1 (its mirror reads the owner's weights and optimizer state from
+        # the checkpoint), the other chunks striped over both ranks of a node
         "tawpipe4": ["--devices", "4", "--group_size", "2", "--micro_batch_size", "2", "--n_microbatches", "2",
-                     "--replicate_first_chunk", "true", "--stripe", "true",
+                     "--replicate_first_chunk", "true", "--stripe", "true", "--microbatch_order", "chunk",
                      "--resume", str(root / "tawpipe" / "step-000003.ckpt")],
         # regrouped (2 groups of 1 rank), full-file checkpoints, resuming the ddp run's checkpoint
         "tawpipe_from_ddp": ["--devices", "2", "--group_size", "1", "--micro_batch_size", "4",
@@ -125,6 +125,8 @@ def test_registered_in_fabrics_registry_and_built_from_flags():
         L.Fabric(accelerator="cpu", devices=2, strategy="tawpipe", precision="64-true")
     with pytest.raises(ValueError, match="replicate_first_chunk=True needs schedule='tawpipe'"):
         TawPipeFabricStrategy(schedule="weipipe", replicate_first_chunk=True)
+    with pytest.raises(ValueError, match="microbatch_order must be one of"):
+        TawPipeFabricStrategy(microbatch_order="chunks")
 
 
 @pytest.fixture
@@ -227,12 +229,12 @@ def test_two_ranks_match_ddp_with_accumulation_clipping_and_validation(runs):
     assert (taw["dir"] / "final" / "lit_model.pth").is_file() and (taw["dir"] / "final" / "model_config.yaml").is_file()
 
 
-def test_four_ranks_resume_two_rank_sharded_checkpoint_with_pipelined_microbatches_mirrored_chunk_0_and_stripes(runs):
+def test_four_ranks_resume_two_rank_sharded_checkpoint_with_chunk_major_microbatches_mirrored_chunk_0_and_stripes(runs):
     """Chunk 0's mirror must sum its gradient with the owner's once per optimizer step (2 accumulated iterations) and
     count once in the clipping norm; its own step-6 checkpoint saves chunk 0 once (from the owner)."""
     ddp, resumed = runs("ddp"), runs("tawpipe4")
     assert "2 node(s) x 2 rank(s)" in resumed["log"] and "chunk 0 replicated on ranks [0, 2]" in resumed["log"]
-    assert "striped over 2 rails" in resumed["log"]
+    assert "striped over 2 rails" in resumed["log"] and "chunk-major micro-batches" in resumed["log"]
     _assert_close_rel(resumed["losses"], ddp["losses"][6:])
     _assert_close_rel(resumed["grad_norms"], ddp["grad_norms"][3:])
     _assert_close_rel(resumed["val_losses"], ddp["val_losses"][1:])

@@ -25,7 +25,7 @@ from lightning_tawpipe.schedule import (
     with_user_barriers,
 )
 from lightning_tawpipe.schedule.actions import P2P_OPS, ActionPool
-from lightning_tawpipe.schedule.program import residency, sample_major_steps
+from lightning_tawpipe.schedule.program import chunk_major_steps, gradient_runs, residency, sample_major_steps
 from lightning_tawpipe.schedule.weipipe import build_weipipe
 from lightning_tawpipe.topology import Topology, ring_owner, tawpipe_owner
 
@@ -69,6 +69,7 @@ def index_of(program, pred, last: bool = False) -> int:
 EVERY_KIND = [
     Action(Op.FORWARD, 3, mb=1, buf="s0"),
     Action(Op.BACKWARD, 3, mb=1, buf="s0", buf2="g1"),
+    Action(Op.BACKWARD, 3, mb=1, buf="s0", buf2="g1", acc=True),
     Action(Op.RELEASE, 3, buf="s0"),
     Action(Op.COPY_W, 3, buf="s0"),
     Action(Op.SEND_W, 3, peer=5, buf="own"),
@@ -109,6 +110,7 @@ def test_parse_action_round_trip(action):
     [
         ("F3.1@s0", Action(Op.FORWARD, 3, mb=1, buf="s0")),
         ("B3.1@s0>g1", Action(Op.BACKWARD, 3, mb=1, buf="s0", buf2="g1")),
+        ("B3.1@s0+g1", Action(Op.BACKWARD, 3, mb=1, buf="s0", buf2="g1", acc=True)),
         ("RW3<5@s0", Action(Op.RECV_W, 3, peer=5, buf="s0")),
         ("GA3@q0+g1", Action(Op.ADD_G, 3, buf="q0", buf2="g1")),
         ("  BAR ", Action(Op.BARRIER)),
@@ -854,3 +856,96 @@ def test_grid_places_every_compute_once(config):
                 assert ticks[rank] == [j + s.topology.group_of(rank) for j in range(len(labels))]
             else:
                 assert ticks[rank] == sorted(ticks[rank])
+
+
+# -- chunk-major micro-batch order ------------------------------------------------------------------------------------
+
+
+def test_chunk_major_steps_and_gradient_runs():
+    steps = chunk_major_steps(3, 2, train=True)
+    assert [f"{s.op.value}{s.chunk}.{s.mb}" for s in steps] == [
+        "F0.0", "F0.1", "F1.0", "F1.1", "F2.0", "B2.0", "F2.1", "B2.1", "B1.0", "B1.1", "B0.0", "B0.1"]
+    assert chunk_major_steps(3, 1, train=True) == sample_major_steps(3, 1, train=True)
+    assert [s.op for s in chunk_major_steps(3, 2, train=False)] == [Op.FORWARD] * 6
+    # the last chunk's backward steps with its own forward between them are one run, like the others
+    runs = [r for s, r in zip(steps, gradient_runs(steps)) if s.op is Op.BACKWARD]
+    assert runs == [(0, True, False), (0, False, True), (1, True, False), (1, False, True), (2, True, False),
+                    (2, False, True)]
+    # sample-major: every backward step is its own run, except with one chunk, where nothing else comes between
+    sample = sample_major_steps(2, 2, train=True)
+    assert [r for s, r in zip(sample, gradient_runs(sample)) if s.op is Op.BACKWARD] == [
+        (0, True, True), (1, True, True), (2, True, True), (3, True, True)]
+    one = sample_major_steps(1, 3, train=True)
+    assert [r for s, r in zip(one, gradient_runs(one)) if s.op is Op.BACKWARD] == [
+        (0, True, False), (0, False, False), (0, False, True)]
+
+
+def _inter_node_transfers(s) -> Counter:
+    """Per op, the weight and gradient transfers that cross nodes in one iteration, over all ranks."""
+    topo = s.topology
+    return Counter(a.op for r in range(topo.world_size) for a in s.program(r)
+                   if a.op in P2P_OPS and a.op.value[0] != "Q" and not topo.same_group(r, a.peer))
+
+
+@pytest.mark.parametrize(
+    ("nodes", "ranks", "mbs", "prefetch", "knobs"),
+    [(2, 2, 4, 2, {}), (3, 2, 2, 1, {}), (2, 3, 3, 2, {"stripe": True}), (3, 2, 3, 3, {"replicate_first_chunk": 2}),
+     (2, 2, 2, 2, {"replicate_first_chunk": True, "exchange": True, "stripe": True}), (1, 4, 3, 1, {}),
+     (4, 1, 2, 2, {"reuse": 1})],
+)
+def test_chunk_major_moves_the_bytes_of_one_microbatch(nodes, ranks, mbs, prefetch, knobs):
+    """Every micro-batch passes through a chunk while it is resident, and a chunk's backward steps add into one
+    gradient buffer: the inter-node transfers and node collectives of ``mbs`` micro-batches are those of one, and
+    the schedule survives user collectives at every point where user code runs."""
+    topo = Topology(nodes, ranks)
+    chunk = build_tawpipe(topo, mbs, prefetch=prefetch, order="chunk", **knobs)
+    one = build_tawpipe(topo, 1, prefetch=prefetch, **knobs)
+    sample = build_tawpipe(topo, mbs, prefetch=prefetch, **knobs)
+    assert chunk.order == "chunk" and sample.order == "sample"
+    validate(chunk)
+    validate(with_user_barriers(chunk))
+    steps = chunk_major_steps(topo.world_size, mbs, train=True)
+    collectives = (Op.BCAST_W, Op.REDUCE_G, Op.GATHER_W, Op.REDUCE_SCATTER_G, Op.GATHER_G, Op.EXCHANGE_G)
+    for rank in range(topo.world_size):
+        computed = chunk.compute_steps(rank)
+        assert [(a.op, a.chunk, a.mb) for a in computed] == [(s.op, s.chunk, s.mb) for s in steps]
+        # a backward adds into its buffer exactly when the step before it in the run was the same chunk's backward
+        assert [a.acc for a in computed if a.op is Op.BACKWARD] == [
+            not first for s, (_, first, _) in zip(steps, gradient_runs(steps)) if s.op is Op.BACKWARD]
+        node_ops = Counter(a.op for a in chunk.program(rank) if a.op in collectives)
+        assert node_ops == Counter(a.op for a in one.program(rank) if a.op in collectives), rank
+    assert _inter_node_transfers(chunk) == _inter_node_transfers(one)
+    if nodes > 1:
+        assert sum(_inter_node_transfers(sample).values()) > sum(_inter_node_transfers(chunk).values())
+
+
+def test_validator_checks_gradient_runs():
+    """A backward that adds into a buffer holding another chunk's gradient, or one that overwrites the earlier
+    micro-batches of its run, is caught."""
+    good = build_tawpipe(Topology(2, 2), 2, prefetch=2, order="chunk")
+    validate(good)
+
+    def overwrite(p):
+        i = index_of(p, lambda a: a.op is Op.BACKWARD and a.acc and a.chunk == 1)
+        p[i] = replace(p[i], acc=False)
+        return p
+
+    with pytest.raises(ScheduleError, match=r"accumulated the wrong gradients \(missing"):
+        validate(mutate(good, 1, overwrite))
+
+    def other_buffer(p):
+        i = index_of(p, lambda a: a.op is Op.BACKWARD and a.acc and a.chunk == 1)
+        p[i] = replace(p[i], buf2="g1" if p[i].buf2 == "g0" else "g0")
+        return p
+
+    with pytest.raises(ScheduleError, match=r"adds its gradients to .*not chunk 1's"):
+        validate(mutate(good, 1, other_buffer))
+
+
+def test_user_barriers_sit_where_each_microbatch_starts_in_chunk_major_order():
+    s = with_user_barriers(build_tawpipe(Topology(2, 2), 3, prefetch=1, order="chunk"))
+    compute_and_barriers = [str(a) if a.op is Op.BARRIER else f"{a.op.value}{a.chunk}.{a.mb}"
+                            for a in s.program(0) if a.op in (Op.FORWARD, Op.BACKWARD, Op.BARRIER)]
+    assert compute_and_barriers[:6] == ["F0.0", "BAR", "F0.1", "BAR", "F0.2", "F1.0"]
+    assert compute_and_barriers[6:14] == ["F1.1", "F1.2", "F2.0", "F2.1", "F2.2", "F3.0", "BAR", "B3.0"]  # the loss
+    assert compute_and_barriers[-4:] == ["B0.1", "BAR", "B0.2", "BAR"]

@@ -114,6 +114,8 @@ def test_topology_follows_nodes_and_group_size():
         ({"replicas": 2, "replicate_first_chunk": True}, r"and one replica .*replicas=2"),
         ({"stripe": 1}, "stripe must be True or False"),
         ({"schedule": "weipipe", "stripe": True}, r"stripe=True needs schedule='tawpipe' \(the WeiPipe ring"),
+        ({"microbatch_order": "chunk-major"}, r"microbatch_order must be one of \('sample', 'chunk'\)"),
+        ({"schedule": "weipipe", "microbatch_order": "chunk"}, r"microbatch_order='chunk' needs schedule='tawpipe'"),
     ],
 )
 def test_bad_knobs_raise_at_construction(kwargs, match):
