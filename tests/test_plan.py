@@ -192,7 +192,7 @@ def test_plan_recommends_hsdp_when_it_fits_and_warns():
     m = ModelShape("t", 8, 256, 8, 4, 32, 1024, 256)
     w = Workload(m, 256, 1, 2, "bf16-mixed")
     c = Cluster(2, 4, intra_bw=100e9, inter_bw=1.25e9, nics_per_node=4, device_flops=100e12)
-    p = plan(c, w, prefetch=(1,), stripe=(False,))
+    p = plan(c, w, prefetch=(1,), stripe=(False,), microbatch_order=("sample",))
     assert {x.strategy for x in p.predictions} == {"tawpipe", "weipipe", "fsdp", "hsdp", "1f1b", "ddp"}
     assert p.recommended == min((x for x in p.predictions if x.fits), key=lambda x: x.step_time).strategy
     text = " ".join(p.warnings)
@@ -206,7 +206,8 @@ def test_plan_recommends_hsdp_when_it_fits_and_warns():
             f"{taw.step_time * 1e3:.0f}") in text
     both = plan(c, w, prefetch=(1,), strategies=("tawpipe",))  # by default striping is tried on 4 NICs per node
     assert both.get("tawpipe").knobs.get("stripe") and "multi-rail" not in " ".join(both.warnings)
-    assert len(both.predictions) == 2
+    assert len(both.predictions) == 4  # and, with 2 micro-batches, chunk-major order
+    assert {x.knobs.get("microbatch_order", "sample") for x in both.predictions} == {"sample", "chunk"}
     # striping moves the same bytes between nodes, only over more NICs at once
     assert striped.inter_node_bytes == pytest.approx(taw.inter_node_bytes)
 
@@ -402,3 +403,27 @@ def test_a_third_gradient_buffer_lets_backward_outrun_slow_sends(capsys):
     assert "grad_buffers=2" in out and "grad_buffers=3" not in out
     three = cluster(3, 2, inter=2.5e8, intra=1e10, lat=1e-4)
     assert plan(three, w, comp, strategies=("tawpipe",)).predictions[0].knobs["grad_buffers"] == 3
+
+
+def test_chunk_major_order_moves_one_microbatchs_bytes_and_keeps_every_microbatchs_activations():
+    """Predicted from the same programs the engine runs: the inter-node bytes of 4 micro-batches in chunk-major order
+    are those of one, the step is shorter over a slow link, and the activations of all 4 are alive at once (the
+    logits of one)."""
+    from lightning_tawpipe.plan import weightpipe
+    from lightning_tawpipe.plan.compute import ComputeModel
+
+    m = ModelShape("t", 8, 512, 8, 4, 64, 1376, 32000)
+    c = Cluster(2, 2, intra_bw=100e9, inter_bw=0.125e9, device_flops=100e12)
+    compute = ComputeModel.from_device(c.device_flops)
+    four, one = Workload(m, 1024, 1, 4, "bf16-mixed"), Workload(m, 1024, 1, 1, "bf16-mixed")
+    sample = weightpipe.predict("tawpipe", c, four, compute, prefetch=2)
+    chunk = weightpipe.predict("tawpipe", c, four, compute, prefetch=2, microbatch_order="chunk")
+    single = weightpipe.predict("tawpipe", c, one, compute, prefetch=2)
+    assert chunk.knobs["microbatch_order"] == "chunk" and "microbatch_order" not in sample.knobs
+    assert chunk.inter_node_bytes == pytest.approx(single.inter_node_bytes)
+    assert sample.inter_node_bytes > 3 * chunk.inter_node_bytes
+    assert chunk.step_time < sample.step_time
+    block = m.block_activation_bytes(1024, 1, 2)
+    assert chunk.memory.activations - sample.memory.activations == pytest.approx(3 * m.n_layer * block)
+    planned = plan(c, four, compute, prefetch=(2,), strategies=("tawpipe",))
+    assert {p.knobs.get("microbatch_order", "sample") for p in planned.predictions} == {"sample", "chunk"}

@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--stripe", default="auto", choices=["auto", "false", "true", "both"],
                    help="TawPipe: move remote weights and gradient sums in stripes over every NIC of a node: false, "
                         "true, both (with and without), or auto (default: both with --nics > 1, else false)")
+    k.add_argument("--microbatch_order", default="auto", choices=["auto", "sample", "chunk", "both"],
+                   help="TawPipe: micro-batch order: sample, chunk (every micro-batch through a chunk while it is "
+                        "resident), both, or auto (default: both with --microbatches > 1, else sample)")
     p.add_argument("--json", help="also write the plan as JSON here")
     return p
 
@@ -115,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                   partitions=tuple(a.partition or ["parameters"]),
                   grad_buffers=tuple(int(b) for b in a.grad_buffers.split(",")) if a.grad_buffers else (None,),
                   replicate_first_chunk=a.replicate_first_chunk,
-                  stripe=_stripe_options(a.stripe))
+                  stripe=_stripe_options(a.stripe),
+                  microbatch_order={"auto": None, "both": ("sample", "chunk")}.get(a.microbatch_order,
+                                                                                 (a.microbatch_order,)))
     sys.stdout.write(table(result) + "\n")
     if a.json:
         with open(a.json, "w") as f:

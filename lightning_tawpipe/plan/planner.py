@@ -45,19 +45,23 @@ def plan(cluster: Cluster, workload: Workload, compute: ComputeModel | None = No
          prefetch: tuple[int, ...] = (1, 2), group_sizes: tuple[int | None, ...] = (None,),
          strategies: tuple[str, ...] = STRATEGIES, partitions: tuple = ("parameters",),
          grad_buffers: tuple[int | None, ...] = (None,),
-         replicate_first_chunk: tuple[bool | int, ...] = (False,), stripe: tuple[bool, ...] | None = None) -> Plan:
+         replicate_first_chunk: tuple[bool | int, ...] = (False,), stripe: tuple[bool, ...] | None = None,
+         microbatch_order: tuple[str, ...] | None = None) -> Plan:
     """Predict ``strategies`` (TawPipe for every prefetch x group size x partition x gradient buffers x chunk-0
-    mirrors x striping; None: the strategy's default) and recommend one. ``stripe=None`` tries striped transfers
-    where a node has several NICs."""
+    mirrors x striping x micro-batch order; None: the strategy's default) and recommend one. ``stripe=None`` tries
+    striped transfers where a node has several NICs; ``microbatch_order=None`` tries chunk-major order where there
+    are several micro-batches."""
     if stripe is None:
         stripe = (False, True) if cluster.nics_per_node > 1 else (False,)
+    if microbatch_order is None:
+        microbatch_order = ("sample", "chunk") if workload.n_microbatches > 1 else ("sample",)
     compute = compute or ComputeModel.from_device(cluster.device_flops)
     preds: list[Prediction] = []
     skipped: list[str] = []
     for s in strategies:
         try:
             preds += _predict(s, cluster, workload, compute, prefetch, group_sizes, partitions, grad_buffers,
-                              replicate_first_chunk, stripe)
+                              replicate_first_chunk, stripe, microbatch_order)
         except ValueError as err:  # e.g. fewer pipeline units than ranks: the strategy cannot run here
             if s not in STRATEGIES:
                 raise
@@ -76,13 +80,13 @@ def _predict(s: str, cluster: Cluster, workload: Workload, compute: ComputeModel
              group_sizes: tuple[int | None, ...], partitions: tuple,
              grad_buffers: tuple[int | None, ...] = (None,),
              replicate_first_chunk: tuple[bool | int, ...] = (False,),
-             stripe: tuple[bool, ...] = (False,)) -> list[Prediction]:
+             stripe: tuple[bool, ...] = (False,), microbatch_order: tuple[str, ...] = ("sample",)) -> list[Prediction]:
     preds: list[Prediction] = []
     if s == "tawpipe":
         preds += [weightpipe.predict("tawpipe", cluster, workload, compute, prefetch=d, group_size=g, partition=q,
-                                     grad_buffers=b, replicate_first_chunk=m, stripe=t)
+                                     grad_buffers=b, replicate_first_chunk=m, stripe=t, microbatch_order=o)
                   for d in prefetch for g in group_sizes for q in partitions for b in grad_buffers
-                  for m in replicate_first_chunk for t in stripe]
+                  for m in replicate_first_chunk for t in stripe for o in microbatch_order]
     elif s == "weipipe":
         preds.append(weightpipe.predict("weipipe", cluster, workload, compute, prefetch=max(prefetch),
                                         partition=partitions[0]))
@@ -106,7 +110,8 @@ def _tawpipe_knobs(taw: Prediction) -> dict:
     k = taw.knobs
     return dict(prefetch=k["prefetch"], group_size=k["group_size"], partition=parse_partition(k["partition"]),
                 grad_buffers=k["grad_buffers"], reuse=k["reuse"],
-                replicate_first_chunk=k.get("replicate_first_chunk", False))
+                replicate_first_chunk=k.get("replicate_first_chunk", False),
+                microbatch_order=k.get("microbatch_order", "sample"))
 
 
 def _recommend(preds: list[Prediction], cluster: Cluster) -> tuple[str, str]:

@@ -10,7 +10,7 @@ from lightning_tawpipe.topology import Topology
 
 def _label(p, cluster: Cluster) -> str:
     """The strategy and its knobs; partition and gradient buffers only where they are not the strategy's default."""
-    shown = ("prefetch", "group_size", "defer_allreduce", "replicate_first_chunk", "stripe")
+    shown = ("prefetch", "group_size", "defer_allreduce", "replicate_first_chunk", "stripe", "microbatch_order")
     default_gb = None
     if "grad_buffers" in p.knobs:
         group = p.knobs.get("group_size") or cluster.devices_per_node

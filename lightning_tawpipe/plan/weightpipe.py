@@ -55,10 +55,11 @@ def make_chunks(workload: Workload, compute: ComputeModel, n_chunks: int,
 
 def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_buffers: int | None = None,
           reuse: int | None = None, replicate_first_chunk: bool | int = False, exchange: bool = True,
-          stripe: bool = False) -> Schedule:
+          stripe: bool = False, order: str = "sample") -> Schedule:
     if kind == "tawpipe":
         return build_tawpipe(topo, n_microbatches, prefetch=prefetch, grad_buffers=grad_buffers, reuse=reuse,
-                             replicate_first_chunk=replicate_first_chunk, exchange=exchange, stripe=stripe)
+                             replicate_first_chunk=replicate_first_chunk, exchange=exchange, stripe=stripe,
+                             order=order)
     if kind == "weipipe":
         return build_weipipe(topo, n_microbatches, prefetch=prefetch)
     raise ValueError(f"unknown weight pipeline {kind!r}")
@@ -67,7 +68,8 @@ def build(kind: str, topo: Topology, n_microbatches: int, prefetch: int, grad_bu
 def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeModel, prefetch: int = 1,
             group_size: int | None = None, partition: str | Sequence[int] = "parameters",
             schedule: Schedule | None = None, grad_buffers: int | None = None, reuse: int | None = None,
-            replicate_first_chunk: bool | int = False, stripe: bool = False) -> Prediction:
+            replicate_first_chunk: bool | int = False, stripe: bool = False,
+            microbatch_order: str = "sample") -> Prediction:
     """Simulate one iteration of ``kind`` ("tawpipe" or "weipipe") and add the owners' optimizer step.
 
     ``group_size`` is TawPipe's fast-link group (default: a node); it must divide the devices per node. ``reuse``
@@ -75,14 +77,16 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
     strategy's defaults, ``prefetch`` and by node count). ``replicate_first_chunk`` (TawPipe) mirrors chunk 0 (or
     the first ``k`` chunks) on every node. The iteration is one that ends an optimizer step (the Trainer's with no
     gradient accumulation): it sums the mirrored chunks' gradients in its program. ``stripe`` (TawPipe) moves remote
-    weights and gradient sums in stripes over every rail of a node.
+    weights and gradient sums in stripes over every rail of a node. ``microbatch_order`` (TawPipe) is ``"sample"`` or
+    ``"chunk"`` (every micro-batch through a chunk while it is resident: fewer bytes, every micro-batch's
+    activations alive at once, see ``plan/memory.py``).
     """
     g = group_size or cluster.devices_per_node
     if cluster.devices_per_node % g:
         raise ValueError(f"group_size {g} must divide the devices per node ({cluster.devices_per_node}).")
     topo = Topology.from_world(cluster.world_size, g)
     schedule = schedule or build(kind, topo, workload.n_microbatches, prefetch, grad_buffers, reuse,
-                                 replicate_first_chunk, stripe=stripe)
+                                 replicate_first_chunk, stripe=stripe, order=microbatch_order)
     chunks = make_chunks(workload, compute, topo.world_size, partition)
     sim = simulate(schedule, cluster, chunks.costs)
     ideal = simulate(schedule, _ideal_links(cluster), chunks.costs)
@@ -109,6 +113,8 @@ def predict(kind: str, cluster: Cluster, workload: Workload, compute: ComputeMod
             knobs["replicate_first_chunk"] = True if len(schedule.mirrors) == 1 else len(schedule.mirrors)
         if schedule.striped:
             knobs["stripe"] = True
+        if schedule.order == "chunk" and schedule.n_microbatches > 1:
+            knobs["microbatch_order"] = "chunk"
     return Prediction(
         strategy=kind, step_time=step, knobs=knobs,
         inter_node_bytes_per_node=sim.inter_bytes_per_node_max + exchange_bytes,
