@@ -172,6 +172,7 @@ def make_strategy(
     name: str, topology: tuple[int, int], n_microbatches: int = 1, prefetch: int = 1,
     activation_checkpointing: bool = False, reuse: int | None = None, partition: Any = "parameters",
     grad_buffers: int | None = None, replicate_first_chunk: bool | int = False, stripe: bool = False,
+    microbatch_order: str = "sample",
 ) -> Union[Strategy, str]:
     """Return the strategy (instance or Lightning name) for baseline ``name`` on ``topology``.
 
@@ -188,6 +189,7 @@ def make_strategy(
         replicate_first_chunk: TawPipe's mirrors of chunk 0 (or the first N chunks) on every node; ignored by the
             others.
         stripe: TawPipe's striped weight transfers over every rank's rail; ignored by the others.
+        microbatch_order: TawPipe's micro-batch order (``"sample"`` or ``"chunk"``); ignored by the others.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -204,7 +206,8 @@ def make_strategy(
                                reuse=reuse if name == "tawpipe" else None,
                                grad_buffers=grad_buffers if name == "tawpipe" else None,
                                replicate_first_chunk=replicate_first_chunk if name == "tawpipe" else False,
-                               stripe=stripe and name == "tawpipe")
+                               stripe=stripe and name == "tawpipe",
+                               microbatch_order=microbatch_order if name == "tawpipe" else "sample")
     if name == "ddp":
         return "ddp"
     if name == "compute":

@@ -98,7 +98,8 @@ def validate_dir(name: str) -> list[dict]:
                               host_cores=None if sleeping else cores)
         if args.get("rails", 1) > 1:  # multi-rail emulated nodes: a link per rail, each at the rate
             cluster = replace(cluster, nics_per_node=args["rails"])
-        w = Workload(shape, seq, args["batch_size"], args["n_microbatches"], "32-true")
+        # the worker's batch_size is per rank, split into n_microbatches
+        w = Workload(shape, seq, args["batch_size"] // args["n_microbatches"], args["n_microbatches"], "32-true")
         compute = calibrate_cpu(cluster, w, runs["compute"]["step_time_median"])
         point = {"set": name, "rate": rate, "seq": seq}
         variant_preds = variant_predictions(runs, cluster, w, compute, args["prefetch"])
@@ -159,8 +160,12 @@ def variant_predictions(runs: dict, cluster, w: Workload, compute: ComputeModel,
         run = runs.get(f"tawpipe-{name}")
         # a knob the variant does not set is the point's own; a measured run's gradient buffers are its own
         grad_buffers = (run.get("config", {}).get("grad_buffers", 2) or None) if run else None
+        knobs = dict(knobs)
+        # a variant that regroups the per-rank batch into other micro-batches predicts the same samples so cut
+        k = knobs.pop("n_microbatches", w.n_microbatches)
+        regrouped = replace(w, micro_batch=w.micro_batch * w.n_microbatches // k, n_microbatches=k)
         try:
-            out[name] = weightpipe.predict("tawpipe", cluster, w, compute,
+            out[name] = weightpipe.predict("tawpipe", cluster, regrouped, compute,
                                            **{"prefetch": prefetch, "grad_buffers": grad_buffers, **knobs})
         except ValueError:  # e.g. four chunks' units on six ranks
             out[name] = None

@@ -1,6 +1,7 @@
 """Transformer blocks that sleep instead of computing: time the communication engine as if every rank had a GPU.
 
     python -m benchmarks.speed ... --sleep_blocks 18.4,36.8   # every block: 18.4 ms forward, 36.8 ms backward
+                                                              # per sample of its (micro-)batch
     python -m benchmarks.speed ... --sleep_blocks 18.4,36.8,0.15   # each sleep drawn within +-15% of that
 
 Why: on a CPU testbed a rank's compute and its communication share the same cores, so a step measures both the
@@ -39,12 +40,17 @@ def parse_sleep_blocks(text: str) -> tuple[float, float, float]:
 
 
 class _SleepingBlock(torch.autograd.Function):
-    """Identity on the activations that sleeps; backward sleeps and gives every block parameter a zero gradient."""
+    """Identity on the activations that sleeps; backward sleeps and gives every block parameter a zero gradient.
+
+    The sleep scales with the samples in the batch (``x.shape[0]``), as a device's compute does once it is busy: a
+    batch of 4 in one call holds the rank as long as 4 micro-batches of 1, so every strategy computes the same
+    per-rank work whatever its micro-batching."""
 
     @staticmethod
     def forward(ctx, forward_s: float, backward_s: float, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        time.sleep(_jittered(forward_s))
-        ctx.backward_s = backward_s
+        samples = x.shape[0] if x.dim() > 1 else 1
+        time.sleep(_jittered(forward_s * samples))
+        ctx.backward_s = backward_s * samples
         ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
         return x.clone()
 

@@ -76,6 +76,11 @@ VARIANTS = {
     # iteration's head, where the 2-core box runs out of CPU)
     "tawpipe-stripe-rep012-p6-p222112": {"stripe": True, "replicate_first_chunk": 3, "prefetch": 6,
                                          "partition": [2, 2, 2, 1, 1, 2]},
+    # chunk-major micro-batch order: every micro-batch through a chunk while it is resident, one gradient per chunk
+    # (with --n_microbatches > 1: the weight and gradient bytes of one micro-batch)
+    "tawpipe-chunk": {"microbatch_order": "chunk"},
+    # the whole per-rank batch as one micro-batch: the same bytes as chunk-major, one forward per block and batch
+    "tawpipe-mb1": {"n_microbatches": 1},
 }
 
 

@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
                    help="TawPipe: mirror chunk 0 (or the first N chunks) on every node")
     p.add_argument("--stripe", action="store_true",
                    help="TawPipe: move remote weights and gradient sums in stripes over every rail")
+    p.add_argument("--microbatch_order", default="sample", choices=["sample", "chunk"],
+                   help="TawPipe: micro-batch order (chunk: every micro-batch through a chunk while it is resident)")
     p.add_argument("--partition", default="parameters", type=parse_partition,
                    help="TawPipe/WeiPipe chunks: parameters, uniform, or units per chunk (2,2,3,3)")
     p.add_argument("--steps", type=int, default=6)
@@ -163,7 +165,8 @@ def main() -> None:
     strategy = make_strategy(a.strategy, topology=(a.num_nodes, a.devices), n_microbatches=a.n_microbatches,
                              prefetch=a.prefetch, activation_checkpointing=a.activation_checkpointing,
                              reuse=a.reuse or None, partition=a.partition, grad_buffers=a.grad_buffers or None,
-                             replicate_first_chunk=a.replicate_first_chunk, stripe=a.stripe)
+                             replicate_first_chunk=a.replicate_first_chunk, stripe=a.stripe,
+                             microbatch_order=a.microbatch_order)
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, num_nodes=a.num_nodes, strategy=strategy,
                         precision=a.precision,
