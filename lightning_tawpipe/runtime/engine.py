@@ -34,6 +34,13 @@ that backward step the engine reduces, adds and exchanges the units already done
 the program's ``RG``/``AG``/``XG`` then cover the rest (the chunk's first units). Every rank of a node and every
 holder of a rail meets the same unit boundaries, so they issue the same pieces in the same order, and the sums are
 the program's, piece by piece: the slow exchange overlaps the chunk's own backward (``unit_slices`` enables it).
+
+In chunk-major order (``Schedule.order == "chunk"``) the engine also drives part of the backward. Every micro-batch
+runs through a chunk before the next chunk, so the graph is cut after each chunk's last unit (:meth:`Engine.cut`): a
+micro-batch's own ``loss.backward()`` covers its last chunk only, and once every micro-batch has run, the engine runs
+the program's remaining backward steps itself (:meth:`Engine.run_cut_backward`), one complete autograd call each. A
+backward step marked ``acc`` adds into its gradient buffer instead of zeroing it first: a chunk's backward steps sum
+their micro-batches in one buffer, which leaves the rank once.
 """
 
 from __future__ import annotations
