@@ -360,3 +360,36 @@ def test_the_last_backward_of_an_exchanged_chunk_sends_each_finished_unit_at_the
     engine.end()
     assert comm.events[3:6] == ["post reduce[2]", "wait RG", "post exchange[2]"]  # the program's: unit 0 only
     assert shard.grad_acc.tolist() == [1.0, 2.0, 3.0, 4.0] and engine.exchanged == {0}
+
+
+def test_interleaved_micro_batches_compute_with_the_callers_intra_op_threads():
+    """OpenMP keeps its thread count per thread: without setting it again, a micro-batch's thread would compute with
+    every core whatever ``torch.set_num_threads`` said (on the 2-core box, 4 ranks then oversubscribed the cores).
+    Read from OpenMP itself, as ``torch.get_num_threads()`` does not show it."""
+    import ctypes
+    from pathlib import Path
+
+    from lightning_tawpipe.runtime.microbatch import MicrobatchRunner
+
+    gomp = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*"))
+    if not gomp:
+        pytest.skip("this torch build does not bundle OpenMP (libgomp)")
+    omp_threads = ctypes.CDLL(str(gomp[0])).omp_get_max_threads
+    order = [1, 0, 1, 0]  # the compute steps' micro-batches: interleaved, so each runs on its own thread
+    engine = SimpleNamespace(interleaves_microbatches=lambda: True, gate=None, thread_microbatch=None,
+                             run_cut_backward=lambda: None, peek_compute=lambda: None)
+    engine.peek_compute = lambda: SimpleNamespace(mb=order[0]) if order else None
+
+    def step(i: int) -> int:
+        for _ in range(2):  # each micro-batch's two compute steps
+            while order[0] != i:
+                engine.gate(order[0])  # hand over the baton until it is this micro-batch's turn, as Engine.enter does
+            order.pop(0)
+        return omp_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert MicrobatchRunner(engine).run(2, step) == [1, 1]
+    finally:
+        torch.set_num_threads(before)

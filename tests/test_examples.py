@@ -246,12 +246,14 @@ def test_finetune_full_on_emulated_nodes(pretrained, tmp_path, capsys):
 
 
 def test_finetune_lora_under_slurm(pretrained, tmp_path, capsys):
-    """LoRA fine-tuning; the two processes get the environment ``srun --ntasks-per-node=2`` would give them."""
+    """LoRA fine-tuning; the two processes get the environment ``srun --ntasks-per-node=2`` would give them. Two
+    micro-batches in chunk-major order: the frozen embedding's chunk is cut from the next and its backward still
+    runs (it has no gradient to send)."""
     base, _ = pretrained
     out = tmp_path / "lora"
     cmd = [sys.executable, str(EXAMPLES / "finetune.py"), "--lora", "--checkpoint_dir", str(base / "final"),
            "--out_dir", str(out), "--devices", "2", "--max_steps", "20", "--eval_interval", "10", "--eval_iters",
-           "2", *FAST]
+           "2", "--n_microbatches", "2", "--microbatch_order", "chunk", *FAST]
 
     def make(port):
         slurm = dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1", SLURM_NODEID="0",
@@ -259,7 +261,7 @@ def test_finetune_lora_under_slurm(pretrained, tmp_path, capsys):
         return [cmd, cmd], [dict(_base_env(port), **slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in (0, 1)]
 
     log = _job(make)
-    assert "TawPipe layout" in log and "MEMBER: 2/2" in log
+    assert "TawPipe layout" in log and "MEMBER: 2/2" in log and "chunk-major micro-batches" in log
     metrics = _metrics(out)
     assert metrics["finetune"] == "LoRA"
     _assert_learned(metrics, margin=0.3)

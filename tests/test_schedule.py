@@ -949,3 +949,19 @@ def test_user_barriers_sit_where_each_microbatch_starts_in_chunk_major_order():
     assert compute_and_barriers[:6] == ["F0.0", "BAR", "F0.1", "BAR", "F0.2", "F1.0"]
     assert compute_and_barriers[6:14] == ["F1.1", "F1.2", "F2.0", "F2.1", "F2.2", "F3.0", "BAR", "B3.0"]  # the loss
     assert compute_and_barriers[-4:] == ["B0.1", "BAR", "B0.2", "BAR"]
+
+
+def test_user_code_runs_after_the_loss_and_before_each_microbatch_only():
+    """The engine posts everything deferred before a forward step after which user code runs. In chunk-major order
+    the next micro-batch's thread resumes inside its forward, so only the loss and each micro-batch's start count."""
+    from lightning_tawpipe.schedule.actions import user_code_follows
+
+    def points(s):
+        program = s.program(0)
+        return [f"{a.chunk}.{a.mb}" for j, a in enumerate(program)
+                if a.op is Op.FORWARD and user_code_follows(program, j)]
+
+    assert points(tawpipe(2, 2, 2)) == ["3.0", "3.1"]  # sample-major: the loss of each micro-batch
+    assert points(tawpipe(2, 2, 2, train=False)) == ["3.0", "3.1"]  # eval: each micro-batch's end
+    chunk = build_tawpipe(Topology(2, 2), 3, order="chunk")
+    assert points(chunk) == ["0.0", "0.1", "3.0", "3.1", "3.2"]  # before micro-batches 1 and 2 start; each loss

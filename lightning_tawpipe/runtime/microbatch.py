@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
@@ -39,6 +40,7 @@ class MicrobatchRunner:
         if not self.engine.interleaves_microbatches():
             return [step(i) for i in range(n)]
         results: list[Any] = [None] * n
+        self._threads = torch.get_num_threads()
         self.engine.gate = self._gate
         self.engine.thread_microbatch = lambda: getattr(self._local, "mb", None)
         threads = [threading.Thread(target=self._worker, args=(i, step, results), daemon=True) for i in range(n)]
@@ -63,6 +65,10 @@ class MicrobatchRunner:
 
     def _worker(self, i: int, step: Callable[[int], Any], results: list[Any]) -> None:
         self._local.mb = i
+        # OpenMP keeps the intra-op thread count per thread: a new thread would compute with every core, whatever
+        # torch.set_num_threads said in the caller (measured: 2 threads per matmul on the 2-core box, where 4 ranks
+        # then oversubscribe the cores). Set it again here, to the caller's.
+        torch.set_num_threads(self._threads)
         try:
             self._wait_for_turn(i)
             results[i] = step(i)

@@ -129,13 +129,14 @@ def deferrable(action: Action, rank: int) -> bool:
 
 
 def user_code_follows(program: tuple[Action, ...], j: int) -> bool:
-    """Whether user code runs after the forward step ``program[j]``: the next compute is not the same micro-batch's
-    next forward step (between those only the model's own forward runs). Nothing may stay deferred past it."""
-    mb = program[j].mb
+    """Whether user code runs after the forward step ``program[j]``: the next compute is not a forward step of a later
+    chunk. Between those only the model's own forward runs: this micro-batch's, or in chunk-major order that of the
+    next micro-batch, whose thread paused inside its forward (``runtime/microbatch.py``). A first chunk's forward
+    starts a micro-batch's ``training_step``; a backward follows the loss. Nothing may stay deferred past it."""
     for k in range(j + 1, len(program)):
         op = program[k].op
         if op is Op.FORWARD or op is Op.BACKWARD:
-            return op is not Op.FORWARD or program[k].mb != mb
+            return op is not Op.FORWARD or program[k].chunk == 0
     return True
 
 
