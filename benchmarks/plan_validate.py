@@ -52,6 +52,8 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "sleep-blocks/rails-3x2-checks", "sleep-blocks/3x2-checks", "sleep-blocks/rails-3x2-free-running",
            "sleep-blocks/3x2-free-running", "sleep-blocks/3x2-deeper", "sleep-blocks/3x2-deeper-confirm",
            "sleep-blocks/rails-3x2-deeper", "sleep-blocks/3x2-slots",
+           # 4 micro-batches of 1 sample per rank: sample-major, chunk-major and one micro-batch of 4, and FSDP
+           "sleep-blocks/2x2-chunk-major",
            "2x2-real-mirrors")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")
@@ -74,6 +76,8 @@ def predict(strategy: str, cluster, w: Workload, compute: ComputeModel, prefetch
         return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch, grad_buffers=grad_buffers)
     if strategy == "weipipe":
         return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch)
+    # the Lightning baselines run the per-rank batch as one micro-batch (n_microbatches is TawPipe's knob)
+    w = replace(w, micro_batch=w.micro_batch * w.n_microbatches, n_microbatches=1)
     if strategy in ("fsdp", "hsdp"):
         return analytic.fsdp(cluster, w, compute, hybrid=strategy == "hsdp")
     if strategy == "ddp":
