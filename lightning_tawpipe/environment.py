@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from lightning_tawpipe.partition import check_partition
 from lightning_tawpipe.runtime import health
+from lightning_tawpipe.runtime.malloc import share_main_arena
 from lightning_tawpipe.runtime.pipeline import SCHEDULES
 from lightning_tawpipe.replicas import ReplicaLayout
 from lightning_tawpipe.topology import Topology
@@ -97,6 +98,13 @@ class TawPipeEnvironment:
         if getattr(self, "replicas", 1) == 1:  # replicas are checked by ReplicaLayout.parse below
             Topology.from_world(self.num_nodes * self.num_processes, self.group_size or self.num_processes)
         self.topology  # noqa: B018 - raises if the replicas or group_size do not fit the world size
+
+    def _share_malloc_arena_if_interleaved(self) -> bool:
+        """On CPU, before any thread of the process group exists: if micro-batches may run on threads (chunk-major
+        order, or the WeiPipe ring), keep every thread on the main malloc arena (``runtime/malloc.py`` says why; it
+        must come before other threads create arenas, which later threads would be spread over)."""
+        interleaves = getattr(self, "microbatch_order", "sample") == "chunk" or self.schedule == "weipipe"
+        return self.root_device.type == "cpu" and interleaves and share_main_arena()
 
     def _assign_world_ranks(self) -> None:
         if self.cluster_environment is not None:

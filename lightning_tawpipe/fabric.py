@@ -274,6 +274,7 @@ class TawPipeFabricStrategy(TawPipeEnvironment, ParallelStrategy):
             self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         )
         assert self.cluster_environment is not None
+        self._share_malloc_arena_if_interleaved()
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
         self._health = self._start_health()
 

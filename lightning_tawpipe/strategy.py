@@ -279,6 +279,7 @@ class TawPipeStrategy(TawPipeEnvironment, ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         assert self.cluster_environment is not None
+        self._share_malloc_arena_if_interleaved()
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
         self._health = self._start_health()
 

@@ -7,7 +7,9 @@ box (2 x 2 ranks, 4 micro-batches of 1 sample, S=512, chunk-major, unlimited lin
 8.1 CPU-seconds per step with an arena per thread, 1.0 GB and 6.8 CPU-seconds with one arena
 (``MALLOC_ARENA_MAX=1``), which made the step 18% shorter. One arena costs a lock per allocation; only one micro-batch
 thread computes at a time, so it is uncontended there. CUDA tensors do not come from malloc, so nothing changes for
-them.
+them. The limit only binds arenas created after it, so the strategies set it before the process group starts its
+threads (``TawPipeEnvironment._share_malloc_arena_if_interleaved``): set once the first iteration had begun, threads
+that gloo and the engine's helpers had started already held arenas, and the step was as slow as without it.
 """
 
 from __future__ import annotations

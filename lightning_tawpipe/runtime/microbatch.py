@@ -25,8 +25,6 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_tawpipe.runtime.malloc import share_main_arena
-
 
 class MicrobatchRunner:
     """Runs ``step(i)`` for ``i in range(n)`` in the interleaving dictated by ``engine``'s program."""
@@ -43,8 +41,6 @@ class MicrobatchRunner:
             return [step(i) for i in range(n)]
         results: list[Any] = [None] * n
         self._threads = torch.get_num_threads()
-        if getattr(getattr(self.engine, "device", None), "type", None) == "cpu":
-            share_main_arena()  # the activations of every micro-batch thread in one malloc arena (malloc.py says why)
         self.engine.gate = self._gate
         self.engine.thread_microbatch = lambda: getattr(self._local, "mb", None)
         threads = [threading.Thread(target=self._worker, args=(i, step, results), daemon=True) for i in range(n)]
