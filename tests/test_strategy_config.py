@@ -310,3 +310,26 @@ def test_unknown_precision_string_for_the_plugin():
 
     with pytest.raises(ValueError, match="bf16-mixed"):
         TawPipePrecision("fp8")
+
+
+def test_cpu_runs_whose_micro_batches_run_on_threads_share_the_main_malloc_arena(monkeypatch):
+    """Chunk-major order and the WeiPipe ring run micro-batches on threads: on CPU they keep to the main malloc arena
+    (runtime/malloc.py), set before the process group starts its threads; other runs leave malloc alone."""
+    from types import SimpleNamespace
+
+    from lightning_tawpipe import environment
+    from lightning_tawpipe.environment import TawPipeEnvironment
+
+    calls = []
+    monkeypatch.setattr(environment, "share_main_arena", lambda: calls.append(1) or True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+
+    def limits(device, order, schedule):
+        knobs = SimpleNamespace(root_device=device, microbatch_order=order, schedule=schedule)
+        return TawPipeEnvironment._share_malloc_arena_if_interleaved(knobs)
+
+    assert limits(cpu, "chunk", "tawpipe") and limits(cpu, "sample", "weipipe")
+    assert not limits(cpu, "sample", "tawpipe") and not limits(cuda, "chunk", "tawpipe")
+    assert len(calls) == 2
+    strategy = TawPipeStrategy(microbatch_order="chunk")
+    assert strategy.microbatch_order == "chunk" and hasattr(strategy, "_share_malloc_arena_if_interleaved")
