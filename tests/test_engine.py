@@ -362,7 +362,7 @@ def test_the_last_backward_of_an_exchanged_chunk_sends_each_finished_unit_at_the
     assert shard.grad_acc.tolist() == [1.0, 2.0, 3.0, 4.0] and engine.exchanged == {0}
 
 
-def test_interleaved_micro_batches_compute_with_the_callers_intra_op_threads():
+def test_interleaved_micro_batches_compute_with_the_callers_intra_op_threads_and_lend_their_turn_to_helpers():
     """OpenMP keeps its thread count per thread: without setting it again, a micro-batch's thread would compute with
     every core whatever ``torch.set_num_threads`` said (on the 2-core box, 4 ranks then oversubscribed the cores).
     Read from OpenMP itself, as ``torch.get_num_threads()`` does not show it."""
@@ -380,10 +380,17 @@ def test_interleaved_micro_batches_compute_with_the_callers_intra_op_threads():
                              run_cut_backward=lambda: None, peek_compute=lambda: None)
     engine.peek_compute = lambda: SimpleNamespace(mb=order[0]) if order else None
 
+    acting_for = []
+
     def step(i: int) -> int:
         for _ in range(2):  # each micro-batch's two compute steps
             while order[0] != i:
                 engine.gate(order[0])  # hand over the baton until it is this micro-batch's turn, as Engine.enter does
+            # another thread working for this micro-batch (CUDA runs a worker's backward on its autograd thread) is
+            # taken to compute for the worker holding the baton
+            helper = threading.Thread(target=lambda: acting_for.append((i, engine.thread_microbatch())))
+            helper.start()
+            helper.join()
             order.pop(0)
         return omp_threads()
 
@@ -391,5 +398,6 @@ def test_interleaved_micro_batches_compute_with_the_callers_intra_op_threads():
     torch.set_num_threads(1)
     try:
         assert MicrobatchRunner(engine).run(2, step) == [1, 1]
+        assert acting_for == [(1, 1), (0, 0), (1, 1), (0, 0)]
     finally:
         torch.set_num_threads(before)

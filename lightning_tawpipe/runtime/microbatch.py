@@ -7,7 +7,8 @@ own thread and the threads pass a baton: exactly one runs at a time, and wheneve
 action belongs to another micro-batch, the running thread hands the baton to that one and waits. Execution stays
 sequential and deterministic; the threads only exist to keep each micro-batch's Python stack alive while another
 one runs. (CPU autograd runs a backward on the thread that called it, so a backward can pause mid-way. CUDA runs
-backward on a per-device autograd thread; at most one backward is ever in flight here, so it pauses in the same way.)
+backward on a per-device autograd thread; at most one backward is ever in flight here, so it pauses in the same way:
+that thread counts as the micro-batch holding the baton, whose thread waits in ``loss.backward()``.)
 
 Chunk-major order (``microbatch_order="chunk"``) runs every micro-batch through a chunk before the next chunk, so it
 interleaves too, in the forward. Its backward does not pause: the engine cuts the graph between chunks, a
@@ -42,7 +43,7 @@ class MicrobatchRunner:
         results: list[Any] = [None] * n
         self._threads = torch.get_num_threads()
         self.engine.gate = self._gate
-        self.engine.thread_microbatch = lambda: getattr(self._local, "mb", None)
+        self.engine.thread_microbatch = self._microbatch
         threads = [threading.Thread(target=self._worker, args=(i, step, results), daemon=True) for i in range(n)]
         with self._cv:
             self._turn, self._error = self._next_owner(), None
@@ -88,9 +89,14 @@ class MicrobatchRunner:
                     raise RuntimeError("another micro-batch failed") from self._error
                 self._cv.wait(timeout=1.0)
 
+    def _microbatch(self) -> int | None:
+        """The micro-batch the calling thread computes for: a worker's own, or for any other thread (CUDA's autograd
+        thread running a worker's backward) that of the worker holding the baton, which is blocked in that backward."""
+        return getattr(self._local, "mb", self._turn)
+
     def _gate(self, next_mb: int | None) -> None:
         """Called by the engine before advancing: hand over the baton if the next compute is not ours."""
-        mine = self._local.mb
+        mine = self._microbatch()
         if next_mb is None or next_mb == mine:
             return
         with self._cv:
