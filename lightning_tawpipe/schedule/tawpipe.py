@@ -269,10 +269,11 @@ def _compute_action(step, slot: str, run: tuple[int, bool, bool], grad_buffers: 
 def _place_gradients(topo, node, steps, runs, owners, group: GroupProgramBuilder, arrivals, grad_buffers,
                      action: ActionPool, n_mirrored: int, exchange: bool, last_mb: int,
                      node_arrivals: dict[int, list[_GradArrival]] | None = None) -> None:
-    """Reduce each gradient run's gradients (one backward step's, in sample-major order) in the node, then add them at (or send them to) the owner; a chunk held
-    in the node (its owner's, or a mirror) is added right there. With ``exchange`` a holder adds a mirrored chunk's
-    last gradient right behind its reduce and posts the holders' exchange of it. With ``node_arrivals`` (striped) a
-    remote chunk's gradient is reduce-scattered and every rank sends its stripe to its own rail's peer."""
+    """Reduce each gradient run's gradients (one backward step's, in sample-major order) in the node, then add them
+    at (or send them to) the owner; a chunk held in the node (its owner's, or a mirror) is added right there. With
+    ``exchange`` a holder adds a mirrored chunk's last gradient right behind its reduce and posts the holders'
+    exchange of it. With ``node_arrivals`` (striped) a remote chunk's gradient is reduce-scattered and every rank
+    sends its stripe to its own rail's peer."""
     last = len(steps) - 1
     G = topo.group_size
     gbufs = [f"g{i}" for i in range(grad_buffers)]
