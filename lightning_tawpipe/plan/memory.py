@@ -5,9 +5,10 @@ moments in the master dtype (16 bytes per parameter in fp32). Working buffers ar
 move weights and gradients (for TawPipe/WeiPipe: the schedule's weight slots, gradient and receive buffers, all in
 the compute dtype and each the size of the largest chunk, as ``runtime/engine.py`` allocates them).
 Activations: a full-depth micro-batch for the data-parallel family (TawPipe runs every chunk on its own micro-batch,
-one micro-batch at a time; in chunk-major order every micro-batch's, all alive until their backward), the in-flight micro-batches of the first stage for 1F1B. With activation checkpointing
-only unit inputs are kept, plus one block's internals during its recompute. The logits of the loss (fp32) are
-counted on whoever computes the head.
+one micro-batch at a time; in chunk-major order every micro-batch's, all alive until their backward), the in-flight
+micro-batches of the first stage for 1F1B. With activation checkpointing only unit inputs are kept, plus one block's
+internals during its recompute. The logits of the loss (fp32) are counted on whoever computes the head, one
+micro-batch's.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def weight_pipeline_memory(kind: str, cluster: Cluster, w: Workload, chunk_numel
         working += schedule.n_stripe_buffers * stripe_numel(biggest, schedule.topology.group_size) * w.weight_bytes
     # WeiPipe overlaps two micro-batches; chunk-major order keeps every micro-batch's activations until its backward
     # (its loss, and so its logits, still one micro-batch at a time)
-    in_flight = w.n_microbatches if schedule.order == "chunk" else 1.0 if kind == "tawpipe" else min(w.n_microbatches, 2)
+    if schedule.order == "chunk":
+        in_flight = w.n_microbatches
+    else:
+        in_flight = 1.0 if kind == "tawpipe" else min(w.n_microbatches, 2)
     return Memory(states, working, activations(w, w.model.n_layer, in_flight))
 
 
