@@ -54,6 +54,7 @@ RESULTS = ("2x2-rates", "2x2-seq", "3x2-500mbit", "2x2-rounds", "2x2-batch2", "2
            "sleep-blocks/rails-3x2-deeper", "sleep-blocks/3x2-slots",
            # 4 micro-batches of 1 sample per rank: sample-major, chunk-major and one micro-batch of 4, and FSDP
            "sleep-blocks/2x2-chunk-major", "sleep-blocks/2x2-chunk-major-confirm", "2x2-chunk-major-real",
+           "2x2-chunk-major-real-500mbit",
            "2x2-real-mirrors")
 GOAL = 0.20
 PREDICTED = ("tawpipe", "weipipe", "fsdp", "hsdp", "ddp", "1f1b")

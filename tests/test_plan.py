@@ -295,6 +295,11 @@ def test_no_simulated_weight_pipeline_beats_the_boundary_floor(nodes, devices):
                     fm = boundary_floor(c, w, comp, replicate_first_chunk=True)
                     step = mirrored.detail["makespan"] + mirrored.detail["first_chunk_exchange"]
                     assert step >= (fm.compute + fm.exposed) * (1 - 1e-9), (rate, m, step, fm)
+                if kind == "tawpipe" and m > 1:  # chunk-major order: its own floor, with every micro-batch's slack
+                    chunk = weightpipe.predict(kind, c, w, comp, prefetch=prefetch, microbatch_order="chunk")
+                    fc = boundary_floor(c, w, comp, microbatch_order="chunk")
+                    assert chunk.detail["makespan"] >= (fc.compute + fc.exposed) * (1 - 1e-9), (rate, m, chunk, fc)
+                    assert fc.compute == pytest.approx(f.compute) and fc.exposed <= f.exposed + 1e-12
     assert tight > 0  # and it is not a trivial floor: some schedules come within 10% of it
 
 

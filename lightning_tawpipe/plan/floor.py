@@ -14,7 +14,8 @@ in iteration ``t+1`` needs ``c``'s new weights, which exist only after
 4. the new weights crossed back (``weight bytes / node bandwidth``).
 
 Meanwhile the rank can only compute what its step order puts after the last use of ``c`` in iteration ``t``
-(``B_{c-1} .. B_0`` of the last micro-batch) and before the first use in ``t+1`` (``F_0 .. F_{c-1}`` of the first).
+(``B_{c-1} .. B_0`` of the last micro-batch) and before the first use in ``t+1`` (``F_0 .. F_{c-1}`` of the first;
+in chunk-major order those of every micro-batch).
 So the iteration takes at least its compute plus ``max(0, round trip - that slack)``, maximised over chunks. For
 chunk 0 the slack is zero: its gradient is the last one made and its weights the first ones needed, so a whole
 round trip of chunk 0 is exposed every iteration, whatever the schedule, prefetch depth or overlap. Only fewer
@@ -39,7 +40,7 @@ from lightning_tawpipe.plan.compute import ComputeModel
 from lightning_tawpipe.plan.weightpipe import first_chunk_exchange, make_chunks
 from lightning_tawpipe.plan.workload import Workload
 from lightning_tawpipe.schedule.actions import Op
-from lightning_tawpipe.schedule.program import sample_major_steps
+from lightning_tawpipe.schedule.program import compute_steps
 from lightning_tawpipe.schedule.tawpipe import mirrored_chunk_count
 
 
@@ -56,13 +57,14 @@ class BoundaryFloor:
 
 def boundary_floor(cluster: Cluster, workload: Workload, compute: ComputeModel,
                    partition: str | Sequence[int] = "parameters",
-                   replicate_first_chunk: bool | int = False) -> BoundaryFloor:
-    """The iteration-boundary floor for ``workload`` on ``cluster`` with one chunk per rank (see the module doc)."""
+                   replicate_first_chunk: bool | int = False, microbatch_order: str = "sample") -> BoundaryFloor:
+    """The iteration-boundary floor for ``workload`` on ``cluster`` with one chunk per rank (see the module doc). In
+    chunk-major ``microbatch_order`` the slack around a chunk's round trip holds every micro-batch's steps."""
     n_chunks = cluster.world_size
     chunks = make_chunks(workload, compute, n_chunks, partition)
     costs = chunks.costs
     slowdown = cluster.compute_slowdown(cluster.world_size)  # every rank computes: the compute-only pace
-    steps = sample_major_steps(n_chunks, workload.n_microbatches, train=True)
+    steps = compute_steps(microbatch_order, n_chunks, workload.n_microbatches, train=True)
     times = [(costs.forward if s.op == Op.FORWARD else costs.backward)[s.chunk] * slowdown for s in steps]
     total = sum(times)
     if cluster.nodes < 2:

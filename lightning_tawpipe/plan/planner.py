@@ -150,7 +150,8 @@ def warnings(p: Plan) -> list[str]:
                        f"{taw.inter_node_bytes / 1e6:.0f} MB of weights and gradients; the bytes cross over near "
                        f"S={crossover:,.0f} (1F1B predicted at {pp.step_time / taw.step_time:.2f}x TawPipe's step "
                        f"time, bubble {pp.bubble:.0%})")
-    floor = boundary_floor(c, w, p.compute, parse_partition(taw.knobs.get("partition", "parameters")))
+    floor = boundary_floor(c, w, p.compute, parse_partition(taw.knobs.get("partition", "parameters")),
+                           microbatch_order=taw.knobs.get("microbatch_order", "sample"))
     if floor.exposed > 0.05 * floor.compute:
         out.append(f"iteration boundary: chunk {floor.chunk}'s gradient must reach its owner and its new weights come "
                    f"back between one iteration's last backward and the next forward ({floor.round_trip * 1e3:.0f} ms "
