@@ -150,10 +150,12 @@ def test_matches_ddp(train_job, tawpipe_args, world, node_ranks, request):
             result["model_state_bytes"], chunks)
 
 
-def test_accumulate_grad_batches_matches_ddp(train_job):
-    """Two micro-batches per batch and two batches per optimizer step equal DDP accumulating over two batches."""
+@pytest.mark.parametrize("order", ["sample", "chunk"])
+def test_accumulate_grad_batches_matches_ddp(train_job, order):
+    """Two micro-batches per batch and two batches per optimizer step equal DDP accumulating over two batches, in
+    either micro-batch order."""
     result = train_job(*COMMON, "--strategy", "tawpipe", "--devices", "2", "--group_size", "0", "--n_layer", "3",
-                       "--n_microbatches", "2", "--accumulate", "2", "--steps", "10")
+                       "--n_microbatches", "2", "--accumulate", "2", "--steps", "10", "--microbatch_order", order)
     reference = train_job(*COMMON, "--strategy", "ddp", "--devices", "2", "--n_layer", "3", "--accumulate", "2",
                           "--steps", "10")
     assert len(result["losses"]) == len(reference["losses"]) == 20  # batches, not optimizer steps
