@@ -71,14 +71,18 @@ def bench_shape(args: dict) -> ModelShape:
                       intermediate_size=-(-4 * h // 8) * 8, vocab_size=256)
 
 
+def regrouped(w: Workload, n_microbatches: int) -> Workload:
+    """The same per-rank samples cut into ``n_microbatches`` micro-batches."""
+    return replace(w, micro_batch=w.micro_batch * w.n_microbatches // n_microbatches, n_microbatches=n_microbatches)
+
+
 def predict(strategy: str, cluster, w: Workload, compute: ComputeModel, prefetch: int, run: dict):
     if strategy == "tawpipe":  # with the gradient buffers the run had (before the default by node count: 2)
         grad_buffers = run.get("config", {}).get("grad_buffers", 2) or None
         return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch, grad_buffers=grad_buffers)
     if strategy == "weipipe":
         return weightpipe.predict(strategy, cluster, w, compute, prefetch=prefetch)
-    # the Lightning baselines run the per-rank batch as one micro-batch (n_microbatches is TawPipe's knob)
-    w = replace(w, micro_batch=w.micro_batch * w.n_microbatches, n_microbatches=1)
+    w = regrouped(w, 1)  # the Lightning baselines run the per-rank batch as one micro-batch (TawPipe's knob)
     if strategy in ("fsdp", "hsdp"):
         return analytic.fsdp(cluster, w, compute, hybrid=strategy == "hsdp")
     if strategy == "ddp":
@@ -167,10 +171,9 @@ def variant_predictions(runs: dict, cluster, w: Workload, compute: ComputeModel,
         grad_buffers = (run.get("config", {}).get("grad_buffers", 2) or None) if run else None
         knobs = dict(knobs)
         # a variant that regroups the per-rank batch into other micro-batches predicts the same samples so cut
-        k = knobs.pop("n_microbatches", w.n_microbatches)
-        regrouped = replace(w, micro_batch=w.micro_batch * w.n_microbatches // k, n_microbatches=k)
+        variant_w = regrouped(w, knobs.pop("n_microbatches", w.n_microbatches))
         try:
-            out[name] = weightpipe.predict("tawpipe", cluster, regrouped, compute,
+            out[name] = weightpipe.predict("tawpipe", cluster, variant_w, compute,
                                            **{"prefetch": prefetch, "grad_buffers": grad_buffers, **knobs})
         except ValueError:  # e.g. four chunks' units on six ranks
             out[name] = None

@@ -103,7 +103,7 @@ class TawPipeEnvironment:
         """On CPU, before any thread of the process group exists: if micro-batches may run on threads (chunk-major
         order, or the WeiPipe ring), keep every thread on the main malloc arena (``runtime/malloc.py`` says why; it
         must come before other threads create arenas, which later threads would be spread over)."""
-        interleaves = getattr(self, "microbatch_order", "sample") == "chunk" or self.schedule == "weipipe"
+        interleaves = self.microbatch_order == "chunk" or self.schedule == "weipipe"
         return self.root_device.type == "cpu" and interleaves and share_main_arena()
 
     def _assign_world_ranks(self) -> None:

@@ -453,24 +453,19 @@ class Engine:
             self.layout.bind(action.chunk, self._view(action.buf, action.chunk))
             self._bound[action.buf] = action.chunk
         self._detach_grads()
-        if action.op is Op.BACKWARD and action.acc:  # adds to the chunk's earlier micro-batches (a gradient run)
-            self._bind_grads(action)
-        elif action.op is Op.BACKWARD:
-            self._grad_view(action.buf2, action.chunk).zero_()
-            if self._schedule.striped:  # the pad of the last stripe is summed and sent too: keep it finite
-                G = self._schedule.topology.group_size
-                self._buffers[action.buf2][self.layout.n_trainable[action.chunk]:
-                                           G * self._grad_stripe_size(action.chunk)].zero_()
-            self._bind_grads(action)
+        if action.op is Op.BACKWARD:
+            if not action.acc:  # a gradient run's later steps add to its earlier micro-batches' gradients
+                self._grad_view(action.buf2, action.chunk).zero_()
+                if self._schedule.striped:  # the pad of the last stripe is summed and sent too: keep it finite
+                    G = self._schedule.topology.group_size
+                    self._buffers[action.buf2][self.layout.n_trainable[action.chunk]:
+                                               G * self._grad_stripe_size(action.chunk)].zero_()
+            grad = self._view(action.buf2, action.chunk)
+            for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
+                if e.param.requires_grad:
+                    e.param.grad = view
+            self._grad_chunk = action.chunk
         self._current = action
-
-    def _bind_grads(self, action: Action) -> None:
-        """Point the chunk's parameters' ``.grad`` into the step's gradient buffer: autograd adds into it."""
-        grad = self._view(action.buf2, action.chunk)
-        for e, view in zip(self.layout.entries[action.chunk], self.layout.views(action.chunk, grad)):
-            if e.param.requires_grad:
-                e.param.grad = view
-        self._grad_chunk = action.chunk
 
     def _detach_grads(self) -> None:
         """Gradients go to the buffer only during their chunk's backward step."""
